@@ -1,0 +1,374 @@
+//! The backend trait every postbox store implements, and its parameter and result types.
+
+use std::ops::DerefMut;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::message::{Delivery, Lease, Message, MessageId, validate_queue};
+use crate::pg::Engine;
+use crate::retry::{HandlerError, RetryDecision, RetryPolicy};
+use crate::table::TableName;
+
+/// The default lease time-to-live of a fetch: 30 seconds.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// The largest `limit` a single fetch accepts.
+pub const MAX_FETCH_LIMIT: u32 = 10_000;
+
+/// A message store: publish inside a transaction, lease with fetch, settle with fenced outcomes.
+///
+/// Implemented by [`PgBackend`](crate::PgBackend) (Postgres) and by `postbox_fake::FakeBroker`
+/// (in memory, same semantics). Code generic over `Backend` — the subscriber runtime, the
+/// testkit's helpers and its conformance suite — behaves the same on both.
+///
+/// # Delivery contract
+///
+/// - **At least once.** A fetched message is leased, not removed; if its holder neither acks nor
+///   retries it within `lease_ttl`, a later fetch leases it again under a new token. Handlers
+///   must be idempotent.
+/// - **Fenced outcomes.** [`ack`](Self::ack), [`retry`](Self::retry),
+///   [`dead_letter`](Self::dead_letter), [`renew_lease`](Self::renew_lease) and
+///   [`release`](Self::release) match on message id **and** lease token. `Ok(false)` means the
+///   lease was lost (expired and re-leased, or already settled) and nothing changed.
+/// - **Nothing is deleted** unless it was acked; rejected and exhausted messages move to the
+///   dead-letter table.
+/// - **Order.** Among eligible messages, fetch hands out `(next_attempt_at, id)` order.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// What publishes run on: the caller's connection or open transaction
+    /// (`sqlx::PgConnection` for Postgres).
+    type Conn: ?Sized + Send;
+
+    /// A transaction begun by [`begin`](Self::begin); dereferences to [`Conn`](Self::Conn).
+    type Tx: DerefMut<Target = Self::Conn> + Send;
+
+    /// The outbox table this backend reads and writes.
+    fn table(&self) -> &TableName;
+
+    /// The Postgres engine, if this backend has one.
+    ///
+    /// `Some` lets the subscriber runtime hold a persistent fetch connection and a LISTEN
+    /// connection; `None` (the fake) makes it poll and open no connection at all.
+    fn engine(&self) -> Option<&Engine>;
+
+    /// Begins a transaction to publish in.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if no connection could be acquired.
+    async fn begin(&self) -> Result<Self::Tx>;
+
+    /// Commits `tx`: its messages become visible to fetch and wake-ups are sent.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the commit fails; then nothing was published.
+    async fn commit(&self, tx: Self::Tx) -> Result<()>;
+
+    /// Rolls `tx` back: its messages and wake-ups are discarded. Dropping a transaction does
+    /// the same.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the connection failed (the transaction is gone either way).
+    async fn rollback(&self, tx: Self::Tx) -> Result<()>;
+
+    /// Publishes one message on the caller's connection or transaction and returns its id.
+    ///
+    /// Never begins, commits or rolls back: the message (and its wake-up notification) become
+    /// visible when the caller's transaction commits, and vanish if it rolls back.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidQueue`] for an empty or over-long queue name (nothing is written),
+    /// [`Error::Database`] if the insert fails.
+    async fn publish(&self, conn: &mut Self::Conn, message: Message) -> Result<MessageId>;
+
+    /// Publishes many messages in one statement and returns their ids, in input order.
+    ///
+    /// One wake-up per distinct queue. An empty batch is a no-op that touches nothing.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Self::publish); one invalid message rejects the whole batch before
+    /// anything is written.
+    async fn publish_batch(
+        &self,
+        conn: &mut Self::Conn,
+        messages: Vec<Message>,
+    ) -> Result<Vec<MessageId>>;
+
+    /// Leases up to `params.limit` eligible messages of the given queues under one fresh token.
+    ///
+    /// Eligible: not leased and `next_attempt_at <= now`, or leased longer ago than
+    /// `params.lease_ttl`. A message already leased `max_deliveries` times is moved to the
+    /// dead-letter table instead of being handed out again.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for no queues or a zero limit, [`Error::InvalidQueue`],
+    /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: a fetch dropped after the statement ran leaves its rows leased until
+    /// `lease_ttl` passes; they are then fetched again. Nothing is lost.
+    async fn fetch(&self, params: &FetchParams) -> Result<Vec<Delivery>>;
+
+    /// Acks (deletes) a delivered message. `Ok(false)`: the lease was lost and nothing changed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn ack(&self, lease: Lease) -> Result<bool>;
+
+    /// Acks many deliveries in one statement and returns the ids whose ack took effect; a lost
+    /// lease is left out.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn ack_batch(&self, leases: &[Lease]) -> Result<Vec<MessageId>>;
+
+    /// Schedules a delivered message for another attempt: `attempts + 1`,
+    /// `next_attempt_at = now + delay` (database clock), lease cleared, error recorded.
+    /// `Ok(false)`: the lease was lost and nothing changed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn retry(&self, lease: Lease, params: RetryParams) -> Result<bool>;
+
+    /// Moves a delivered message to the dead-letter table with `reason`, in one statement.
+    /// `Ok(false)`: the lease was lost and nothing changed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn dead_letter(&self, lease: Lease, reason: &str) -> Result<bool>;
+
+    /// Extends a lease: its clock restarts at `now`. For handlers that run longer than a
+    /// fraction of `lease_ttl`. `Ok(false)`: the lease was lost.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn renew_lease(&self, lease: Lease) -> Result<bool>;
+
+    /// Gives a leased message back unhandled (for example at shutdown, before its handler
+    /// started): the lease is cleared, the delivery is not counted, attempts are unchanged.
+    /// `Ok(false)`: the lease was lost.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn release(&self, lease: Lease) -> Result<bool>;
+
+    /// Settles a failed delivery through `policy`: retry after the policy's delay, or
+    /// dead-letter when the error is a rejection or retries are exhausted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn fail(
+        &self,
+        delivery: &Delivery,
+        error: &HandlerError,
+        policy: &RetryPolicy,
+    ) -> Result<FailOutcome> {
+        let elapsed = (delivery.acquired_at - delivery.first_attempt_at)
+            .to_std()
+            .unwrap_or_default();
+        match policy.decide(delivery.attempts, elapsed, error) {
+            RetryDecision::Retry { delay } => {
+                let params = RetryParams::new(delay).error(error.message());
+                Ok(if self.retry(delivery.lease(), params).await? {
+                    FailOutcome::Retried { delay }
+                } else {
+                    FailOutcome::LeaseLost
+                })
+            }
+            RetryDecision::DeadLetter { reason } => {
+                Ok(if self.dead_letter(delivery.lease(), &reason).await? {
+                    FailOutcome::DeadLettered { reason }
+                } else {
+                    FailOutcome::LeaseLost
+                })
+            }
+        }
+    }
+}
+
+/// What [`Backend::fail`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// Scheduled for another attempt after `delay`.
+    Retried {
+        /// The delay applied.
+        delay: Duration,
+    },
+    /// Moved to the dead-letter table.
+    DeadLettered {
+        /// The recorded reason.
+        reason: String,
+    },
+    /// The lease was lost; nothing changed.
+    LeaseLost,
+}
+
+/// Parameters of [`Backend::fetch`].
+///
+/// ```
+/// use std::time::Duration;
+/// use postbox_core::FetchParams;
+///
+/// let p = FetchParams::new(["emails"], 10).lease_ttl(Duration::from_secs(60)).max_deliveries(5);
+/// assert_eq!(p.limit(), 10);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchParams {
+    queues: Vec<String>,
+    limit: u32,
+    lease_ttl: Duration,
+    max_deliveries: Option<u32>,
+    acquired_by: Option<String>,
+}
+
+impl FetchParams {
+    /// Fetch up to `limit` messages from `queues`.
+    pub fn new<Q: Into<String>>(queues: impl IntoIterator<Item = Q>, limit: u32) -> Self {
+        FetchParams {
+            queues: queues.into_iter().map(Into::into).collect(),
+            limit,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            max_deliveries: None,
+            acquired_by: None,
+        }
+    }
+
+    /// How long a lease lasts before the message may be fetched again. Defaults to 30 s.
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// Dead-letters, instead of leasing, a message already leased this many times (a crash
+    /// loop: its handler never reported an outcome). Defaults to no limit.
+    #[must_use]
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = Some(n);
+        self
+    }
+
+    /// Records the holder's name in `acquired_by`. Defaults to none.
+    #[must_use]
+    pub fn acquired_by(mut self, holder: impl Into<String>) -> Self {
+        self.acquired_by = Some(holder.into());
+        self
+    }
+
+    /// The queues to fetch from.
+    pub fn queues(&self) -> &[String] {
+        &self.queues
+    }
+
+    /// The maximum number of messages.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// The lease time-to-live.
+    pub fn ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    /// The delivery limit, if any.
+    pub fn delivery_limit(&self) -> Option<u32> {
+        self.max_deliveries
+    }
+
+    /// The holder name, if any.
+    pub fn holder(&self) -> Option<&str> {
+        self.acquired_by.as_deref()
+    }
+
+    /// Checks the parameters; backends call this before touching storage.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for an empty queue list or a limit of 0 or above
+    /// [`MAX_FETCH_LIMIT`]; [`Error::InvalidQueue`] for a bad queue name.
+    pub fn validate(&self) -> Result<()> {
+        if self.queues.is_empty() {
+            return Err(Error::InvalidArgument(
+                "fetch needs at least one queue".into(),
+            ));
+        }
+        if self.limit == 0 || self.limit > MAX_FETCH_LIMIT {
+            return Err(Error::InvalidArgument(format!(
+                "fetch limit must be between 1 and {MAX_FETCH_LIMIT}, got {}",
+                self.limit
+            )));
+        }
+        if self.max_deliveries == Some(0) {
+            return Err(Error::InvalidArgument(
+                "max_deliveries must be at least 1".into(),
+            ));
+        }
+        self.queues.iter().try_for_each(|q| validate_queue(q))
+    }
+}
+
+/// Parameters of [`Backend::retry`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryParams {
+    delay: Duration,
+    error: Option<String>,
+}
+
+impl RetryParams {
+    /// Retry after `delay` (database clock).
+    pub fn new(delay: Duration) -> Self {
+        RetryParams { delay, error: None }
+    }
+
+    /// Records `error` in the message's `last_error`. Defaults to none.
+    #[must_use]
+    pub fn error(mut self, error: impl Into<String>) -> Self {
+        self.error = Some(error.into());
+        self
+    }
+
+    /// The delay.
+    pub fn delay(&self) -> Duration {
+        self.delay
+    }
+
+    /// The error to record.
+    pub fn error_message(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fetch_params_validation() {
+        assert!(FetchParams::new(["q"], 1).validate().is_ok());
+        let none: [&str; 0] = [];
+        for bad in [
+            FetchParams::new(none, 1),
+            FetchParams::new(["q"], 0),
+            FetchParams::new(["q"], MAX_FETCH_LIMIT + 1),
+            FetchParams::new([""], 1),
+            FetchParams::new(["q"], 1).max_deliveries(0),
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+}

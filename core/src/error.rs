@@ -1,0 +1,128 @@
+//! The error type shared by every backend.
+
+use std::fmt;
+
+/// A `Result` whose error defaults to postbox's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in postbox.
+///
+/// A lost lease is **not** an error: fenced outcomes ([`Backend::ack`](crate::Backend::ack) and
+/// friends) return `Ok(false)` when the lease was lost and nothing changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A table name is not a plain lowercase SQL identifier.
+    #[error(
+        "invalid table name {name:?}: {reason}; use lowercase ASCII letters, digits and '_', starting with a letter or '_'"
+    )]
+    InvalidTableName {
+        /// The name that was rejected.
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+
+    /// A table name is valid, but one of the names derived from it would exceed Postgres'
+    /// identifier limit (Postgres would silently truncate it, so two outboxes could collide).
+    #[error(
+        "table name {name:?} is too long: derived name {derived:?} is {len} bytes; Postgres allows {max}; shorten the table name to at most {max_table} bytes"
+    )]
+    IdentifierTooLong {
+        /// The table name that was rejected.
+        name: String,
+        /// The longest derived identifier.
+        derived: String,
+        /// Its length in bytes.
+        len: usize,
+        /// Postgres' limit (63).
+        max: usize,
+        /// The longest table name that fits.
+        max_table: usize,
+    },
+
+    /// A queue name is empty or too long.
+    #[error("invalid queue name {queue:?}: {reason}")]
+    InvalidQueue {
+        /// The queue name that was rejected (truncated to 80 characters).
+        queue: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+
+    /// A call was given arguments it cannot act on (an empty queue list, a zero limit, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// The database schema does not match what this version of postbox expects.
+    #[error("schema of outbox table {table:?} is not usable: {problems}; run `PgBackend::migrate()`")]
+    Schema {
+        /// The outbox table that was checked.
+        table: String,
+        /// What is missing or wrong.
+        problems: SchemaProblems,
+    },
+
+    /// A migration could not be applied.
+    #[error("migration {version} ({description}) of outbox table {table:?} failed: {source}")]
+    Migration {
+        /// The outbox table being migrated.
+        table: String,
+        /// The migration's version number.
+        version: i32,
+        /// What the migration does.
+        description: &'static str,
+        /// The database error.
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// The database returned an error, or the connection failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+
+    /// A payload or header could not be encoded or decoded as JSON.
+    #[error("json error: {0}")]
+    Json(#[from] serde_json::Error),
+
+    /// A failure injected on purpose by a test double (for example `FakeBroker`'s fault
+    /// injection).
+    #[error("injected fault: {0}")]
+    Injected(String),
+}
+
+impl Error {
+    /// Whether retrying the same call later may succeed: connection problems, pool timeouts,
+    /// serialization failures and deadlocks. Bad input and schema problems are not transient.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Database(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::Protocol(_) => true,
+                sqlx::Error::Database(db) => matches!(
+                    db.code().as_deref(),
+                    // serialization_failure, deadlock_detected, admin_shutdown,
+                    // crash_shutdown, cannot_connect_now, too_many_connections
+                    Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300")
+                ),
+                _ => false,
+            },
+            Error::Injected(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The list of problems [`PgBackend::validate_schema`](crate::PgBackend::validate_schema) found,
+/// each naming the missing table, column or index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaProblems(pub Vec<String>);
+
+impl fmt::Display for SchemaProblems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("; "))
+    }
+}

@@ -1,0 +1,42 @@
+//! The core of [postbox](https://docs.rs/postbox): the [`Backend`] trait, messages and leases,
+//! retry policies, and the Postgres backend [`PgBackend`].
+//!
+//! Most users depend on the `postbox` facade crate, which re-exports everything here.
+//!
+//! - [`Message`]: what you publish (queue, payload, headers, correlation id, delay).
+//! - [`Delivery`] and [`Lease`]: what a fetch hands out, and the proof of holding it.
+//! - [`Backend`]: publish, fetch, and fenced outcomes (ack, retry, dead-letter, renew, release).
+//! - [`PgBackend`]: the Postgres implementation; [`Engine`]: its dedicated connections.
+//! - [`RetryPolicy`] and [`HandlerError`]: how failures become delays or dead letters.
+//! - [`TableName`]: a validated outbox table name and every identifier derived from it.
+//! - [`Error`]: everything that can go wrong.
+//!
+//! # Delivery guarantees
+//!
+//! Delivery is **at least once**: a message stays in the table until it is acked, and a lease
+//! that expires is handed out again. Handlers must therefore be idempotent. Outcomes are
+//! **fenced** by the lease token: a consumer that lost its lease can no longer ack, retry or
+//! dead-letter the message (the call returns `Ok(false)`).
+
+mod backend;
+mod error;
+mod message;
+mod pg;
+mod retry;
+mod table;
+
+pub use backend::{
+    Backend, DEFAULT_LEASE_TTL, FailOutcome, FetchParams, MAX_FETCH_LIMIT, RetryParams,
+};
+pub use error::{Error, Result, SchemaProblems};
+pub use message::{
+    Availability, Delivery, Headers, Lease, MAX_QUEUE_LEN, Message, MessageId, validate_queue,
+};
+pub use pg::{Engine, PgBackend, SCHEMA_VERSION, ddl};
+pub use retry::{
+    Backoff, HandlerError, HandlerErrorKind, RetryDecision, RetryPolicy, RetryPredicate,
+};
+pub use table::{MAX_IDENTIFIER_LEN, TableName};
+
+/// Re-export of the sqlx version postbox is built on, so that connection types match.
+pub use sqlx;

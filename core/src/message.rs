@@ -1,0 +1,259 @@
+//! Messages to publish, deliveries handed to consumers, and the leases that fence outcomes.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// The id of a message: the outbox table's `bigserial` primary key.
+pub type MessageId = i64;
+
+/// Header map of a message: always a JSON object, so "headers that are not an object" cannot be
+/// expressed.
+pub type Headers = serde_json::Map<String, serde_json::Value>;
+
+/// The longest queue name accepted, in bytes. The queue name travels as the NOTIFY payload,
+/// which Postgres caps at 8000 bytes; 255 leaves room and keeps indexes small.
+pub const MAX_QUEUE_LEN: usize = 255;
+
+/// A message to publish: its queue, an opaque payload and optional headers, correlation id and
+/// delay.
+///
+/// ```
+/// use std::time::Duration;
+/// use postbox_core::Message;
+///
+/// let m = Message::json("emails", &serde_json::json!({"to": "ada@example.com"}))?
+///     .header("tenant", "acme")
+///     .delay(Duration::from_secs(30));
+/// assert_eq!(m.queue(), "emails");
+/// # Ok::<(), postbox_core::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub(crate) queue: String,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) headers: Option<Headers>,
+    pub(crate) correlation_id: Option<Uuid>,
+    pub(crate) available: Availability,
+}
+
+/// When a published message becomes eligible for fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Availability {
+    /// At once (at the database's `now()` of the publishing statement).
+    #[default]
+    Now,
+    /// This long after the publishing statement's `now()`.
+    After(Duration),
+    /// Not before this instant.
+    At(DateTime<Utc>),
+}
+
+impl Message {
+    /// A message for `queue` with raw bytes as payload.
+    ///
+    /// The queue name is validated when the message is published.
+    pub fn new(queue: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        Message {
+            queue: queue.into(),
+            payload: payload.into(),
+            headers: None,
+            correlation_id: None,
+            available: Availability::Now,
+        }
+    }
+
+    /// A message for `queue` whose payload is `value` serialized as JSON.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Json`] if `value` cannot be serialized.
+    pub fn json<T: Serialize + ?Sized>(queue: impl Into<String>, value: &T) -> Result<Self> {
+        Ok(Message::new(queue, serde_json::to_vec(value)?))
+    }
+
+    /// Adds one header. Headers are stored as a JSON object in the `headers` column.
+    #[must_use]
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.headers
+            .get_or_insert_with(Headers::new)
+            .insert(key.into(), value.into());
+        self
+    }
+
+    /// Replaces all headers.
+    #[must_use]
+    pub fn headers(mut self, headers: Headers) -> Self {
+        self.headers = Some(headers);
+        self
+    }
+
+    /// Sets the correlation id. When absent, publishing generates a random (v4) one; an explicit
+    /// id always wins.
+    #[must_use]
+    pub fn correlation_id(mut self, id: Uuid) -> Self {
+        self.correlation_id = Some(id);
+        self
+    }
+
+    /// Makes the message eligible only `delay` after it is published (database clock).
+    #[must_use]
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.available = Availability::After(delay);
+        self
+    }
+
+    /// Makes the message eligible only from `at` on.
+    #[must_use]
+    pub fn not_before(mut self, at: DateTime<Utc>) -> Self {
+        self.available = Availability::At(at);
+        self
+    }
+
+    /// The queue this message is routed to.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// The headers, if any were set.
+    pub fn headers_ref(&self) -> Option<&Headers> {
+        self.headers.as_ref()
+    }
+
+    /// The explicit correlation id, if one was set.
+    pub fn correlation_id_ref(&self) -> Option<Uuid> {
+        self.correlation_id
+    }
+
+    /// When the message becomes eligible.
+    pub fn availability(&self) -> Availability {
+        self.available
+    }
+}
+
+/// Checks a queue name: not empty, at most [`MAX_QUEUE_LEN`] bytes, no NUL byte.
+///
+/// # Errors
+///
+/// [`Error::InvalidQueue`] naming the problem.
+pub fn validate_queue(queue: &str) -> Result<()> {
+    let reason = if queue.is_empty() {
+        "it is empty"
+    } else if queue.len() > MAX_QUEUE_LEN {
+        "it is longer than 255 bytes"
+    } else if queue.contains('\0') {
+        "it contains a NUL byte"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidQueue {
+        queue: queue.chars().take(80).collect(),
+        reason,
+    })
+}
+
+/// The proof of holding a message: its id and the token of the batch that leased it.
+///
+/// Every outcome is fenced by both: once a lease has expired and another consumer has taken the
+/// row, the old lease's outcomes change nothing and report `false`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Lease {
+    /// The leased message.
+    pub id: MessageId,
+    /// The token of the fetch that leased it (one per fetched batch).
+    pub token: Uuid,
+}
+
+/// One leased hand-out of a message to a consumer.
+///
+/// A message may be delivered more than once (at-least-once delivery): handlers must be
+/// idempotent.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Delivery {
+    /// The message id.
+    pub id: MessageId,
+    /// The queue it was published to.
+    pub queue: String,
+    /// The payload bytes.
+    pub payload: Vec<u8>,
+    /// The headers, if any.
+    pub headers: Option<Headers>,
+    /// The correlation id (generated at publish time when none was given).
+    pub correlation_id: Uuid,
+    /// Handler outcomes recorded so far (retries); 0 on the first delivery.
+    pub attempts: i32,
+    /// Times this message has been leased, including this delivery.
+    pub deliveries: i32,
+    /// When it was published.
+    pub created_at: DateTime<Utc>,
+    /// When it became (or becomes) eligible.
+    pub next_attempt_at: DateTime<Utc>,
+    /// When it was first leased.
+    pub first_attempt_at: DateTime<Utc>,
+    /// When this lease was taken (database clock).
+    pub acquired_at: DateTime<Utc>,
+    /// The lease token of this delivery's batch.
+    pub token: Uuid,
+    /// The subconsumer holding it, when leased by one.
+    pub acquired_by: Option<String>,
+    /// The error recorded by the last retry.
+    pub last_error: Option<String>,
+}
+
+impl Delivery {
+    /// The lease to pass to outcome calls.
+    pub fn lease(&self) -> Lease {
+        Lease {
+            id: self.id,
+            token: self.token,
+        }
+    }
+
+    /// Deserializes the payload from JSON.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Json`] if the payload is not valid JSON for `T`.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        Ok(serde_json::from_slice(&self.payload)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_validation() {
+        assert!(validate_queue("orders").is_ok());
+        assert!(validate_queue(&"q".repeat(MAX_QUEUE_LEN)).is_ok());
+        for bad in [String::new(), "q".repeat(MAX_QUEUE_LEN + 1), "a\0b".to_owned()] {
+            let err = validate_queue(&bad).expect_err("rejected");
+            assert!(matches!(err, Error::InvalidQueue { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn builder_sets_fields() {
+        let id = Uuid::new_v4();
+        let m = Message::new("q", b"x".to_vec())
+            .header("a", 1)
+            .header("b", "two")
+            .correlation_id(id)
+            .delay(Duration::from_secs(3));
+        assert_eq!(m.headers_ref().map(|h| h.len()), Some(2));
+        assert_eq!(m.correlation_id_ref(), Some(id));
+        assert_eq!(m.availability(), Availability::After(Duration::from_secs(3)));
+    }
+}

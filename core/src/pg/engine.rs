@@ -1,0 +1,86 @@
+//! What the subscriber runtime needs beyond the [`Backend`](crate::Backend) trait on Postgres:
+//! dedicated connections for fetching and for LISTEN.
+
+use std::fmt;
+use std::sync::Arc;
+
+use sqlx::postgres::PgListener;
+use sqlx::{ConnectOptions, PgConnection};
+
+use super::Inner;
+use crate::backend::FetchParams;
+use crate::error::Result;
+use crate::message::Delivery;
+use crate::table::TableName;
+
+/// The Postgres engine of a [`PgBackend`](crate::PgBackend), returned by
+/// [`Backend::engine`](crate::Backend::engine).
+///
+/// A long-running consumer should not check a connection out of the pool for every fetch, and
+/// a LISTEN connection must not run other statements (it would miss nothing, but a slow fetch
+/// would delay wake-ups). The engine opens both **outside** the pool, with the pool's connect
+/// options: size your pool for publishes and outcome writes only.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// The outbox table.
+    pub fn table(&self) -> &TableName {
+        &self.inner.table
+    }
+
+    /// The LISTEN/NOTIFY channel publishers notify: `postbox_<table>`. Each notification's
+    /// payload is a queue name.
+    pub fn channel(&self) -> String {
+        self.inner.table.channel()
+    }
+
+    /// Opens a dedicated connection, outside the pool, for [`fetch`](Self::fetch).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if the server cannot be reached.
+    pub async fn connect(&self) -> Result<PgConnection> {
+        Ok(self.inner.pool.connect_options().connect().await?)
+    }
+
+    /// Opens a dedicated LISTEN connection, outside the pool, already listening on
+    /// [`channel`](Self::channel).
+    ///
+    /// Notifications sent while it is disconnected are lost (sqlx's `recv` reconnects
+    /// quietly; `try_recv` reports the loss as `Ok(None)`): fetch after every (re)connect.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if the server cannot be reached or refuses
+    /// LISTEN (some poolers do).
+    pub async fn listener(&self) -> Result<PgListener> {
+        let mut listener = PgListener::connect_with(&self.inner.pool).await?;
+        listener.listen(&self.channel()).await?;
+        Ok(listener)
+    }
+
+    /// Runs the fetch statement on `conn`, typically the connection from
+    /// [`connect`](Self::connect). Same semantics as [`Backend::fetch`](crate::Backend::fetch).
+    ///
+    /// # Errors
+    ///
+    /// As [`Backend::fetch`](crate::Backend::fetch).
+    pub async fn fetch(
+        &self,
+        conn: &mut PgConnection,
+        params: &FetchParams,
+    ) -> Result<Vec<Delivery>> {
+        self.inner.fetch_on(conn, params).await
+    }
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("table", &self.inner.table)
+            .finish_non_exhaustive()
+    }
+}

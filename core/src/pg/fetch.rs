@@ -1,0 +1,166 @@
+//! The lease-based fetch: one statement that picks, locks and leases rows.
+//!
+//! Two branches, each shaped for its partial index and run per queue (a LATERAL join over the
+//! queue list, so every branch is an ordered index scan with a LIMIT, whatever the number of
+//! queues):
+//!
+//! - **ready** rows (`acquired_token IS NULL AND next_attempt_at <= now`) read
+//!   `T_pending_idx (queue, next_attempt_at, id)` in order;
+//! - **expired** leases (`acquired_at < now - lease_ttl`) read `T_lease_idx (queue, acquired_at)`.
+//!
+//! Both lock with `FOR UPDATE SKIP LOCKED`, so concurrent fetchers never block on or share a
+//! row. The union is cut to `limit` in `(next_attempt_at, id)` order and leased under one fresh
+//! token. Rows already leased `max_deliveries` times move to the dead-letter table in the same
+//! statement instead. All times come from the database clock.
+
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use super::Inner;
+use crate::backend::FetchParams;
+use crate::error::Result;
+use crate::message::Delivery;
+
+// $1 queues, $2 limit, $3 lease ttl in ms, $4 new token, $5 acquired_by,
+// $6 max deliveries (NULL: none), $7 pinned now (NULL: the database clock)
+pub(crate) const FETCH: &str = r#"
+WITH ready AS (
+    SELECT r.id, r.next_attempt_at, r.deliveries
+    FROM unnest($1::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT id, next_attempt_at, deliveries
+        FROM {table}
+        WHERE queue = q.name
+          AND acquired_token IS NULL
+          AND next_attempt_at <= coalesce($7::timestamptz, now())
+        ORDER BY queue, next_attempt_at, id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS r
+),
+expired AS (
+    SELECT e.id, e.next_attempt_at, e.deliveries
+    FROM unnest($1::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT id, next_attempt_at, deliveries
+        FROM {table}
+        WHERE queue = q.name
+          AND acquired_token IS NOT NULL
+          AND acquired_at < coalesce($7::timestamptz, now()) - $3::float8 * interval '1 millisecond'
+        ORDER BY queue, acquired_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS e
+),
+picked AS (
+    SELECT id, deliveries
+    FROM (SELECT * FROM ready UNION ALL SELECT * FROM expired) AS c
+    ORDER BY next_attempt_at, id
+    LIMIT $2
+),
+leased AS (
+    UPDATE {table} AS t
+    SET acquired_token   = $4,
+        acquired_at      = coalesce($7::timestamptz, now()),
+        acquired_by      = $5,
+        deliveries       = t.deliveries + 1,
+        first_attempt_at = coalesce(t.first_attempt_at, coalesce($7::timestamptz, now())),
+        last_attempt_at  = coalesce($7::timestamptz, now())
+    FROM picked
+    WHERE t.id = picked.id
+      AND picked.deliveries < coalesce($6::integer, 2147483647)
+    RETURNING t.id, t.queue, t.payload, t.headers, t.correlation_id, t.attempts, t.deliveries,
+              t.created_at, t.next_attempt_at, t.first_attempt_at, t.acquired_at,
+              t.acquired_token, t.acquired_by, t.last_error
+),
+exhausted AS (
+    DELETE FROM {table} AS t
+    USING picked
+    WHERE t.id = picked.id
+      AND picked.deliveries >= coalesce($6::integer, 2147483647)
+    RETURNING t.*
+),
+buried AS (
+    INSERT INTO {dead} (id, queue, payload, headers, correlation_id, attempts, deliveries,
+                        created_at, next_attempt_at, first_attempt_at, last_attempt_at,
+                        acquired_by, last_error, dead_at, reason)
+    SELECT id, queue, payload, headers, correlation_id, attempts, deliveries,
+           created_at, next_attempt_at, first_attempt_at, last_attempt_at,
+           acquired_by, last_error, coalesce($7::timestamptz, now()),
+           'max_deliveries exceeded: leased ' || deliveries || ' times without an outcome'
+    FROM exhausted
+)
+SELECT * FROM leased ORDER BY next_attempt_at, id"#;
+
+impl Inner {
+    /// Runs the fetch statement on `conn` (a pool connection, or the runtime's persistent
+    /// fetch connection).
+    pub(crate) async fn fetch_on(
+        &self,
+        conn: &mut PgConnection,
+        params: &FetchParams,
+    ) -> Result<Vec<Delivery>> {
+        params.validate()?;
+        let token = Uuid::new_v4();
+        let limit = i64::from(params.limit());
+        let ttl_ms = params.ttl().as_secs_f64() * 1000.0;
+        let max_deliveries = params
+            .delivery_limit()
+            .map(|n| i32::try_from(n).unwrap_or(i32::MAX));
+        let rows = sqlx::query(self.sql.fetch.clone())
+            .bind(params.queues())
+            .bind(limit)
+            .bind(ttl_ms)
+            .bind(token)
+            .bind(params.holder())
+            .bind(max_deliveries)
+            .bind(self.now())
+            .fetch_all(conn)
+            .await?;
+        let deliveries = rows
+            .iter()
+            .map(delivery)
+            .collect::<Result<Vec<_>, _>>()?;
+        if !deliveries.is_empty() {
+            tracing::debug!(target: "postbox", table = %self.table, rows = deliveries.len(), batch = %token, "postbox.fetch");
+        }
+        Ok(deliveries)
+    }
+}
+
+/// Decodes one leased row.
+pub(crate) fn delivery(row: &PgRow) -> Result<Delivery, sqlx::Error> {
+    Ok(Delivery {
+        id: row.try_get("id")?,
+        queue: row.try_get("queue")?,
+        payload: row.try_get("payload")?,
+        headers: match row.try_get::<Option<serde_json::Value>, _>("headers")? {
+            Some(serde_json::Value::Object(map)) => Some(map),
+            Some(_) | None => None,
+        },
+        correlation_id: row.try_get("correlation_id")?,
+        attempts: row.try_get("attempts")?,
+        deliveries: row.try_get("deliveries")?,
+        created_at: row.try_get("created_at")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        first_attempt_at: row.try_get("first_attempt_at")?,
+        acquired_at: row.try_get("acquired_at")?,
+        token: row.try_get("acquired_token")?,
+        acquired_by: row.try_get("acquired_by")?,
+        last_error: row.try_get("last_error")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::statements::render;
+    use crate::table::TableName;
+
+    #[test]
+    fn fetch_sql_snapshot_custom_table() {
+        let table = TableName::new("orders_outbox").expect("valid");
+        insta::assert_snapshot!(render(FETCH, &table));
+    }
+}

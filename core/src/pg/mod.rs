@@ -1,0 +1,220 @@
+//! The Postgres backend.
+//!
+//! | capability | |
+//! |---|---|
+//! | LISTEN/NOTIFY wake-ups | yes ([`Engine::listener`]) |
+//! | publish in the caller's transaction | yes (`&mut PgConnection`) |
+//! | persistent fetch connection | yes ([`Engine::connect`], [`Engine::fetch`]) |
+//! | fault injection | no (kill connections with `pg_terminate_backend`) |
+//! | time control | pin the statements' clock with the `test-util` feature |
+
+mod engine;
+mod fetch;
+mod outcome;
+mod publish;
+mod schema;
+mod statements;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+
+pub use engine::Engine;
+pub use schema::{SCHEMA_VERSION, ddl};
+use statements::Statements;
+
+use crate::backend::{Backend, FetchParams, RetryParams};
+use crate::error::Result;
+use crate::message::{Delivery, Lease, Message, MessageId};
+use crate::table::TableName;
+
+/// The Postgres backend: one outbox table in the database behind a [`PgPool`].
+///
+/// Cheap to clone (the statements and the pool are shared). Every statement is rendered once,
+/// at construction, from the validated [`TableName`].
+///
+/// ```no_run
+/// # async fn f() -> Result<(), postbox_core::Error> {
+/// use postbox_core::{Backend, FetchParams, Message, PgBackend, TableName};
+///
+/// let pool = sqlx::PgPool::connect("postgres://localhost/app").await?;
+/// let backend = PgBackend::with_table(pool.clone(), TableName::new("orders_outbox")?);
+/// backend.migrate().await?;
+///
+/// let mut tx = pool.begin().await?;
+/// backend.publish(&mut tx, Message::new("emails", "hello")).await?;
+/// tx.commit().await?;
+///
+/// for delivery in backend.fetch(&FetchParams::new(["emails"], 10)).await? {
+///     // ... handle it, idempotently ...
+///     backend.ack(delivery.lease()).await?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgBackend {
+    engine: Engine,
+}
+
+/// State shared by a backend, its clones and its engine.
+pub(crate) struct Inner {
+    pub(crate) pool: PgPool,
+    pub(crate) table: TableName,
+    pub(crate) sql: Statements,
+    now: parking_lot::RwLock<Option<DateTime<Utc>>>,
+}
+
+impl Inner {
+    /// The clock to bind: `None` means the database's `now()`.
+    pub(crate) fn now(&self) -> Option<DateTime<Utc>> {
+        *self.now.read()
+    }
+}
+
+
+impl PgBackend {
+    /// A backend for the default outbox table, `postbox`.
+    pub fn new(pool: PgPool) -> Self {
+        Self::with_table(pool, TableName::default())
+    }
+
+    /// A backend for the outbox table `table`.
+    pub fn with_table(pool: PgPool, table: TableName) -> Self {
+        PgBackend {
+            engine: Engine {
+                inner: Arc::new(Inner {
+                    sql: Statements::new(&table),
+                    pool,
+                    table,
+                    now: parking_lot::RwLock::new(None),
+                }),
+            },
+        }
+    }
+
+    fn shared(&self) -> &Inner {
+        &self.engine.inner
+    }
+
+    /// The pool statements run on (publishes run on the caller's connection instead).
+    pub fn pool(&self) -> &PgPool {
+        &self.shared().pool
+    }
+
+    /// Creates or upgrades the schema: the outbox table with its lease CHECK, the
+    /// `T_pending_idx` and `T_lease_idx` partial indexes, and the dead-letter table `T_dead`.
+    ///
+    /// Idempotent and safe to run concurrently: versions are recorded in `T_migrations` and
+    /// applied under an advisory lock, in one transaction. Returns the versions applied now.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Migration`](crate::Error::Migration) naming the failing version, or
+    /// [`Error::Database`](crate::Error::Database).
+    pub async fn migrate(&self) -> Result<Vec<i32>> {
+        schema::migrate(&self.shared().pool, &self.shared().table, &self.shared().sql).await
+    }
+
+    /// Checks that the table, its columns, indexes, CHECK constraint, dead-letter table and
+    /// schema version are all present.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Schema`](crate::Error::Schema) listing each missing item by name, or
+    /// [`Error::Database`](crate::Error::Database).
+    pub async fn validate_schema(&self) -> Result<()> {
+        let problems = schema::problems(&self.shared().pool, &self.shared().table, &self.shared().sql).await?;
+        schema::check(&self.shared().table, problems)
+    }
+
+    /// Pins the clock every statement reads (`now()`), or unpins it with `None`.
+    ///
+    /// Production code never calls this: statements bind `NULL` and read the database clock.
+    /// Tests use it to expire leases or pass retry delays without waiting.
+    ///
+    /// **Feature:** `test-util`.
+    #[cfg(feature = "test-util")]
+    pub fn set_now(&self, now: Option<DateTime<Utc>>) {
+        *self.engine.inner.now.write() = now;
+    }
+}
+
+impl fmt::Debug for PgBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgBackend")
+            .field("table", &self.shared().table)
+            .field("pool_size", &self.shared().pool.size())
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl Backend for PgBackend {
+    type Conn = PgConnection;
+    type Tx = Transaction<'static, Postgres>;
+
+    fn table(&self) -> &TableName {
+        &self.shared().table
+    }
+
+    fn engine(&self) -> Option<&Engine> {
+        Some(&self.engine)
+    }
+
+    async fn begin(&self) -> Result<Self::Tx> {
+        Ok(self.shared().pool.begin().await?)
+    }
+
+    async fn commit(&self, tx: Self::Tx) -> Result<()> {
+        Ok(tx.commit().await?)
+    }
+
+    async fn rollback(&self, tx: Self::Tx) -> Result<()> {
+        Ok(tx.rollback().await?)
+    }
+
+    async fn publish(&self, conn: &mut PgConnection, message: Message) -> Result<MessageId> {
+        PgBackend::publish(self, conn, message).await
+    }
+
+    async fn publish_batch(
+        &self,
+        conn: &mut PgConnection,
+        messages: Vec<Message>,
+    ) -> Result<Vec<MessageId>> {
+        PgBackend::publish_batch(self, conn, messages).await
+    }
+
+    async fn fetch(&self, params: &FetchParams) -> Result<Vec<Delivery>> {
+        params.validate()?;
+        let mut conn = self.shared().pool.acquire().await?;
+        self.engine.fetch(&mut conn, params).await
+    }
+
+    async fn ack(&self, lease: Lease) -> Result<bool> {
+        self.ack_one(lease).await
+    }
+
+    async fn ack_batch(&self, leases: &[Lease]) -> Result<Vec<MessageId>> {
+        self.ack_many(leases).await
+    }
+
+    async fn retry(&self, lease: Lease, params: RetryParams) -> Result<bool> {
+        self.retry_one(lease, params).await
+    }
+
+    async fn dead_letter(&self, lease: Lease, reason: &str) -> Result<bool> {
+        self.dead_letter_one(lease, reason).await
+    }
+
+    async fn renew_lease(&self, lease: Lease) -> Result<bool> {
+        self.renew_one(lease).await
+    }
+
+    async fn release(&self, lease: Lease) -> Result<bool> {
+        self.release_one(lease).await
+    }
+}

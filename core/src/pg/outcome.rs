@@ -1,0 +1,149 @@
+//! Fenced outcomes: every statement matches `id AND acquired_token`, so a holder whose lease
+//! was lost (expired and taken by another fetch) changes nothing, and learns it from the row
+//! count.
+
+use uuid::Uuid;
+
+use super::PgBackend;
+use crate::backend::RetryParams;
+use crate::error::Result;
+use crate::message::{Lease, MessageId};
+
+// $1 id, $2 token
+pub(crate) const ACK: &str = "DELETE FROM {table} WHERE id = $1 AND acquired_token = $2";
+
+// $1 ids, $2 tokens (pairwise)
+pub(crate) const ACK_BATCH: &str = r#"
+DELETE FROM {table} AS t
+USING unnest($1::bigint[], $2::uuid[]) AS l(id, token)
+WHERE t.id = l.id AND t.acquired_token = l.token
+RETURNING t.id"#;
+
+// $1 id, $2 token, $3 delay in ms, $4 error, $5 pinned now
+pub(crate) const RETRY: &str = r#"
+UPDATE {table}
+SET attempts        = attempts + 1,
+    next_attempt_at = coalesce($5::timestamptz, now()) + $3::float8 * interval '1 millisecond',
+    acquired_token  = NULL,
+    acquired_at     = NULL,
+    acquired_by     = NULL,
+    last_error      = $4
+WHERE id = $1 AND acquired_token = $2"#;
+
+// $1 id, $2 token, $3 reason, $4 pinned now
+pub(crate) const DEAD_LETTER: &str = r#"
+WITH moved AS (
+    DELETE FROM {table}
+    WHERE id = $1 AND acquired_token = $2
+    RETURNING *
+)
+INSERT INTO {dead} (id, queue, payload, headers, correlation_id, attempts, deliveries,
+                    created_at, next_attempt_at, first_attempt_at, last_attempt_at,
+                    acquired_by, last_error, dead_at, reason)
+SELECT id, queue, payload, headers, correlation_id, attempts + 1, deliveries,
+       created_at, next_attempt_at, first_attempt_at, last_attempt_at,
+       acquired_by, last_error, coalesce($4::timestamptz, now()), $3
+FROM moved"#;
+
+// $1 id, $2 token, $3 pinned now
+pub(crate) const RENEW: &str = r#"
+UPDATE {table} SET acquired_at = coalesce($3::timestamptz, now())
+WHERE id = $1 AND acquired_token = $2"#;
+
+// $1 id, $2 token
+pub(crate) const RELEASE: &str = r#"
+UPDATE {table}
+SET acquired_token = NULL,
+    acquired_at    = NULL,
+    acquired_by    = NULL,
+    deliveries     = greatest(deliveries - 1, 0)
+WHERE id = $1 AND acquired_token = $2"#;
+
+impl PgBackend {
+    pub(crate) async fn ack_one(&self, lease: Lease) -> Result<bool> {
+        let done = sqlx::query(self.shared().sql.ack.clone())
+            .bind(lease.id)
+            .bind(lease.token)
+            .execute(&self.shared().pool)
+            .await?
+            .rows_affected()
+            == 1;
+        self.trace_outcome("ack", lease, done);
+        Ok(done)
+    }
+
+    pub(crate) async fn ack_many(&self, leases: &[Lease]) -> Result<Vec<MessageId>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, tokens): (Vec<MessageId>, Vec<Uuid>) =
+            leases.iter().map(|l| (l.id, l.token)).unzip();
+        let acked: Vec<MessageId> = sqlx::query_scalar(self.shared().sql.ack_batch.clone())
+            .bind(&ids)
+            .bind(&tokens)
+            .fetch_all(&self.shared().pool)
+            .await?;
+        tracing::debug!(target: "postbox", table = %self.shared().table, rows = acked.len(), lost = leases.len() - acked.len(), "postbox.outcome: ack_batch");
+        Ok(acked)
+    }
+
+    pub(crate) async fn retry_one(&self, lease: Lease, params: RetryParams) -> Result<bool> {
+        let done = sqlx::query(self.shared().sql.retry.clone())
+            .bind(lease.id)
+            .bind(lease.token)
+            .bind(params.delay().as_secs_f64() * 1000.0)
+            .bind(params.error_message())
+            .bind(self.shared().now())
+            .execute(&self.shared().pool)
+            .await?
+            .rows_affected()
+            == 1;
+        self.trace_outcome("retry", lease, done);
+        Ok(done)
+    }
+
+    pub(crate) async fn dead_letter_one(&self, lease: Lease, reason: &str) -> Result<bool> {
+        let done = sqlx::query(self.shared().sql.dead_letter.clone())
+            .bind(lease.id)
+            .bind(lease.token)
+            .bind(reason)
+            .bind(self.shared().now())
+            .execute(&self.shared().pool)
+            .await?
+            .rows_affected()
+            == 1;
+        self.trace_outcome("dead_letter", lease, done);
+        Ok(done)
+    }
+
+    pub(crate) async fn renew_one(&self, lease: Lease) -> Result<bool> {
+        Ok(sqlx::query(self.shared().sql.renew.clone())
+            .bind(lease.id)
+            .bind(lease.token)
+            .bind(self.shared().now())
+            .execute(&self.shared().pool)
+            .await?
+            .rows_affected()
+            == 1)
+    }
+
+    pub(crate) async fn release_one(&self, lease: Lease) -> Result<bool> {
+        let done = sqlx::query(self.shared().sql.release.clone())
+            .bind(lease.id)
+            .bind(lease.token)
+            .execute(&self.shared().pool)
+            .await?
+            .rows_affected()
+            == 1;
+        self.trace_outcome("release", lease, done);
+        Ok(done)
+    }
+
+    fn trace_outcome(&self, outcome: &'static str, lease: Lease, done: bool) {
+        if done {
+            tracing::debug!(target: "postbox", table = %self.shared().table, message_id = lease.id, batch = %lease.token, outcome, "postbox.outcome");
+        } else {
+            tracing::debug!(target: "postbox", table = %self.shared().table, message_id = lease.id, batch = %lease.token, outcome, "postbox.outcome: lease lost, nothing changed");
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Versioned, idempotent migrations of an outbox table, and schema validation.
+//!
+//! `migrate()` runs in one transaction under an advisory lock keyed by the table name, so
+//! concurrent migrators (several service instances starting together) apply each version
+//! exactly once. Applied versions are recorded in `T_migrations`.
+
+use sqlx::{PgPool, Row};
+
+use super::statements::{Statements, render};
+use crate::error::{Error, Result, SchemaProblems};
+use crate::table::TableName;
+
+/// One schema version.
+pub(crate) struct Migration {
+    pub(crate) version: i32,
+    pub(crate) description: &'static str,
+    pub(crate) sql: &'static str,
+}
+
+/// The migrations, in order. Append only: a released migration is never edited.
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "outbox table, lease check, pending and lease indexes, dead-letter table",
+    sql: V1,
+}];
+
+const V1: &str = r#"
+CREATE TABLE IF NOT EXISTS {table} (
+    id               bigserial   PRIMARY KEY,
+    queue            text        NOT NULL,
+    payload          bytea       NOT NULL,
+    headers          jsonb,
+    correlation_id   uuid        NOT NULL,
+    attempts         integer     NOT NULL DEFAULT 0,
+    deliveries       integer     NOT NULL DEFAULT 0,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    first_attempt_at timestamptz,
+    last_attempt_at  timestamptz,
+    acquired_at      timestamptz,
+    acquired_token   uuid,
+    acquired_by      text,
+    last_error       text,
+    CONSTRAINT {lease_check} CHECK ((acquired_token IS NULL) = (acquired_at IS NULL))
+);
+
+CREATE INDEX IF NOT EXISTS {pending_idx}
+    ON {table} (queue, next_attempt_at, id)
+    WHERE acquired_token IS NULL;
+
+CREATE INDEX IF NOT EXISTS {lease_idx}
+    ON {table} (queue, acquired_at)
+    WHERE acquired_token IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS {dead} (
+    id               bigint      PRIMARY KEY,
+    queue            text        NOT NULL,
+    payload          bytea       NOT NULL,
+    headers          jsonb,
+    correlation_id   uuid        NOT NULL,
+    attempts         integer     NOT NULL,
+    deliveries       integer     NOT NULL,
+    created_at       timestamptz NOT NULL,
+    next_attempt_at  timestamptz NOT NULL,
+    first_attempt_at timestamptz,
+    last_attempt_at  timestamptz,
+    acquired_by      text,
+    last_error       text,
+    dead_at          timestamptz NOT NULL DEFAULT now(),
+    reason           text        NOT NULL
+);
+"#;
+
+pub(crate) const CREATE_MIGRATIONS: &str = r#"
+CREATE TABLE IF NOT EXISTS {migrations} (
+    version     integer     PRIMARY KEY,
+    description text        NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)"#;
+
+pub(crate) const APPLIED_MIGRATIONS: &str = "SELECT version FROM {migrations} ORDER BY version";
+
+// $1 version, $2 description
+pub(crate) const RECORD_MIGRATION: &str =
+    "INSERT INTO {migrations} (version, description) VALUES ($1, $2)";
+
+// $1 lock key text
+const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
+
+/// The latest schema version this build knows.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+
+/// The complete DDL of `table` at the latest version, as `migrate()` would run it on an empty
+/// database. Useful to review schema changes and to run migrations with your own tool.
+pub fn ddl(table: &TableName) -> String {
+    let mut out = render(CREATE_MIGRATIONS, table).trim().to_owned();
+    out.push_str(";\n");
+    for m in MIGRATIONS {
+        out.push_str(&format!("\n-- version {}: {}\n", m.version, m.description));
+        out.push_str(render(m.sql, table).trim());
+        out.push('\n');
+    }
+    out
+}
+
+/// Applies the migrations not yet recorded, in one transaction. Returns the versions applied.
+pub(crate) async fn migrate(
+    pool: &PgPool,
+    table: &TableName,
+    sql: &Statements,
+) -> Result<Vec<i32>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(LOCK)
+        .bind(format!("postbox:migrate:{table}"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(sql.create_migrations.clone())
+        .execute(&mut *tx)
+        .await?;
+    let applied: Vec<i32> = sqlx::query_scalar(sql.applied_migrations.clone())
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut done = Vec::new();
+    for (version, description, ddl) in &sql.migrations {
+        if applied.contains(version) {
+            continue;
+        }
+        let failed = |source| Error::Migration {
+            table: table.to_string(),
+            version: *version,
+            description,
+            source,
+        };
+        sqlx::raw_sql(ddl.clone())
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+        sqlx::query(sql.record_migration.clone())
+            .bind(version)
+            .bind(description)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+        done.push(*version);
+    }
+    tx.commit().await?;
+    if !done.is_empty() {
+        tracing::info!(target: "postbox", table = %table, versions = ?done, "postbox.migrate: applied");
+    }
+    Ok(done)
+}
+
+/// Columns of the outbox table and of the dead-letter table.
+const COLUMNS: &[&str] = &[
+    "id",
+    "queue",
+    "payload",
+    "headers",
+    "correlation_id",
+    "attempts",
+    "deliveries",
+    "created_at",
+    "next_attempt_at",
+    "first_attempt_at",
+    "last_attempt_at",
+    "acquired_at",
+    "acquired_token",
+    "acquired_by",
+    "last_error",
+];
+const DEAD_COLUMNS: &[&str] = &[
+    "id",
+    "queue",
+    "payload",
+    "headers",
+    "correlation_id",
+    "attempts",
+    "deliveries",
+    "created_at",
+    "next_attempt_at",
+    "first_attempt_at",
+    "last_attempt_at",
+    "acquired_by",
+    "last_error",
+    "dead_at",
+    "reason",
+];
+
+// $1 relation name
+const RELATION_EXISTS: &str = "SELECT to_regclass($1) IS NOT NULL";
+// $1 relation name
+const COLUMNS_OF: &str = "SELECT attname::text FROM pg_attribute \
+     WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped";
+// $1 constraint name, $2 relation name
+const CONSTRAINT_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_constraint \
+     WHERE conname = $1 AND conrelid = to_regclass($2))";
+
+/// Lists what is missing from the schema of `table`; empty when it is usable.
+pub(crate) async fn problems(
+    pool: &PgPool,
+    table: &TableName,
+    sql: &Statements,
+) -> Result<Vec<String>> {
+    let mut conn = pool.acquire().await?;
+    let mut problems = Vec::new();
+    let relations = [
+        ("table", table.to_string(), COLUMNS),
+        ("dead-letter table", table.dead_letter(), DEAD_COLUMNS),
+    ];
+    for (kind, name, expected) in relations {
+        let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
+            .bind(&name)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !exists {
+            problems.push(format!("{kind} {name} is missing"));
+            continue;
+        }
+        let present: Vec<String> = sqlx::query_scalar(COLUMNS_OF)
+            .bind(&name)
+            .fetch_all(&mut *conn)
+            .await?;
+        for column in expected.iter().filter(|c| !present.iter().any(|p| p == *c)) {
+            problems.push(format!("column {name}.{column} is missing"));
+        }
+    }
+    for index in [table.pending_index(), table.lease_index()] {
+        let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
+            .bind(&index)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !exists {
+            problems.push(format!("index {index} is missing"));
+        }
+    }
+    let check: bool = sqlx::query_scalar(CONSTRAINT_EXISTS)
+        .bind(table.lease_check())
+        .bind(table.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+    if !check && !problems.iter().any(|p| p.starts_with("table ")) {
+        problems.push(format!("check constraint {} is missing", table.lease_check()));
+    }
+    let migrations_exist: bool = sqlx::query_scalar(RELATION_EXISTS)
+        .bind(table.migrations())
+        .fetch_one(&mut *conn)
+        .await?;
+    let latest = if migrations_exist {
+        sqlx::query(sql.applied_migrations.clone())
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i32, _>(0))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .max()
+    } else {
+        None
+    };
+    match latest {
+        None => problems.push(format!(
+            "migrations table {} is missing or empty",
+            table.migrations()
+        )),
+        Some(v) if v < SCHEMA_VERSION => problems.push(format!(
+            "schema version is {v}, this build needs {SCHEMA_VERSION}"
+        )),
+        Some(_) => {}
+    }
+    Ok(problems)
+}
+
+/// Turns a problem list into the schema error.
+pub(crate) fn check(table: &TableName, problems: Vec<String>) -> Result<()> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Schema {
+            table: table.to_string(),
+            problems: SchemaProblems(problems),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_increasing_from_one() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i32::try_from(i).expect("few") + 1);
+        }
+    }
+
+    #[test]
+    fn ddl_snapshot_default_table() {
+        insta::assert_snapshot!(ddl(&TableName::default()));
+    }
+
+    #[test]
+    fn ddl_snapshot_custom_table() {
+        insta::assert_snapshot!(ddl(&TableName::new("orders_outbox").expect("valid")));
+    }
+}

@@ -1,0 +1,99 @@
+//! Every SQL statement of one outbox table, rendered once from its validated name.
+//!
+//! SQL templates live as constants beside the code that binds them (`schema.rs`, `publish.rs`,
+//! `fetch.rs`, `outcome.rs`); they name objects with placeholders such as `{table}`. This is
+//! the only place that turns a string into SQL sqlx will run: it substitutes identifiers
+//! derived from a [`TableName`], which admits only `[a-z0-9_]`, and quotes them. Values, the
+//! notification channel included, are always bound parameters.
+
+use std::sync::Arc;
+
+use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
+
+use super::{fetch, outcome, publish, schema};
+use crate::table::TableName;
+
+/// Substitutes the identifier placeholders of `template` for `table`.
+pub(crate) fn render(template: &str, table: &TableName) -> String {
+    template
+        .replace("{table}", &TableName::quoted(table.as_str()))
+        .replace("{dead}", &TableName::quoted(&table.dead_letter()))
+        .replace("{migrations}", &TableName::quoted(&table.migrations()))
+        .replace("{pending_idx}", &TableName::quoted(&table.pending_index()))
+        .replace("{lease_idx}", &TableName::quoted(&table.lease_index()))
+        .replace("{lease_check}", &TableName::quoted(&table.lease_check()))
+}
+
+/// Rendered statement text, cheap to clone (shared).
+pub(crate) fn sql(template: &str, table: &TableName) -> SqlStr {
+    AssertSqlSafe(Arc::<str>::from(render(template, table))).into_sql_str()
+}
+
+/// The statements of one outbox table.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    pub(crate) publish: SqlStr,
+    pub(crate) publish_batch: SqlStr,
+    pub(crate) fetch: SqlStr,
+    pub(crate) ack: SqlStr,
+    pub(crate) ack_batch: SqlStr,
+    pub(crate) retry: SqlStr,
+    pub(crate) dead_letter: SqlStr,
+    pub(crate) renew: SqlStr,
+    pub(crate) release: SqlStr,
+    pub(crate) create_migrations: SqlStr,
+    pub(crate) applied_migrations: SqlStr,
+    pub(crate) record_migration: SqlStr,
+    pub(crate) migrations: Vec<(i32, &'static str, SqlStr)>,
+}
+
+impl Statements {
+    pub(crate) fn new(table: &TableName) -> Self {
+        Statements {
+            publish: sql(publish::PUBLISH, table),
+            publish_batch: sql(publish::PUBLISH_BATCH, table),
+            fetch: sql(fetch::FETCH, table),
+            ack: sql(outcome::ACK, table),
+            ack_batch: sql(outcome::ACK_BATCH, table),
+            retry: sql(outcome::RETRY, table),
+            dead_letter: sql(outcome::DEAD_LETTER, table),
+            renew: sql(outcome::RENEW, table),
+            release: sql(outcome::RELEASE, table),
+            create_migrations: sql(schema::CREATE_MIGRATIONS, table),
+            applied_migrations: sql(schema::APPLIED_MIGRATIONS, table),
+            record_migration: sql(schema::RECORD_MIGRATION, table),
+            migrations: schema::MIGRATIONS
+                .iter()
+                .map(|m| (m.version, m.description, sql(m.sql, table)))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_quotes_every_identifier() {
+        let t = TableName::new("jobs").expect("valid");
+        assert_eq!(
+            render("{table} {dead} {migrations} {pending_idx} {lease_idx} {lease_check}", &t),
+            r#""jobs" "jobs_dead" "jobs_migrations" "jobs_pending_idx" "jobs_lease_idx" "jobs_lease_check""#
+        );
+    }
+
+    #[test]
+    fn no_placeholder_survives_rendering() {
+        let t = TableName::new("jobs").expect("valid");
+        let s = Statements::new(&t);
+        let all = [
+            &s.publish, &s.publish_batch, &s.fetch, &s.ack, &s.ack_batch, &s.retry,
+            &s.dead_letter, &s.renew, &s.release, &s.create_migrations,
+            &s.applied_migrations, &s.record_migration,
+        ];
+        for stmt in all.into_iter().chain(s.migrations.iter().map(|m| &m.2)) {
+            assert!(!stmt.as_str().contains('{'), "{}", stmt.as_str());
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Validated outbox table names and every identifier derived from them.
+//!
+//! Postgres silently truncates identifiers longer than 63 bytes, so two long table names could
+//! end up sharing an index or a notification channel. [`TableName::new`] therefore checks every
+//! derived name up front, including those reserved for later migrations, so that a name accepted
+//! today stays valid as the schema grows.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+/// Postgres' identifier limit in bytes (`NAMEDATALEN - 1`).
+pub const MAX_IDENTIFIER_LEN: usize = 63;
+
+/// Suffixes appended to the table name for the objects postbox creates or reserves.
+///
+/// Postgres names primary keys and sequences itself, avoiding collisions, so only the names
+/// postbox chooses are listed; `_events`, `_members` and `_member_idx` are reserved for the
+/// journal and subconsumer tables.
+const SUFFIXES: &[&str] = &[
+    "_dead",
+    "_pending_idx",
+    "_lease_idx",
+    "_lease_check",
+    "_migrations",
+    "_events",
+    "_members",
+    "_member_idx",
+];
+
+/// Prefix of the LISTEN/NOTIFY channel.
+const CHANNEL_PREFIX: &str = "postbox_";
+
+/// The longest table name whose derived identifiers all fit.
+const MAX_TABLE_LEN: usize = MAX_IDENTIFIER_LEN - longest_suffix();
+
+const fn longest_suffix() -> usize {
+    let mut i = 0;
+    let mut max = CHANNEL_PREFIX.len();
+    while i < SUFFIXES.len() {
+        if SUFFIXES[i].len() > max {
+            max = SUFFIXES[i].len();
+        }
+        i += 1;
+    }
+    max
+}
+
+/// The name of an outbox table, validated as a plain SQL identifier.
+///
+/// Accepted: 1 to 51 bytes of lowercase ASCII letters, digits and `_`, not starting with a digit.
+/// Upper case is refused rather than folded, so the name you pass is exactly the name in the
+/// catalog. Every identifier postbox derives from it (`T_dead`, `T_pending_idx`, the channel
+/// `postbox_T`, ...) fits in Postgres' 63-byte limit.
+///
+/// The default is `postbox`.
+///
+/// ```
+/// use postbox_core::TableName;
+///
+/// let t = TableName::new("orders_outbox")?;
+/// assert_eq!(t.dead_letter(), "orders_outbox_dead");
+/// assert_eq!(t.channel(), "postbox_orders_outbox");
+/// assert!(TableName::new("Orders; DROP TABLE x").is_err());
+/// # Ok::<(), postbox_core::Error>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TableName(String);
+
+impl TableName {
+    /// Validates `name` as an outbox table name.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::InvalidTableName`] if the name is empty or has a character outside
+    ///   `[a-z0-9_]` or starts with a digit.
+    /// - [`Error::IdentifierTooLong`] if a derived identifier would exceed 63 bytes.
+    pub fn new(name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        let invalid = |reason| Error::InvalidTableName {
+            name: name.clone(),
+            reason,
+        };
+        let first = name.bytes().next().ok_or_else(|| invalid("it is empty"))?;
+        if first.is_ascii_digit() {
+            return Err(invalid("it starts with a digit"));
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(invalid("it contains a character other than [a-z0-9_]"));
+        }
+        let table = TableName(name);
+        if let Some(derived) = table
+            .derived_names()
+            .into_iter()
+            .find(|d| d.len() > MAX_IDENTIFIER_LEN)
+        {
+            return Err(Error::IdentifierTooLong {
+                len: derived.len(),
+                derived,
+                name: table.0,
+                max: MAX_IDENTIFIER_LEN,
+                max_table: MAX_TABLE_LEN,
+            });
+        }
+        Ok(table)
+    }
+
+    /// The table name itself.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The dead-letter table, `T_dead`.
+    pub fn dead_letter(&self) -> String {
+        format!("{}_dead", self.0)
+    }
+
+    /// The partial index serving the ready-rows fetch branch, `T_pending_idx`.
+    pub fn pending_index(&self) -> String {
+        format!("{}_pending_idx", self.0)
+    }
+
+    /// The partial index serving the expired-lease reclaim branch, `T_lease_idx`.
+    pub fn lease_index(&self) -> String {
+        format!("{}_lease_idx", self.0)
+    }
+
+    /// The CHECK constraint tying `acquired_token` and `acquired_at` together, `T_lease_check`.
+    pub fn lease_check(&self) -> String {
+        format!("{}_lease_check", self.0)
+    }
+
+    /// The table recording applied migrations, `T_migrations`.
+    pub fn migrations(&self) -> String {
+        format!("{}_migrations", self.0)
+    }
+
+    /// The LISTEN/NOTIFY channel, `postbox_T`. Publishers notify it with the queue name as
+    /// payload.
+    pub fn channel(&self) -> String {
+        format!("{CHANNEL_PREFIX}{}", self.0)
+    }
+
+    /// `name` quoted as an SQL identifier. Safe because validation admits only `[a-z0-9_]`.
+    pub(crate) fn quoted(name: &str) -> String {
+        debug_assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        );
+        format!("\"{name}\"")
+    }
+
+    fn derived_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = SUFFIXES.iter().map(|s| format!("{}{s}", self.0)).collect();
+        names.push(self.channel());
+        names.push(self.0.clone());
+        names
+    }
+}
+
+impl Default for TableName {
+    fn default() -> Self {
+        TableName("postbox".to_owned())
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl TryFrom<&str> for TableName {
+    type Error = Error;
+
+    fn try_from(value: &str) -> Result<Self> {
+        TableName::new(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_plain_identifiers() {
+        for name in ["postbox", "orders_outbox", "_x", "t1"] {
+            assert_eq!(TableName::new(name).expect(name).as_str(), name);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_characters() {
+        for name in ["", "1abc", "Orders", "a-b", "a b", "a\"b", "x;drop table y", "ü"] {
+            let err = TableName::new(name).expect_err(name);
+            assert!(matches!(err, Error::InvalidTableName { .. }), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn longest_accepted_name_has_every_derived_name_within_63_bytes() {
+        let name = "a".repeat(MAX_TABLE_LEN);
+        let table = TableName::new(name.as_str()).expect("fits");
+        for derived in table.derived_names() {
+            assert!(derived.len() <= MAX_IDENTIFIER_LEN, "{derived}");
+        }
+        assert_eq!(
+            table.derived_names().iter().map(String::len).max(),
+            Some(MAX_IDENTIFIER_LEN),
+            "the limit is tight: one byte more would overflow"
+        );
+    }
+
+    #[test]
+    fn one_byte_too_long_names_the_limit() {
+        let name = "a".repeat(MAX_TABLE_LEN + 1);
+        let err = TableName::new(name).expect_err("too long");
+        let text = err.to_string();
+        assert!(matches!(err, Error::IdentifierTooLong { len: 64, max: 63, .. }), "{text}");
+        assert!(text.contains("63"), "{text}");
+        assert!(text.contains(&format!("at most {MAX_TABLE_LEN} bytes")), "{text}");
+    }
+
+    #[test]
+    fn derived_names() {
+        let t = TableName::new("jobs").expect("valid");
+        assert_eq!(t.dead_letter(), "jobs_dead");
+        assert_eq!(t.pending_index(), "jobs_pending_idx");
+        assert_eq!(t.lease_index(), "jobs_lease_idx");
+        assert_eq!(t.migrations(), "jobs_migrations");
+        assert_eq!(t.channel(), "postbox_jobs");
+        assert_eq!(TableName::quoted("jobs"), "\"jobs\"");
+    }
+}
