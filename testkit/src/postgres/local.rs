@@ -1,0 +1,290 @@
+//! A throwaway Postgres cluster from the binaries installed on this machine.
+//!
+//! `initdb` into a temp dir, then `postgres` as a child of a dedicated keeper thread, on a free
+//! loopback port with `fsync=off`. Postgres refuses to run as root, so when the test process is
+//! root both run as the `postgres` user (or `nobody`), in a directory chowned to it.
+//!
+//! Nothing outlives the test process: the server gets `SIGQUIT` through `PR_SET_PDEATHSIG`
+//! when the keeper thread (which lives as long as the process) goes away, an exit hook stops it
+//! and removes its directory, and directories left by killed runs are swept at the next start.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Prefix of the temp dirs, for sweeping.
+const DIR_PREFIX: &str = "postbox-pg-";
+
+/// A running local cluster.
+#[derive(Debug)]
+pub(crate) struct LocalCluster {
+    pub(crate) pid: i32,
+    pub(crate) port: u16,
+    pub(crate) dir: PathBuf,
+}
+
+impl LocalCluster {
+    /// The admin URL (superuser `postgres`, trust auth, database `postgres`).
+    pub(crate) fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server at once and removes its directory. Best effort; used at exit.
+    pub(crate) fn stop(&self) {
+        // SAFETY: plain syscalls on a pid we started.
+        unsafe {
+            libc::kill(self.pid, libc::SIGQUIT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(self.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts a cluster, or says why it cannot.
+pub(crate) fn start() -> Result<LocalCluster, String> {
+    sweep();
+    let bin = find_bin_dir()?;
+    let user = run_as()?;
+    let dir = std::env::temp_dir().join(format!(
+        "{DIR_PREFIX}{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let data = dir.join("data");
+    if let Some((uid, gid)) = user {
+        chown(&dir, uid, gid)?;
+    }
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("cannot chmod {}: {e}", dir.display()))?;
+
+    let mut initdb = Command::new(bin.join("initdb"));
+    initdb
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+        .current_dir(&dir)
+        .stdin(Stdio::null());
+    as_user(&mut initdb, user);
+    let out = initdb
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bin.join("initdb").display()))?;
+    if !out.status.success() {
+        let _ = fs::remove_dir_all(&dir);
+        return Err(format!(
+            "initdb failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+
+    // A port freed just now may be taken by someone else before postgres binds it: retry.
+    let mut last_error = String::new();
+    for _ in 0..3 {
+        let port = free_port()?;
+        match spawn_server(&bin, &dir, &data, port, user) {
+            Ok(pid) => {
+                return Ok(LocalCluster { pid, port, dir });
+            }
+            Err(e) => last_error = e,
+        }
+    }
+    let _ = fs::remove_dir_all(&dir);
+    Err(last_error)
+}
+
+fn spawn_server(
+    bin: &Path,
+    dir: &Path,
+    data: &Path,
+    port: u16,
+    user: Option<(u32, u32)>,
+) -> Result<i32, String> {
+    let log = fs::File::create(dir.join("postgres.log"))
+        .map_err(|e| format!("cannot create the server log: {e}"))?;
+    let mut cmd = Command::new(bin.join("postgres"));
+    cmd.arg("-D")
+        .arg(data)
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-k")
+        .arg(dir)
+        .args([
+            "-c", "listen_addresses=127.0.0.1",
+            "-c", "fsync=off",
+            "-c", "synchronous_commit=off",
+            "-c", "full_page_writes=off",
+            "-c", "max_connections=300",
+            "-c", "shared_buffers=64MB",
+        ])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    as_user(&mut cmd, user);
+    // SAFETY: prctl is async-signal-safe; it runs in the forked child before exec, after the
+    // uid change (which would clear it otherwise).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT);
+            Ok(())
+        });
+    }
+    // The keeper thread owns the child for the life of the process: PR_SET_PDEATHSIG fires
+    // when the *thread* that forked the child ends, so it must not be a short-lived test thread.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("postbox-pg-keeper".into())
+        .spawn(move || match cmd.spawn() {
+            Ok(mut child) => {
+                let _ = tx.send(Ok(child.id()));
+                let _ = child.wait();
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        })
+        .map_err(|e| format!("cannot spawn the keeper thread: {e}"))?;
+    let pid = rx
+        .recv()
+        .map_err(|_| "the keeper thread died".to_owned())?
+        .map_err(|e| format!("cannot start {}: {e}", bin.join("postgres").display()))?;
+    let pid = i32::try_from(pid).map_err(|_| "pid out of range".to_owned())?;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if fs::read_to_string(data.join("postmaster.pid"))
+            .map(|s| s.lines().nth(7).map(str::trim) == Some("ready"))
+            .unwrap_or(false)
+        {
+            return Ok(pid);
+        }
+        if !alive(pid) || Instant::now() > deadline {
+            // SAFETY: plain syscall on the pid we started.
+            unsafe {
+                libc::kill(pid, libc::SIGQUIT);
+            }
+            let log = fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(10).collect();
+            return Err(format!(
+                "postgres did not become ready on port {port}: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `pid` exists (a zombie counts until its parent reaps it).
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free port: {e}"))
+}
+
+/// The directory holding `initdb` and `postgres`: on PATH, else the newest
+/// `/usr/lib/postgresql/<version>/bin`.
+fn find_bin_dir() -> Result<PathBuf, String> {
+    let has_both = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
+    if let Some(path) = std::env::var_os("PATH") {
+        if let Some(d) = std::env::split_paths(&path).find(|d| has_both(d)) {
+            return Ok(d);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((v, e.path().join("bin")))
+        })
+        .filter(|(_, d)| has_both(d))
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, d)| d).ok_or_else(|| {
+        "no initdb and postgres binaries on PATH or under /usr/lib/postgresql/*/bin".to_owned()
+    })
+}
+
+/// `None` when not root; otherwise the unprivileged (uid, gid) to run as.
+fn run_as() -> Result<Option<(u32, u32)>, String> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    for name in ["postgres", "nobody"] {
+        let c = CString::new(name).map_err(|e| e.to_string())?;
+        // SAFETY: getpwnam returns NULL or a pointer to static storage; we copy the ids out
+        // at once. The testkit starts one cluster at a time.
+        let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+        if !pw.is_null() {
+            // SAFETY: checked non-null above.
+            let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+            if uid != 0 {
+                return Ok(Some((uid, gid)));
+            }
+        }
+    }
+    Err("running as root and no unprivileged user (postgres or nobody) to run Postgres as".into())
+}
+
+fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = user {
+        cmd.uid(uid).gid(gid).env("HOME", "/tmp").env_remove("PGDATA");
+    }
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .map_err(|e| format!("cannot chown {}: {e}", path.display()))
+}
+
+/// Removes directories of earlier runs whose test process is gone, stopping their server if
+/// it still runs.
+fn sweep() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let dir = entry.path();
+        // The name is `postbox-pg-<owner pid>-<random>`.
+        let owner = name[DIR_PREFIX.len()..]
+            .split('-')
+            .next()
+            .and_then(|p| p.parse::<i32>().ok());
+        if owner.is_some_and(alive) {
+            continue;
+        }
+        if let Some(pid) = fs::read_to_string(dir.join("data/postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+        {
+            if alive(pid) {
+                // SAFETY: plain syscall; the pid file names a postmaster of a dead run.
+                unsafe {
+                    libc::kill(pid, libc::SIGQUIT);
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

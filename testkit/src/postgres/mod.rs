@@ -1,0 +1,206 @@
+//! `postgres()`: a fresh, migrated, isolated database per call.
+//!
+//! One server per test process, shared by URL only (each `#[tokio::test]` has its own runtime,
+//! and sockets must not hop runtimes). On first use the testkit picks a provider (see
+//! [`Provider`]), starts or connects to the server, and builds a template database with
+//! postbox's migrations applied. Each fixture is then `CREATE DATABASE ... TEMPLATE`, which
+//! takes tens of milliseconds instead of re-running migrations.
+
+mod docker;
+mod fixture;
+mod local;
+mod provider;
+mod template;
+
+use std::sync::OnceLock;
+
+pub use fixture::PgFixture;
+pub use provider::{DEFAULT_IMAGE, Provider};
+
+use crate::error::TestkitError;
+use provider::Config;
+
+/// The shared server of this test process.
+#[derive(Debug)]
+pub(crate) struct Server {
+    pub(crate) provider: Provider,
+    /// Admin URL (a superuser, or a user that may CREATE DATABASE), database `postgres`
+    /// or whatever the URL named.
+    pub(crate) url: String,
+    /// The template database fixtures are cloned from.
+    pub(crate) template: String,
+}
+
+/// What must be stopped when the process exits.
+enum Owned {
+    Local(local::LocalCluster),
+    Docker(docker::DockerServer),
+}
+
+static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+static OWNED: parking_lot::Mutex<Vec<Owned>> = parking_lot::Mutex::new(Vec::new());
+
+/// Returns a fresh database, cloned from a template that has postbox's migrations applied
+/// (default table `postbox`), on this process's shared test server.
+///
+/// The database is dropped when the fixture is dropped (or [`PgFixture::close`]d). If the
+/// test panics, the database is kept for inspection and its name printed; a later run sweeps
+/// it.
+///
+/// # Providers
+///
+/// Unless `POSTBOX_TEST_PG=url|docker|local` forces one, the first that works of:
+///
+/// 1. `url`: the server at `POSTBOX_TEST_DATABASE_URL`, else `DATABASE_URL` (its user must be
+///    allowed to `CREATE DATABASE`);
+/// 2. `docker`: a testcontainers Postgres when a Docker engine answers; image
+///    [`DEFAULT_IMAGE`] unless `POSTBOX_TEST_PG_IMAGE=name:tag`;
+/// 3. `local`: a throwaway cluster from the local `initdb`/`postgres` binaries (on `PATH` or
+///    under `/usr/lib/postgresql/<version>/bin`), in a temp dir, on a free port, with
+///    `fsync=off`; run as the `postgres` user when the tests run as root.
+///
+/// A started container or cluster is removed when the test process exits.
+///
+/// # Errors
+///
+/// [`TestkitError::NoServer`] listing what was tried and the three ways to get a server;
+/// [`TestkitError::Database`] if creating the database fails.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn t() -> Result<(), Box<dyn std::error::Error>> {
+/// use postbox_core::{Backend, FetchParams, Message};
+///
+/// let db = postbox_testkit::postgres().await?;
+/// let backend = db.backend();
+/// let mut tx = backend.begin().await?;
+/// backend.publish(&mut tx, Message::new("q", "hi")).await?;
+/// backend.commit(tx).await?;
+/// assert_eq!(backend.fetch(&FetchParams::new(["q"], 10)).await?.len(), 1);
+/// # Ok(()) }
+/// ```
+pub async fn postgres() -> Result<PgFixture, TestkitError> {
+    let server = tokio::task::spawn_blocking(server)
+        .await
+        .map_err(|e| TestkitError::NoServer {
+            tried: format!("  the provider thread panicked: {e}"),
+            image: DEFAULT_IMAGE.into(),
+        })??;
+    PgFixture::create(server).await
+}
+
+/// The provider serving this process's fixtures, once one has started.
+pub fn current_provider() -> Option<Provider> {
+    SERVER.get().and_then(|s| s.as_ref().ok()).map(|s| s.provider)
+}
+
+/// The shared server, started on first call.
+fn server() -> Result<&'static Server, TestkitError> {
+    let config = Config::from_vars(|k| std::env::var(k).ok())?;
+    let image = config.image_ref();
+    SERVER
+        .get_or_init(|| start(&config))
+        .as_ref()
+        .map_err(|tried| TestkitError::NoServer {
+            tried: tried.clone(),
+            image,
+        })
+}
+
+/// Tries the configured providers in order; on failure returns one line per provider.
+fn start(config: &Config) -> Result<Server, String> {
+    let mut tried = Vec::new();
+    for provider in config.candidates() {
+        match start_one(provider, config) {
+            Ok(server) => {
+                tracing::info!(target: "postbox", provider = %server.provider, "postbox.testkit: test server ready");
+                return Ok(server);
+            }
+            Err(e) => {
+                tracing::warn!(target: "postbox", %provider, error = %e, "postbox.testkit: provider unavailable");
+                tried.push(format!("  - {provider}: {e}"));
+            }
+        }
+    }
+    Err(tried.join("\n"))
+}
+
+fn start_one(provider: Provider, config: &Config) -> Result<Server, String> {
+    let url = match provider {
+        Provider::Url => config.url.clone().ok_or_else(|| {
+            "neither POSTBOX_TEST_DATABASE_URL nor DATABASE_URL is set".to_owned()
+        })?,
+        Provider::Docker => {
+            let container = docker::start(&config.image)?;
+            let url = container.url.clone();
+            own(Owned::Docker(container));
+            url
+        }
+        Provider::Local => {
+            let cluster = local::start()?;
+            let url = cluster.url();
+            own(Owned::Local(cluster));
+            url
+        }
+    };
+    let template = template::prepare(&url, provider == Provider::Url)?;
+    Ok(Server {
+        provider,
+        url,
+        template,
+    })
+}
+
+/// Records something to stop at exit, registering the exit hook once.
+fn own(owned: Owned) {
+    static HOOK: OnceLock<()> = OnceLock::new();
+    HOOK.get_or_init(|| {
+        // SAFETY: registering a plain `extern "C"` function that does not unwind.
+        unsafe {
+            libc::atexit(stop_owned);
+        }
+    });
+    OWNED.lock().push(owned);
+}
+
+/// Exit hook: statics are never dropped in Rust, so the process exit stops what we started.
+extern "C" fn stop_owned() {
+    let _ = std::panic::catch_unwind(|| {
+        for owned in OWNED.lock().drain(..) {
+            match owned {
+                Owned::Local(cluster) => cluster.stop(),
+                Owned::Docker(container) => container.stop(),
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forcing_an_unavailable_provider_gives_the_documented_error() {
+        let config = Config {
+            forced: Some(Provider::Url),
+            url: None,
+            image: ("postgres".into(), "17-alpine".into()),
+        };
+        let tried = start(&config).expect_err("no url configured");
+        let err = TestkitError::NoServer {
+            tried,
+            image: config.image_ref(),
+        };
+        let text = err.to_string();
+        for needle in [
+            "url: neither POSTBOX_TEST_DATABASE_URL nor DATABASE_URL is set",
+            "POSTBOX_TEST_DATABASE_URL",
+            "Docker",
+            "initdb",
+            "POSTBOX_TEST_PG=url|docker|local",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+    }
+}
