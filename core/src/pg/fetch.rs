@@ -93,6 +93,27 @@ buried AS (
 )
 SELECT * FROM leased ORDER BY next_attempt_at, id"#;
 
+/// Binds the fetch parameters to `sql` (the fetch statement, or its EXPLAIN).
+fn bind_fetch<'q>(
+    sql: sqlx::SqlStr,
+    params: &'q FetchParams,
+    token: Uuid,
+    now: Option<chrono::DateTime<chrono::Utc>>,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sql)
+        .bind(params.queues())
+        .bind(i64::from(params.limit()))
+        .bind(params.ttl().as_secs_f64() * 1000.0)
+        .bind(token)
+        .bind(params.holder())
+        .bind(
+            params
+                .delivery_limit()
+                .map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
+        )
+        .bind(now)
+}
+
 impl Inner {
     /// Runs the fetch statement on `conn` (a pool connection, or the runtime's persistent
     /// fetch connection).
@@ -103,19 +124,7 @@ impl Inner {
     ) -> Result<Vec<Delivery>> {
         params.validate()?;
         let token = Uuid::new_v4();
-        let limit = i64::from(params.limit());
-        let ttl_ms = params.ttl().as_secs_f64() * 1000.0;
-        let max_deliveries = params
-            .delivery_limit()
-            .map(|n| i32::try_from(n).unwrap_or(i32::MAX));
-        let rows = sqlx::query(self.sql.fetch.clone())
-            .bind(params.queues())
-            .bind(limit)
-            .bind(ttl_ms)
-            .bind(token)
-            .bind(params.holder())
-            .bind(max_deliveries)
-            .bind(self.now())
+        let rows = bind_fetch(self.sql.fetch.clone(), params, token, self.now())
             .fetch_all(conn)
             .await?;
         let deliveries = rows
@@ -126,6 +135,33 @@ impl Inner {
             tracing::debug!(target: "postbox", table = %self.table, rows = deliveries.len(), batch = %token, "postbox.fetch");
         }
         Ok(deliveries)
+    }
+}
+
+impl super::PgBackend {
+    /// The query plan Postgres would use for this fetch (`EXPLAIN`, nothing is executed), to
+    /// check that both branches use their partial index.
+    ///
+    /// **Feature:** `test-util`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Backend::fetch`](crate::Backend::fetch).
+    #[cfg(feature = "test-util")]
+    pub async fn explain_fetch(&self, params: &FetchParams) -> Result<String> {
+        use sqlx::SqlSafeStr;
+
+        params.validate()?;
+        let inner = &self.engine.inner;
+        let explain =
+            sqlx::AssertSqlSafe(format!("EXPLAIN {}", inner.sql.fetch.as_str())).into_sql_str();
+        let lines: Vec<String> = bind_fetch(explain, params, Uuid::new_v4(), inner.now())
+            .fetch_all(&inner.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<_, _>>()?;
+        Ok(lines.join("\n"))
     }
 }
 

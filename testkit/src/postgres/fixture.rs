@@ -99,14 +99,18 @@ impl PgFixture {
         Ok(backend)
     }
 
-    /// Closes the pool and drops the database.
+    /// Closes the pool and drops the database, terminating any connection still open on it
+    /// (a listener the test still holds, for example).
     ///
     /// # Errors
     ///
     /// [`TestkitError::Database`] if the server could not drop it.
     pub async fn close(mut self) -> Result<(), TestkitError> {
         self.closed = true;
-        self.pool.close().await;
+        // `close()` marks the pool closed at once; its future would wait for every checked-out
+        // connection to come back, which a connection the test still holds never does. The
+        // forced DROP below terminates them all instead.
+        drop(self.pool.close());
         drop_database(&self.admin_url, &self.database, self.shared).await
     }
 }
