@@ -1,0 +1,226 @@
+//! The lease-based fetch against real Postgres.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::Result;
+use postbox::{Backend, Error, FetchParams, Message, PgBackend};
+use support::{count, db_now, exec};
+
+async fn publish(backend: &PgBackend, messages: Vec<Message>) -> Result<Vec<i64>> {
+    let mut tx = backend.begin().await?;
+    let ids = backend.publish_batch(&mut tx, messages).await?;
+    backend.commit(tx).await?;
+    Ok(ids)
+}
+
+fn ids(deliveries: &[postbox::Delivery]) -> Vec<i64> {
+    deliveries.iter().map(|d| d.id).collect()
+}
+
+#[tokio::test]
+async fn fetch_claims_ready_rows_of_its_queues_in_order_within_the_limit() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let now = db_now(db.pool()).await;
+    let published = publish(
+        &backend,
+        vec![
+            Message::new("a", "later").not_before(now - chrono::Duration::seconds(10)),
+            Message::new("a", "earliest").not_before(now - chrono::Duration::seconds(60)),
+            Message::new("b", "other queue"),
+            Message::new("a", "future").delay(Duration::from_secs(3600)),
+            Message::new("a", "now-1"),
+            Message::new("a", "now-2"),
+        ],
+    )
+    .await?;
+    let [later, earliest, other, future, now1, now2] = published[..] else {
+        panic!("six ids")
+    };
+
+    let first = backend.fetch(&FetchParams::new(["a"], 2)).await?;
+    assert_eq!(ids(&first), [earliest, later], "(next_attempt_at, id) order, limited");
+    assert_eq!(first[0].token, first[1].token, "one token per fetched batch");
+    assert_eq!(first[0].deliveries, 1);
+    assert_eq!(first[0].attempts, 0);
+    assert_eq!(first[0].payload, b"earliest");
+
+    let second = backend.fetch(&FetchParams::new(["a"], 10)).await?;
+    assert_eq!(ids(&second), [now1, now2], "same next_attempt_at: id order; future skipped");
+    assert_ne!(second[0].token, first[0].token);
+
+    assert!(backend.fetch(&FetchParams::new(["a"], 10)).await?.is_empty());
+    let b = backend.fetch(&FetchParams::new(["b", "c"], 10)).await?;
+    assert_eq!(ids(&b), [other]);
+    assert_eq!(count(db.pool(), "postbox", &format!("id = {future} AND acquired_token IS NULL")).await, 1);
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn fetch_over_several_queues_merges_them_in_order() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let now = db_now(db.pool()).await;
+    let at = |s: i64| now - chrono::Duration::seconds(s);
+    let published = publish(
+        &backend,
+        vec![
+            Message::new("x", "").not_before(at(5)),
+            Message::new("y", "").not_before(at(50)),
+            Message::new("x", "").not_before(at(40)),
+            Message::new("y", "").not_before(at(1)),
+        ],
+    )
+    .await?;
+    let got = backend.fetch(&FetchParams::new(["x", "y"], 3)).await?;
+    assert_eq!(ids(&got), [published[1], published[2], published[0]]);
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_reclaimed_with_a_new_token_and_a_fresh_one_is_left_alone() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    publish(&backend, vec![Message::new("q", "1"), Message::new("q", "2")]).await?;
+    let ttl = Duration::from_secs(30);
+
+    let first = backend.fetch(&FetchParams::new(["q"], 1).lease_ttl(ttl)).await?;
+    let fresh = backend.fetch(&FetchParams::new(["q"], 1).lease_ttl(ttl)).await?;
+    assert_eq!(first.len(), 1);
+    assert_eq!(fresh.len(), 1);
+    assert_ne!(fresh[0].id, first[0].id);
+    // Age the first lease past the TTL; the second keeps its fresh lease.
+    exec(
+        db.pool(),
+        &format!("UPDATE postbox SET acquired_at = now() - interval '31 seconds' WHERE id = {}", first[0].id),
+    )
+    .await;
+
+    let reclaimed = backend.fetch(&FetchParams::new(["q"], 10).lease_ttl(ttl)).await?;
+    assert_eq!(ids(&reclaimed), [first[0].id], "only the expired lease comes back");
+    assert_ne!(reclaimed[0].token, first[0].token, "under a new token");
+    assert_eq!(reclaimed[0].deliveries, 2);
+    assert_eq!(reclaimed[0].first_attempt_at, first[0].first_attempt_at);
+    assert!(reclaimed[0].acquired_at > first[0].acquired_at);
+
+    assert!(backend.fetch(&FetchParams::new(["q"], 10).lease_ttl(ttl)).await?.is_empty());
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn pinned_clock_expires_leases_without_waiting() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    publish(&backend, vec![Message::new("q", "1")]).await?;
+    let first = backend.fetch(&FetchParams::new(["q"], 1)).await?;
+
+    backend.set_now(Some(db_now(db.pool()).await + chrono::Duration::seconds(29)));
+    assert!(backend.fetch(&FetchParams::new(["q"], 1)).await?.is_empty(), "29 s < 30 s TTL");
+    backend.set_now(Some(db_now(db.pool()).await + chrono::Duration::seconds(31)));
+    let again = backend.fetch(&FetchParams::new(["q"], 1)).await?;
+    assert_eq!(ids(&again), ids(&first));
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_concurrent_fetches_over_200_rows_never_share_a_row() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let published = publish(&backend, (0..200).map(|i| Message::new("q", format!("{i}"))).collect()).await?;
+
+    let fetcher = |backend: PgBackend| async move {
+        let mut got = Vec::new();
+        loop {
+            let batch = backend.fetch(&FetchParams::new(["q"], 7)).await?;
+            if batch.is_empty() {
+                return Ok::<_, Error>(got);
+            }
+            got.extend(ids(&batch));
+        }
+    };
+    let (a, b) = tokio::try_join!(
+        tokio::spawn(fetcher(backend.clone())),
+        tokio::spawn(fetcher(backend.clone()))
+    )?;
+    let (a, b) = (a?, b?);
+    let mut all: Vec<i64> = a.iter().chain(&b).copied().collect();
+    let distinct: HashSet<i64> = all.iter().copied().collect();
+    assert_eq!(distinct.len(), all.len(), "a row was fetched twice");
+    all.sort();
+    assert_eq!(all, published, "every row fetched exactly once");
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn max_deliveries_dead_letters_a_crash_looping_row_instead_of_leasing_it() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let [id] = publish(&backend, vec![Message::new("q", "poison")]).await?[..] else {
+        panic!("one id")
+    };
+    let params = FetchParams::new(["q"], 1).max_deliveries(2).lease_ttl(Duration::from_secs(1));
+    for delivery in 1..=2 {
+        let got = backend.fetch(&params).await?;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].deliveries, delivery);
+        // The handler "crashes": the lease just expires.
+        exec(db.pool(), "UPDATE postbox SET acquired_at = now() - interval '1 minute'").await;
+    }
+    assert!(backend.fetch(&params).await?.is_empty(), "not leased a third time");
+    assert_eq!(count(db.pool(), "postbox", "true").await, 0);
+    let (dead_id, reason, deliveries): (i64, String, i32) =
+        postbox::sqlx::query_as("SELECT id, reason, deliveries FROM postbox_dead")
+            .fetch_one(db.pool())
+            .await?;
+    assert_eq!((dead_id, deliveries), (id, 2));
+    assert!(reason.contains("max_deliveries"), "{reason}");
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_fetch_parameters_are_rejected() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let none: [&str; 0] = [];
+    for params in [
+        FetchParams::new(none, 1),
+        FetchParams::new(["q"], 0),
+        FetchParams::new([""], 1),
+    ] {
+        let err = backend.fetch(&params).await.expect_err("rejected");
+        assert!(matches!(err, Error::InvalidArgument(_) | Error::InvalidQueue { .. }), "{err}");
+    }
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn both_fetch_branches_use_their_partial_index_on_a_large_table() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    exec(
+        db.pool(),
+        "INSERT INTO postbox (queue, payload, correlation_id, next_attempt_at)
+         SELECT 'q' || (i % 4), '\\x00', gen_random_uuid(), now() - (i || ' seconds')::interval
+         FROM generate_series(1, 20000) AS i;
+         UPDATE postbox SET acquired_token = gen_random_uuid(), acquired_at = now()
+         WHERE id % 50 = 0;
+         ANALYZE postbox;",
+    )
+    .await;
+    let plan = backend.explain_fetch(&FetchParams::new(["q1"], 10)).await?;
+    assert!(plan.contains("postbox_pending_idx"), "ready branch:\n{plan}");
+    assert!(plan.contains("postbox_lease_idx"), "expired-lease branch:\n{plan}");
+    assert!(!plan.contains("Seq Scan on postbox"), "no sequential scan:\n{plan}");
+    db.close().await?;
+    Ok(())
+}
