@@ -1,4 +1,91 @@
-//! wip facade
+//! Transactional-outbox messaging on Postgres, and the toolkit to test it.
+//!
+//! You publish messages **inside your own database transaction**: they become visible, and
+//! consumers are woken with `NOTIFY`, exactly when your business writes commit, and vanish if
+//! they roll back. Consumers lease messages with `FOR UPDATE SKIP LOCKED`, settle them with
+//! outcomes fenced by the lease, and retry failures through a policy that ends in a
+//! dead-letter table, never in a silent delete.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use postbox::{Backend, FetchParams, Message, PgBackend};
+//!
+//! # async fn run() -> Result<(), postbox::Error> {
+//! let pool = postbox::sqlx::PgPool::connect("postgres://localhost/app").await?;
+//! let outbox = PgBackend::new(pool.clone());
+//! outbox.migrate().await?; // table `postbox`, its indexes and `postbox_dead`
+//!
+//! // Publish in the same transaction as your own writes.
+//! let mut tx = pool.begin().await?;
+//! // sqlx::query("INSERT INTO orders ...").execute(&mut *tx).await?;
+//! outbox.publish(&mut tx, Message::json("emails", &serde_json::json!({"order": 42}))?).await?;
+//! tx.commit().await?;
+//!
+//! // Consume: lease, handle (idempotently), ack.
+//! for delivery in outbox.fetch(&FetchParams::new(["emails"], 16)).await? {
+//!     let body: serde_json::Value = delivery.json()?;
+//!     println!("sending {body}");
+//!     outbox.ack(delivery.lease()).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Publishing
+//!
+//! [`PgBackend::publish`] and [`PgBackend::publish_batch`] run on your `&mut PgConnection` or
+//! transaction and never begin, commit or roll back. A batch is one multi-row `INSERT` and one
+//! `NOTIFY` per distinct queue. Messages carry an opaque payload, JSON-object headers, a
+//! correlation id (generated when absent) and an optional delay.
+//!
+//! # Consuming
+//!
+//! [`Backend::fetch`] leases up to `limit` eligible rows under one fresh token, in
+//! `(next_attempt_at, id)` order, reclaiming leases older than `lease_ttl`. Settle each
+//! delivery with [`ack`](Backend::ack) / [`ack_batch`](Backend::ack_batch),
+//! [`retry`](Backend::retry), [`dead_letter`](Backend::dead_letter), or let
+//! [`fail`](Backend::fail) apply a [`RetryPolicy`].
+//!
+//! # Delivery guarantees
+//!
+//! - **At least once.** A message is deleted only when acked. A consumer that crashes leaves
+//!   its lease to expire; the message is delivered again. **Handlers must be idempotent.**
+//! - **Fenced outcomes.** Outcomes match the lease token: once a lease was lost, the old
+//!   holder's ack, retry or dead-letter changes nothing and returns `Ok(false)`.
+//! - **Nothing silently dropped.** Rejected messages, exhausted retries and crash loops
+//!   (`max_deliveries`) move to the dead-letter table `T_dead` with a reason.
+//!
+//! # Testing
+//!
+//! With the `testkit` feature (as a dev-dependency), [`testkit::postgres()`] gives every test a
+//! fresh, migrated database cloned from a template: from `POSTBOX_TEST_DATABASE_URL`, a Docker
+//! engine (testcontainers), or the Postgres binaries on the machine.
+//!
+//! ```toml
+//! [dependencies]
+//! postbox = "0.1"
+//!
+//! [dev-dependencies]
+//! postbox = { version = "0.1", features = ["testkit"] }
+//! ```
+//!
+//! # Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `testkit` | [`testkit`]: Postgres fixtures for tests (pulls in testcontainers) |
+//!
+//! See the `examples/` directory for runnable programs, starting with `quickstart`.
+
+#[doc(inline)]
 pub use postbox_core::*;
+
+/// Postgres fixtures for tests: [`postgres()`](testkit::postgres) returns a fresh, migrated
+/// database per call.
+///
+/// **Feature:** `testkit`.
 #[cfg(feature = "testkit")]
-pub use postbox_testkit as testkit;
+pub mod testkit {
+    #[doc(inline)]
+    pub use postbox_testkit::*;
+}

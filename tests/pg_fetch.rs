@@ -42,20 +42,44 @@ async fn fetch_claims_ready_rows_of_its_queues_in_order_within_the_limit() -> Re
     };
 
     let first = backend.fetch(&FetchParams::new(["a"], 2)).await?;
-    assert_eq!(ids(&first), [earliest, later], "(next_attempt_at, id) order, limited");
-    assert_eq!(first[0].token, first[1].token, "one token per fetched batch");
+    assert_eq!(
+        ids(&first),
+        [earliest, later],
+        "(next_attempt_at, id) order, limited"
+    );
+    assert_eq!(
+        first[0].token, first[1].token,
+        "one token per fetched batch"
+    );
     assert_eq!(first[0].deliveries, 1);
     assert_eq!(first[0].attempts, 0);
     assert_eq!(first[0].payload, b"earliest");
 
     let second = backend.fetch(&FetchParams::new(["a"], 10)).await?;
-    assert_eq!(ids(&second), [now1, now2], "same next_attempt_at: id order; future skipped");
+    assert_eq!(
+        ids(&second),
+        [now1, now2],
+        "same next_attempt_at: id order; future skipped"
+    );
     assert_ne!(second[0].token, first[0].token);
 
-    assert!(backend.fetch(&FetchParams::new(["a"], 10)).await?.is_empty());
+    assert!(
+        backend
+            .fetch(&FetchParams::new(["a"], 10))
+            .await?
+            .is_empty()
+    );
     let b = backend.fetch(&FetchParams::new(["b", "c"], 10)).await?;
     assert_eq!(ids(&b), [other]);
-    assert_eq!(count(db.pool(), "postbox", &format!("id = {future} AND acquired_token IS NULL")).await, 1);
+    assert_eq!(
+        count(
+            db.pool(),
+            "postbox",
+            &format!("id = {future} AND acquired_token IS NULL")
+        )
+        .await,
+        1
+    );
     db.close().await?;
     Ok(())
 }
@@ -83,32 +107,55 @@ async fn fetch_over_several_queues_merges_them_in_order() -> Result<()> {
 }
 
 #[tokio::test]
-async fn an_expired_lease_is_reclaimed_with_a_new_token_and_a_fresh_one_is_left_alone() -> Result<()> {
+async fn an_expired_lease_is_reclaimed_with_a_new_token_and_a_fresh_one_is_left_alone() -> Result<()>
+{
     let db = postbox::testkit::postgres().await?;
     let backend = db.backend();
-    publish(&backend, vec![Message::new("q", "1"), Message::new("q", "2")]).await?;
+    publish(
+        &backend,
+        vec![Message::new("q", "1"), Message::new("q", "2")],
+    )
+    .await?;
     let ttl = Duration::from_secs(30);
 
-    let first = backend.fetch(&FetchParams::new(["q"], 1).lease_ttl(ttl)).await?;
-    let fresh = backend.fetch(&FetchParams::new(["q"], 1).lease_ttl(ttl)).await?;
+    let first = backend
+        .fetch(&FetchParams::new(["q"], 1).lease_ttl(ttl))
+        .await?;
+    let fresh = backend
+        .fetch(&FetchParams::new(["q"], 1).lease_ttl(ttl))
+        .await?;
     assert_eq!(first.len(), 1);
     assert_eq!(fresh.len(), 1);
     assert_ne!(fresh[0].id, first[0].id);
     // Age the first lease past the TTL; the second keeps its fresh lease.
     exec(
         db.pool(),
-        &format!("UPDATE postbox SET acquired_at = now() - interval '31 seconds' WHERE id = {}", first[0].id),
+        &format!(
+            "UPDATE postbox SET acquired_at = now() - interval '31 seconds' WHERE id = {}",
+            first[0].id
+        ),
     )
     .await;
 
-    let reclaimed = backend.fetch(&FetchParams::new(["q"], 10).lease_ttl(ttl)).await?;
-    assert_eq!(ids(&reclaimed), [first[0].id], "only the expired lease comes back");
+    let reclaimed = backend
+        .fetch(&FetchParams::new(["q"], 10).lease_ttl(ttl))
+        .await?;
+    assert_eq!(
+        ids(&reclaimed),
+        [first[0].id],
+        "only the expired lease comes back"
+    );
     assert_ne!(reclaimed[0].token, first[0].token, "under a new token");
     assert_eq!(reclaimed[0].deliveries, 2);
     assert_eq!(reclaimed[0].first_attempt_at, first[0].first_attempt_at);
     assert!(reclaimed[0].acquired_at > first[0].acquired_at);
 
-    assert!(backend.fetch(&FetchParams::new(["q"], 10).lease_ttl(ttl)).await?.is_empty());
+    assert!(
+        backend
+            .fetch(&FetchParams::new(["q"], 10).lease_ttl(ttl))
+            .await?
+            .is_empty()
+    );
     db.close().await?;
     Ok(())
 }
@@ -120,9 +167,16 @@ async fn pinned_clock_expires_leases_without_waiting() -> Result<()> {
     publish(&backend, vec![Message::new("q", "1")]).await?;
     let first = backend.fetch(&FetchParams::new(["q"], 1)).await?;
 
-    backend.set_now(Some(db_now(db.pool()).await + chrono::Duration::seconds(29)));
-    assert!(backend.fetch(&FetchParams::new(["q"], 1)).await?.is_empty(), "29 s < 30 s TTL");
-    backend.set_now(Some(db_now(db.pool()).await + chrono::Duration::seconds(31)));
+    backend.set_now(Some(
+        db_now(db.pool()).await + chrono::Duration::seconds(29),
+    ));
+    assert!(
+        backend.fetch(&FetchParams::new(["q"], 1)).await?.is_empty(),
+        "29 s < 30 s TTL"
+    );
+    backend.set_now(Some(
+        db_now(db.pool()).await + chrono::Duration::seconds(31),
+    ));
     let again = backend.fetch(&FetchParams::new(["q"], 1)).await?;
     assert_eq!(ids(&again), ids(&first));
     db.close().await?;
@@ -133,7 +187,13 @@ async fn pinned_clock_expires_leases_without_waiting() -> Result<()> {
 async fn two_concurrent_fetches_over_200_rows_never_share_a_row() -> Result<()> {
     let db = postbox::testkit::postgres().await?;
     let backend = db.backend();
-    let published = publish(&backend, (0..200).map(|i| Message::new("q", format!("{i}"))).collect()).await?;
+    let published = publish(
+        &backend,
+        (0..200)
+            .map(|i| Message::new("q", format!("{i}")))
+            .collect(),
+    )
+    .await?;
 
     let fetcher = |backend: PgBackend| async move {
         let mut got = Vec::new();
@@ -166,15 +226,24 @@ async fn max_deliveries_dead_letters_a_crash_looping_row_instead_of_leasing_it()
     let [id] = publish(&backend, vec![Message::new("q", "poison")]).await?[..] else {
         panic!("one id")
     };
-    let params = FetchParams::new(["q"], 1).max_deliveries(2).lease_ttl(Duration::from_secs(1));
+    let params = FetchParams::new(["q"], 1)
+        .max_deliveries(2)
+        .lease_ttl(Duration::from_secs(1));
     for delivery in 1..=2 {
         let got = backend.fetch(&params).await?;
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].deliveries, delivery);
         // The handler "crashes": the lease just expires.
-        exec(db.pool(), "UPDATE postbox SET acquired_at = now() - interval '1 minute'").await;
+        exec(
+            db.pool(),
+            "UPDATE postbox SET acquired_at = now() - interval '1 minute'",
+        )
+        .await;
     }
-    assert!(backend.fetch(&params).await?.is_empty(), "not leased a third time");
+    assert!(
+        backend.fetch(&params).await?.is_empty(),
+        "not leased a third time"
+    );
     assert_eq!(count(db.pool(), "postbox", "true").await, 0);
     let (dead_id, reason, deliveries): (i64, String, i32) =
         postbox::sqlx::query_as("SELECT id, reason, deliveries FROM postbox_dead")
@@ -197,7 +266,10 @@ async fn bad_fetch_parameters_are_rejected() -> Result<()> {
         FetchParams::new([""], 1),
     ] {
         let err = backend.fetch(&params).await.expect_err("rejected");
-        assert!(matches!(err, Error::InvalidArgument(_) | Error::InvalidQueue { .. }), "{err}");
+        assert!(
+            matches!(err, Error::InvalidArgument(_) | Error::InvalidQueue { .. }),
+            "{err}"
+        );
     }
     db.close().await?;
     Ok(())
@@ -218,9 +290,18 @@ async fn both_fetch_branches_use_their_partial_index_on_a_large_table() -> Resul
     )
     .await;
     let plan = backend.explain_fetch(&FetchParams::new(["q1"], 10)).await?;
-    assert!(plan.contains("postbox_pending_idx"), "ready branch:\n{plan}");
-    assert!(plan.contains("postbox_lease_idx"), "expired-lease branch:\n{plan}");
-    assert!(!plan.contains("Seq Scan on postbox"), "no sequential scan:\n{plan}");
+    assert!(
+        plan.contains("postbox_pending_idx"),
+        "ready branch:\n{plan}"
+    );
+    assert!(
+        plan.contains("postbox_lease_idx"),
+        "expired-lease branch:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Seq Scan on postbox"),
+        "no sequential scan:\n{plan}"
+    );
     db.close().await?;
     Ok(())
 }

@@ -26,7 +26,9 @@ async fn notifications_until(listener: &mut PgListener, until: &str) -> Result<V
 /// notification of earlier commits arrives before the sentinel's.
 async fn commit_sentinel(backend: &PgBackend) -> Result<()> {
     let mut tx = backend.begin().await?;
-    backend.publish(&mut tx, Message::new("sentinel", "")).await?;
+    backend
+        .publish(&mut tx, Message::new("sentinel", ""))
+        .await?;
     backend.commit(tx).await?;
     Ok(())
 }
@@ -44,20 +46,30 @@ async fn rolled_back_publish_leaves_no_row_and_no_notification() -> Result<()> {
     let mut listener = listen(&backend).await?;
 
     let mut tx = backend.begin().await?;
-    backend.publish(&mut tx, Message::new("emails", "x")).await?;
     backend
-        .publish_batch(&mut tx, vec![Message::new("emails", "y"), Message::new("sms", "z")])
+        .publish(&mut tx, Message::new("emails", "x"))
+        .await?;
+    backend
+        .publish_batch(
+            &mut tx,
+            vec![Message::new("emails", "y"), Message::new("sms", "z")],
+        )
         .await?;
     backend.rollback(tx).await?;
 
     // A dropped transaction rolls back too.
     {
         let mut tx = db.pool().begin().await?;
-        backend.publish(&mut tx, Message::new("emails", "dropped")).await?;
+        backend
+            .publish(&mut tx, Message::new("emails", "dropped"))
+            .await?;
     }
 
     commit_sentinel(&backend).await?;
-    assert_eq!(notifications_until(&mut listener, "sentinel").await?, Vec::<String>::new());
+    assert_eq!(
+        notifications_until(&mut listener, "sentinel").await?,
+        Vec::<String>::new()
+    );
     assert_eq!(count(db.pool(), "postbox", "queue <> 'sentinel'").await, 0);
     db.close().await?;
     Ok(())
@@ -70,19 +82,27 @@ async fn committed_publish_writes_the_row_and_exactly_one_notification() -> Resu
     let mut listener = listen(&backend).await?;
 
     let mut tx = db.pool().begin().await?;
-    let id = backend.publish(&mut tx, Message::new("emails", "hello")).await?;
+    let id = backend
+        .publish(&mut tx, Message::new("emails", "hello"))
+        .await?;
     // Not visible before commit.
     assert_eq!(count(db.pool(), "postbox", "true").await, 0);
     tx.commit().await?;
 
     commit_sentinel(&backend).await?;
-    assert_eq!(notifications_until(&mut listener, "sentinel").await?, ["emails"]);
+    assert_eq!(
+        notifications_until(&mut listener, "sentinel").await?,
+        ["emails"]
+    );
     let (queue, payload): (String, Vec<u8>) =
         postbox::sqlx::query_as("SELECT queue, payload FROM postbox WHERE id = $1")
             .bind(id)
             .fetch_one(db.pool())
             .await?;
-    assert_eq!((queue.as_str(), payload.as_slice()), ("emails", &b"hello"[..]));
+    assert_eq!(
+        (queue.as_str(), payload.as_slice()),
+        ("emails", &b"hello"[..])
+    );
     db.close().await?;
     Ok(())
 }
@@ -101,13 +121,21 @@ async fn batch_is_one_insert_with_one_notification_per_distinct_queue() -> Resul
     backend.commit(tx).await?;
 
     assert_eq!(ids.len(), 10);
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids ascend in input order: {ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids ascend in input order: {ids:?}"
+    );
     for (i, id) in ids.iter().enumerate() {
-        let payload: Vec<u8> = postbox::sqlx::query_scalar("SELECT payload FROM postbox WHERE id = $1")
-            .bind(id)
-            .fetch_one(db.pool())
-            .await?;
-        assert_eq!(payload, format!("m{i}").into_bytes(), "id {id} holds message {i}");
+        let payload: Vec<u8> =
+            postbox::sqlx::query_scalar("SELECT payload FROM postbox WHERE id = $1")
+                .bind(id)
+                .fetch_one(db.pool())
+                .await?;
+        assert_eq!(
+            payload,
+            format!("m{i}").into_bytes(),
+            "id {id} holds message {i}"
+        );
     }
     commit_sentinel(&backend).await?;
     let mut seen = notifications_until(&mut listener, "sentinel").await?;
@@ -124,11 +152,17 @@ async fn empty_batch_is_a_no_op_without_notification() -> Result<()> {
     let mut listener = listen(&backend).await?;
 
     let mut tx = backend.begin().await?;
-    assert_eq!(backend.publish_batch(&mut tx, Vec::new()).await?, Vec::<i64>::new());
+    assert_eq!(
+        backend.publish_batch(&mut tx, Vec::new()).await?,
+        Vec::<i64>::new()
+    );
     backend.commit(tx).await?;
 
     commit_sentinel(&backend).await?;
-    assert_eq!(notifications_until(&mut listener, "sentinel").await?, Vec::<String>::new());
+    assert_eq!(
+        notifications_until(&mut listener, "sentinel").await?,
+        Vec::<String>::new()
+    );
     db.close().await?;
     Ok(())
 }
@@ -145,7 +179,10 @@ async fn bad_queue_names_are_rejected_before_anything_is_written() -> Result<()>
             .expect_err("rejected");
         assert!(matches!(err, Error::InvalidQueue { .. }), "{err}");
         let err = backend
-            .publish_batch(&mut tx, vec![Message::new("fine", "x"), Message::new(bad, "y")])
+            .publish_batch(
+                &mut tx,
+                vec![Message::new("fine", "x"), Message::new(bad, "y")],
+            )
             .await
             .expect_err("rejected");
         assert!(matches!(err, Error::InvalidQueue { .. }), "{err}");
@@ -170,7 +207,9 @@ async fn headers_correlation_id_and_delay_are_stored() -> Result<()> {
     let a = backend
         .publish(
             &mut tx,
-            Message::new("q", "a").header("tenant", "acme").correlation_id(explicit),
+            Message::new("q", "a")
+                .header("tenant", "acme")
+                .correlation_id(explicit),
         )
         .await?;
     let ids = backend
@@ -186,8 +225,16 @@ async fn headers_correlation_id_and_delay_are_stored() -> Result<()> {
     backend.commit(tx).await?;
 
     let row = |id: i64| {
-        postbox::sqlx::query_as::<_, (Option<serde_json::Value>, uuid::Uuid, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>(
-            "SELECT headers, correlation_id, created_at, next_attempt_at FROM postbox WHERE id = $1",
+        postbox::sqlx::query_as::<
+            _,
+            (
+                Option<serde_json::Value>,
+                uuid::Uuid,
+                chrono::DateTime<chrono::Utc>,
+                chrono::DateTime<chrono::Utc>,
+            ),
+        >(
+            "SELECT headers, correlation_id, created_at, next_attempt_at FROM postbox WHERE id = $1"
         )
         .bind(id)
         .fetch_one(db.pool())
@@ -200,7 +247,11 @@ async fn headers_correlation_id_and_delay_are_stored() -> Result<()> {
     let (headers, corr_b, created, next) = row(ids[0]).await?;
     assert_eq!(headers, None);
     assert_ne!(corr_b, explicit, "a missing correlation id is generated");
-    assert_eq!(next - created, chrono::Duration::seconds(60), "delay on the database clock");
+    assert_eq!(
+        next - created,
+        chrono::Duration::seconds(60),
+        "delay on the database clock"
+    );
 
     let (_, corr_c, _, next) = row(ids[1]).await?;
     assert_eq!(next, at);

@@ -55,7 +55,9 @@ pub enum Error {
     InvalidArgument(String),
 
     /// The database schema does not match what this version of postbox expects.
-    #[error("schema of outbox table {table:?} is not usable: {problems}; run `PgBackend::migrate()`")]
+    #[error(
+        "schema of outbox table {table:?} is not usable: {problems}; run `PgBackend::migrate()`, or restore what was removed by hand"
+    )]
     Schema {
         /// The outbox table that was checked.
         table: String,

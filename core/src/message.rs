@@ -238,7 +238,11 @@ mod tests {
     fn queue_validation() {
         assert!(validate_queue("orders").is_ok());
         assert!(validate_queue(&"q".repeat(MAX_QUEUE_LEN)).is_ok());
-        for bad in [String::new(), "q".repeat(MAX_QUEUE_LEN + 1), "a\0b".to_owned()] {
+        for bad in [
+            String::new(),
+            "q".repeat(MAX_QUEUE_LEN + 1),
+            "a\0b".to_owned(),
+        ] {
             let err = validate_queue(&bad).expect_err("rejected");
             assert!(matches!(err, Error::InvalidQueue { .. }), "{err}");
         }
@@ -254,6 +258,9 @@ mod tests {
             .delay(Duration::from_secs(3));
         assert_eq!(m.headers_ref().map(|h| h.len()), Some(2));
         assert_eq!(m.correlation_id_ref(), Some(id));
-        assert_eq!(m.availability(), Availability::After(Duration::from_secs(3)));
+        assert_eq!(
+            m.availability(),
+            Availability::After(Duration::from_secs(3))
+        );
     }
 }

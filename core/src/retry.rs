@@ -131,15 +131,17 @@ impl Backoff {
         let n = n.max(1);
         match *self {
             Backoff::Constant(d) => d,
-            Backoff::Linear { initial, step, cap } => initial
-                .saturating_add(step.saturating_mul(n - 1))
-                .min(cap),
+            Backoff::Linear { initial, step, cap } => {
+                initial.saturating_add(step.saturating_mul(n - 1)).min(cap)
+            }
             Backoff::Exponential {
                 initial,
                 multiplier,
                 cap,
             } => {
-                let factor = multiplier.max(1.0).powi(i32::try_from(n - 1).unwrap_or(i32::MAX));
+                let factor = multiplier
+                    .max(1.0)
+                    .powi(i32::try_from(n - 1).unwrap_or(i32::MAX));
                 let secs = initial.as_secs_f64() * factor;
                 if secs.is_finite() && secs < cap.as_secs_f64() {
                     Duration::from_secs_f64(secs)
@@ -310,7 +312,9 @@ impl RetryPolicy {
         error: &HandlerError,
         draw: f64,
     ) -> RetryDecision {
-        let attempt = u32::try_from(attempts.max(0)).unwrap_or(u32::MAX).saturating_add(1);
+        let attempt = u32::try_from(attempts.max(0))
+            .unwrap_or(u32::MAX)
+            .saturating_add(1);
         let dead = |reason: String| RetryDecision::DeadLetter { reason };
         let delay = match error.kind() {
             HandlerErrorKind::Reject => return dead(format!("rejected: {error}")),
@@ -325,12 +329,12 @@ impl RetryPolicy {
             HandlerErrorKind::RetryAfter(delay) => delay,
             HandlerErrorKind::Retry => self.jittered(self.backoff.base_delay(attempt), draw),
         };
-        if let Some(budget) = self.budget {
-            if elapsed.saturating_add(delay) > budget {
-                return dead(format!(
-                    "retry budget of {budget:?} exhausted after {attempt} attempts: {error}"
-                ));
-            }
+        if let Some(budget) = self.budget
+            && elapsed.saturating_add(delay) > budget
+        {
+            return dead(format!(
+                "retry budget of {budget:?} exhausted after {attempt} attempts: {error}"
+            ));
         }
         RetryDecision::Retry { delay }
     }
@@ -379,7 +383,9 @@ mod tests {
     #[test]
     fn none_dead_letters_the_first_failure() {
         let d = RetryPolicy::none().decide(0, Duration::ZERO, &err());
-        assert!(matches!(d, RetryDecision::DeadLetter { reason } if reason.contains("exhausted after 1")));
+        assert!(
+            matches!(d, RetryDecision::DeadLetter { reason } if reason.contains("exhausted after 1"))
+        );
     }
 
     #[test]
@@ -387,20 +393,27 @@ mod tests {
         let p = RetryPolicy::constant(5 * S).max_attempts(3);
         assert_eq!(delay(p.decide(0, Duration::ZERO, &err())), 5 * S);
         assert_eq!(delay(p.decide(1, Duration::ZERO, &err())), 5 * S);
-        assert!(matches!(p.decide(2, Duration::ZERO, &err()), RetryDecision::DeadLetter { .. }));
+        assert!(matches!(
+            p.decide(2, Duration::ZERO, &err()),
+            RetryDecision::DeadLetter { .. }
+        ));
     }
 
     #[test]
     fn linear_grows_by_step_and_caps() {
         let p = RetryPolicy::linear(S, 2 * S, 6 * S);
-        let delays: Vec<_> = (0..5).map(|a| delay(p.decide(a, Duration::ZERO, &err()))).collect();
+        let delays: Vec<_> = (0..5)
+            .map(|a| delay(p.decide(a, Duration::ZERO, &err())))
+            .collect();
         assert_eq!(delays, [S, 3 * S, 5 * S, 6 * S, 6 * S]);
     }
 
     #[test]
     fn exponential_doubles_and_caps_without_jitter() {
         let p = RetryPolicy::exponential(S, 2.0, 10 * S).jitter(0.0);
-        let delays: Vec<_> = (0..6).map(|a| delay(p.decide(a, Duration::ZERO, &err()))).collect();
+        let delays: Vec<_> = (0..6)
+            .map(|a| delay(p.decide(a, Duration::ZERO, &err())))
+            .collect();
         assert_eq!(delays, [S, 2 * S, 4 * S, 8 * S, 10 * S, 10 * S]);
     }
 
@@ -409,23 +422,40 @@ mod tests {
         let p = RetryPolicy::default();
         assert_eq!(
             p.backoff(),
-            Backoff::Exponential { initial: S, multiplier: 2.0, cap: 300 * S }
+            Backoff::Exponential {
+                initial: S,
+                multiplier: 2.0,
+                cap: 300 * S
+            }
         );
         assert_eq!(p.attempts_limit(), 10);
-        assert!(matches!(p.decide(9, Duration::ZERO, &err()), RetryDecision::DeadLetter { .. }));
-        assert!(matches!(p.decide(8, Duration::ZERO, &err()), RetryDecision::Retry { .. }));
+        assert!(matches!(
+            p.decide(9, Duration::ZERO, &err()),
+            RetryDecision::DeadLetter { .. }
+        ));
+        assert!(matches!(
+            p.decide(8, Duration::ZERO, &err()),
+            RetryDecision::Retry { .. }
+        ));
     }
 
     #[test]
     fn jitter_stays_within_the_cap_and_the_band() {
         let cap = 30 * S;
-        let p = RetryPolicy::exponential(S, 3.0, cap).jitter(0.5).max_attempts(100);
+        let p = RetryPolicy::exponential(S, 3.0, cap)
+            .jitter(0.5)
+            .max_attempts(100);
         for attempts in 0..40 {
-            let base = p.backoff().base_delay(u32::try_from(attempts).expect("small") + 1);
+            let base = p
+                .backoff()
+                .base_delay(u32::try_from(attempts).expect("small") + 1);
             for draw in [0.0, 0.25, 0.5, 0.999_999] {
                 let d = delay(p.decide_with(attempts, Duration::ZERO, &err(), draw));
                 assert!(d <= cap, "attempt {attempts}: {d:?} > cap");
-                assert!(d <= base && d >= base.mul_f64(0.5), "{d:?} outside band of {base:?}");
+                assert!(
+                    d <= base && d >= base.mul_f64(0.5),
+                    "{d:?} outside band of {base:?}"
+                );
             }
         }
         // And with real randomness, many draws never exceed the cap.
@@ -436,8 +466,13 @@ mod tests {
 
     #[test]
     fn huge_attempt_counts_saturate_at_the_cap() {
-        let p = RetryPolicy::exponential(S, 2.0, 300 * S).max_attempts(u32::MAX).jitter(0.0);
-        assert_eq!(delay(p.decide(i32::MAX - 1, Duration::ZERO, &err())), 300 * S);
+        let p = RetryPolicy::exponential(S, 2.0, 300 * S)
+            .max_attempts(u32::MAX)
+            .jitter(0.0);
+        assert_eq!(
+            delay(p.decide(i32::MAX - 1, Duration::ZERO, &err())),
+            300 * S
+        );
     }
 
     #[test]
@@ -451,15 +486,27 @@ mod tests {
     #[test]
     fn the_policy_sees_the_error() {
         let p = RetryPolicy::constant(S).retry_if(|e| !e.message().contains("permanent"));
-        assert_eq!(delay(p.decide(0, Duration::ZERO, &HandlerError::retry("flaky"))), S);
+        assert_eq!(
+            delay(p.decide(0, Duration::ZERO, &HandlerError::retry("flaky"))),
+            S
+        );
         assert!(matches!(
             p.decide(0, Duration::ZERO, &HandlerError::retry("permanent failure")),
             RetryDecision::DeadLetter { reason } if reason.starts_with("not retryable")
         ));
-        let d = p.decide(0, Duration::ZERO, &HandlerError::retry_after(7 * S, "rate limited"));
+        let d = p.decide(
+            0,
+            Duration::ZERO,
+            &HandlerError::retry_after(7 * S, "rate limited"),
+        );
         assert_eq!(delay(d), 7 * S);
         let d = p.decide(0, Duration::ZERO, &HandlerError::reject("bad payload"));
-        assert_eq!(d, RetryDecision::DeadLetter { reason: "rejected: bad payload".into() });
+        assert_eq!(
+            d,
+            RetryDecision::DeadLetter {
+                reason: "rejected: bad payload".into()
+            }
+        );
     }
 
     #[test]

@@ -200,9 +200,21 @@ mod tests {
 
     #[test]
     fn rejects_bad_characters() {
-        for name in ["", "1abc", "Orders", "a-b", "a b", "a\"b", "x;drop table y", "ü"] {
+        for name in [
+            "",
+            "1abc",
+            "Orders",
+            "a-b",
+            "a b",
+            "a\"b",
+            "x;drop table y",
+            "ü",
+        ] {
             let err = TableName::new(name).expect_err(name);
-            assert!(matches!(err, Error::InvalidTableName { .. }), "{name}: {err}");
+            assert!(
+                matches!(err, Error::InvalidTableName { .. }),
+                "{name}: {err}"
+            );
         }
     }
 
@@ -225,9 +237,22 @@ mod tests {
         let name = "a".repeat(MAX_TABLE_LEN + 1);
         let err = TableName::new(name).expect_err("too long");
         let text = err.to_string();
-        assert!(matches!(err, Error::IdentifierTooLong { len: 64, max: 63, .. }), "{text}");
+        assert!(
+            matches!(
+                err,
+                Error::IdentifierTooLong {
+                    len: 64,
+                    max: 63,
+                    ..
+                }
+            ),
+            "{text}"
+        );
         assert!(text.contains("63"), "{text}");
-        assert!(text.contains(&format!("at most {MAX_TABLE_LEN} bytes")), "{text}");
+        assert!(
+            text.contains(&format!("at most {MAX_TABLE_LEN} bytes")),
+            "{text}"
+        );
     }
 
     #[test]

@@ -127,10 +127,7 @@ impl Inner {
         let rows = bind_fetch(self.sql.fetch.clone(), params, token, self.now())
             .fetch_all(conn)
             .await?;
-        let deliveries = rows
-            .iter()
-            .map(delivery)
-            .collect::<Result<Vec<_>, _>>()?;
+        let deliveries = rows.iter().map(delivery).collect::<Result<Vec<_>, _>>()?;
         if !deliveries.is_empty() {
             tracing::debug!(target: "postbox", table = %self.table, rows = deliveries.len(), batch = %token, "postbox.fetch");
         }

@@ -74,7 +74,6 @@ impl Inner {
     }
 }
 
-
 impl PgBackend {
     /// A backend for the default outbox table, `postbox`.
     pub fn new(pool: PgPool) -> Self {
@@ -115,7 +114,12 @@ impl PgBackend {
     /// [`Error::Migration`](crate::Error::Migration) naming the failing version, or
     /// [`Error::Database`](crate::Error::Database).
     pub async fn migrate(&self) -> Result<Vec<i32>> {
-        schema::migrate(&self.shared().pool, &self.shared().table, &self.shared().sql).await
+        schema::migrate(
+            &self.shared().pool,
+            &self.shared().table,
+            &self.shared().sql,
+        )
+        .await
     }
 
     /// Checks that the table, its columns, indexes, CHECK constraint, dead-letter table and
@@ -126,7 +130,12 @@ impl PgBackend {
     /// [`Error::Schema`](crate::Error::Schema) listing each missing item by name, or
     /// [`Error::Database`](crate::Error::Database).
     pub async fn validate_schema(&self) -> Result<()> {
-        let problems = schema::problems(&self.shared().pool, &self.shared().table, &self.shared().sql).await?;
+        let problems = schema::problems(
+            &self.shared().pool,
+            &self.shared().table,
+            &self.shared().sql,
+        )
+        .await?;
         schema::check(&self.shared().table, problems)
     }
 

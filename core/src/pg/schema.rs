@@ -239,7 +239,10 @@ pub(crate) async fn problems(
         .fetch_one(&mut *conn)
         .await?;
     if !check && !problems.iter().any(|p| p.starts_with("table ")) {
-        problems.push(format!("check constraint {} is missing", table.lease_check()));
+        problems.push(format!(
+            "check constraint {} is missing",
+            table.lease_check()
+        ));
     }
     let migrations_exist: bool = sqlx::query_scalar(RELATION_EXISTS)
         .bind(table.migrations())

@@ -78,7 +78,10 @@ mod tests {
     fn render_quotes_every_identifier() {
         let t = TableName::new("jobs").expect("valid");
         assert_eq!(
-            render("{table} {dead} {migrations} {pending_idx} {lease_idx} {lease_check}", &t),
+            render(
+                "{table} {dead} {migrations} {pending_idx} {lease_idx} {lease_check}",
+                &t
+            ),
             r#""jobs" "jobs_dead" "jobs_migrations" "jobs_pending_idx" "jobs_lease_idx" "jobs_lease_check""#
         );
     }
@@ -88,9 +91,18 @@ mod tests {
         let t = TableName::new("jobs").expect("valid");
         let s = Statements::new(&t);
         let all = [
-            &s.publish, &s.publish_batch, &s.fetch, &s.ack, &s.ack_batch, &s.retry,
-            &s.dead_letter, &s.renew, &s.release, &s.create_migrations,
-            &s.applied_migrations, &s.record_migration,
+            &s.publish,
+            &s.publish_batch,
+            &s.fetch,
+            &s.ack,
+            &s.ack_batch,
+            &s.retry,
+            &s.dead_letter,
+            &s.renew,
+            &s.release,
+            &s.create_migrations,
+            &s.applied_migrations,
+            &s.record_migration,
         ];
         for stmt in all.into_iter().chain(s.migrations.iter().map(|m| &m.2)) {
             assert!(!stmt.as_str().contains('{'), "{}", stmt.as_str());

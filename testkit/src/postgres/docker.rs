@@ -88,8 +88,7 @@ pub(crate) fn start(image: &(String, String)) -> Result<DockerServer, String> {
             });
         })
         .map_err(|e| format!("cannot spawn the docker thread: {e}"))?;
-    rx.recv()
-        .map_err(|_| "the docker thread died".to_owned())?
+    rx.recv().map_err(|_| "the docker thread died".to_owned())?
 }
 
 async fn wait_for_queries(url: &str) -> Result<(), String> {

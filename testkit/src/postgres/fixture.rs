@@ -43,7 +43,10 @@ impl PgFixture {
         }
         execute(
             &mut admin,
-            format!("CREATE DATABASE \"{database}\" TEMPLATE \"{}\"", server.template),
+            format!(
+                "CREATE DATABASE \"{database}\" TEMPLATE \"{}\"",
+                server.template
+            ),
         )
         .await?;
         admin.close().await?;
@@ -117,7 +120,11 @@ impl PgFixture {
 
 async fn drop_database(admin_url: &str, database: &str, shared: bool) -> Result<(), TestkitError> {
     let mut admin = PgConnection::connect(admin_url).await?;
-    execute(&mut admin, format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)")).await?;
+    execute(
+        &mut admin,
+        format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"),
+    )
+    .await?;
     if shared {
         sqlx::query("DELETE FROM postbox_testkit.databases WHERE name = $1")
             .bind(database)

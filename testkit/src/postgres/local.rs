@@ -69,7 +69,15 @@ pub(crate) fn start() -> Result<LocalCluster, String> {
     initdb
         .arg("-D")
         .arg(&data)
-        .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ])
         .current_dir(&dir)
         .stdin(Stdio::null());
     as_user(&mut initdb, user);
@@ -117,12 +125,18 @@ fn spawn_server(
         .arg("-k")
         .arg(dir)
         .args([
-            "-c", "listen_addresses=127.0.0.1",
-            "-c", "fsync=off",
-            "-c", "synchronous_commit=off",
-            "-c", "full_page_writes=off",
-            "-c", "max_connections=300",
-            "-c", "shared_buffers=64MB",
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=300",
+            "-c",
+            "shared_buffers=64MB",
         ])
         .current_dir(dir)
         .stdin(Stdio::null())
@@ -199,10 +213,10 @@ fn free_port() -> Result<u16, String> {
 /// `/usr/lib/postgresql/<version>/bin`.
 fn find_bin_dir() -> Result<PathBuf, String> {
     let has_both = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(d) = std::env::split_paths(&path).find(|d| has_both(d)) {
-            return Ok(d);
-        }
+    if let Some(path) = std::env::var_os("PATH")
+        && let Some(d) = std::env::split_paths(&path).find(|d| has_both(d))
+    {
+        return Ok(d);
     }
     let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -244,7 +258,10 @@ fn run_as() -> Result<Option<(u32, u32)>, String> {
 
 fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) {
     if let Some((uid, gid)) = user {
-        cmd.uid(uid).gid(gid).env("HOME", "/tmp").env_remove("PGDATA");
+        cmd.uid(uid)
+            .gid(gid)
+            .env("HOME", "/tmp")
+            .env_remove("PGDATA");
     }
 }
 
@@ -277,12 +294,11 @@ fn sweep() {
         if let Some(pid) = fs::read_to_string(dir.join("data/postmaster.pid"))
             .ok()
             .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+            && alive(pid)
         {
-            if alive(pid) {
-                // SAFETY: plain syscall; the pid file names a postmaster of a dead run.
-                unsafe {
-                    libc::kill(pid, libc::SIGQUIT);
-                }
+            // SAFETY: plain syscall; the pid file names a postmaster of a dead run.
+            unsafe {
+                libc::kill(pid, libc::SIGQUIT);
             }
         }
         let _ = fs::remove_dir_all(&dir);

@@ -81,18 +81,22 @@ static OWNED: parking_lot::Mutex<Vec<Owned>> = parking_lot::Mutex::new(Vec::new(
 /// # Ok(()) }
 /// ```
 pub async fn postgres() -> Result<PgFixture, TestkitError> {
-    let server = tokio::task::spawn_blocking(server)
-        .await
-        .map_err(|e| TestkitError::NoServer {
-            tried: format!("  the provider thread panicked: {e}"),
-            image: DEFAULT_IMAGE.into(),
-        })??;
+    let server =
+        tokio::task::spawn_blocking(server)
+            .await
+            .map_err(|e| TestkitError::NoServer {
+                tried: format!("  the provider thread panicked: {e}"),
+                image: DEFAULT_IMAGE.into(),
+            })??;
     PgFixture::create(server).await
 }
 
 /// The provider serving this process's fixtures, once one has started.
 pub fn current_provider() -> Option<Provider> {
-    SERVER.get().and_then(|s| s.as_ref().ok()).map(|s| s.provider)
+    SERVER
+        .get()
+        .and_then(|s| s.as_ref().ok())
+        .map(|s| s.provider)
 }
 
 /// The shared server, started on first call.
@@ -118,7 +122,7 @@ fn start(config: &Config) -> Result<Server, String> {
                 return Ok(server);
             }
             Err(e) => {
-                tracing::warn!(target: "postbox", %provider, error = %e, "postbox.testkit: provider unavailable");
+                tracing::debug!(target: "postbox", %provider, error = %e, "postbox.testkit: provider unavailable");
                 tried.push(format!("  - {provider}: {e}"));
             }
         }

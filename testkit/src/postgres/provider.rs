@@ -113,7 +113,11 @@ pub(crate) fn docker_answers() -> Result<(), String> {
         Ok(_) => Err("the Docker engine did not answer its ping with 200".into()),
         Err(e) => Err(format!(
             "no Docker engine answers at {}: {e}",
-            if host.is_empty() { "/var/run/docker.sock" } else { &host }
+            if host.is_empty() {
+                "/var/run/docker.sock"
+            } else {
+                &host
+            }
         )),
     }
 }
@@ -139,16 +143,22 @@ mod tests {
 
     #[test]
     fn a_url_wins_and_the_postbox_variable_beats_database_url() {
-        let c = config(&[("DATABASE_URL", "postgres://a"), ("POSTBOX_TEST_DATABASE_URL", "postgres://b")])
-            .expect("valid");
+        let c = config(&[
+            ("DATABASE_URL", "postgres://a"),
+            ("POSTBOX_TEST_DATABASE_URL", "postgres://b"),
+        ])
+        .expect("valid");
         assert_eq!(c.candidates(), [Provider::Url]);
         assert_eq!(c.url.as_deref(), Some("postgres://b"));
     }
 
     #[test]
     fn forcing_selects_exactly_one() {
-        let c = config(&[("POSTBOX_TEST_PG", "local"), ("DATABASE_URL", "postgres://a")])
-            .expect("valid");
+        let c = config(&[
+            ("POSTBOX_TEST_PG", "local"),
+            ("DATABASE_URL", "postgres://a"),
+        ])
+        .expect("valid");
         assert_eq!(c.candidates(), [Provider::Local]);
         let err = config(&[("POSTBOX_TEST_PG", "podman")]).expect_err("unknown");
         assert!(err.to_string().contains("url, docker or local"), "{err}");

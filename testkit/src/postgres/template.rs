@@ -32,9 +32,12 @@ pub(crate) fn prepare(url: &str, shared: bool) -> Result<String, String> {
                 .enable_all()
                 .build()
                 .map_err(|e| format!("cannot build a runtime: {e}"))?;
-            runtime
-                .block_on(prepare_async(url, shared))
-                .map_err(|e| format!("cannot prepare the template database at {}: {e}", redact(url)))
+            runtime.block_on(prepare_async(url, shared)).map_err(|e| {
+                format!(
+                    "cannot prepare the template database at {}: {e}",
+                    redact(url)
+                )
+            })
         })
         .join()
         .map_err(|_| "the template thread panicked".to_owned())?
@@ -54,7 +57,11 @@ async fn prepare_async(url: &str, shared: bool) -> Result<String, postbox_core::
             .await?;
     if !exists {
         let building = format!("{name}_building");
-        execute(&mut admin, format!("DROP DATABASE IF EXISTS \"{building}\" WITH (FORCE)")).await?;
+        execute(
+            &mut admin,
+            format!("DROP DATABASE IF EXISTS \"{building}\" WITH (FORCE)"),
+        )
+        .await?;
         execute(&mut admin, format!("CREATE DATABASE \"{building}\"")).await?;
         let options = PgConnectOptions::from_str(url)?.database(&building);
         let pool = PgPoolOptions::new()
@@ -64,7 +71,11 @@ async fn prepare_async(url: &str, shared: bool) -> Result<String, postbox_core::
         let migrated = PgBackend::new(pool.clone()).migrate().await;
         pool.close().await;
         migrated?;
-        execute(&mut admin, format!("ALTER DATABASE \"{building}\" RENAME TO \"{name}\"")).await?;
+        execute(
+            &mut admin,
+            format!("ALTER DATABASE \"{building}\" RENAME TO \"{name}\""),
+        )
+        .await?;
     }
     if shared {
         sqlx::raw_sql(CREATE_REGISTRY).execute(&mut admin).await?;
@@ -86,7 +97,10 @@ async fn sweep(admin: &mut PgConnection) -> Result<(), sqlx::Error> {
     .await?;
     for name in stale.into_iter().filter(|n| is_fixture_name(n)) {
         // Without FORCE: a database still in use belongs to a live run and is kept.
-        if execute(admin, format!("DROP DATABASE IF EXISTS \"{name}\"")).await.is_ok() {
+        if execute(admin, format!("DROP DATABASE IF EXISTS \"{name}\""))
+            .await
+            .is_ok()
+        {
             sqlx::query("DELETE FROM postbox_testkit.databases WHERE name = $1")
                 .bind(&name)
                 .execute(&mut *admin)
@@ -99,12 +113,11 @@ async fn sweep(admin: &mut PgConnection) -> Result<(), sqlx::Error> {
 
 /// Runs a statement built from names this module generated (`[a-z0-9_]` only).
 pub(crate) async fn execute(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
-    debug_assert!(
-        sql.split('"')
-            .skip(1)
-            .step_by(2)
-            .all(|ident| ident.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
-    );
+    debug_assert!(sql.split('"').skip(1).step_by(2).all(|ident| {
+        ident
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    }));
     sqlx::raw_sql(AssertSqlSafe(sql)).execute(conn).await?;
     Ok(())
 }
@@ -112,7 +125,10 @@ pub(crate) async fn execute(conn: &mut PgConnection, sql: String) -> Result<(), 
 /// Whether `name` is a fixture database name this testkit generates.
 pub(crate) fn is_fixture_name(name: &str) -> bool {
     name.strip_prefix(DB_PREFIX).is_some_and(|rest| {
-        rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        rest.len() == 32
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
     })
 }
 
@@ -152,7 +168,12 @@ pub(crate) fn redact(url: &str) -> String {
     let rest = &url[scheme_end..];
     match (rest.find('@'), rest.find(':')) {
         (Some(at), Some(colon)) if colon < at => {
-            format!("{}{}:***{}", &url[..scheme_end], &rest[..colon], &rest[at..])
+            format!(
+                "{}{}:***{}",
+                &url[..scheme_end],
+                &rest[..colon],
+                &rest[at..]
+            )
         }
         _ => url.to_owned(),
     }
@@ -169,7 +190,10 @@ mod tests {
             "postgres://u:p@h:5432/x?sslmode=disable"
         );
         assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
-        assert_eq!(with_database("postgres://u@h:1/", "x"), "postgres://u@h:1/x");
+        assert_eq!(
+            with_database("postgres://u@h:1/", "x"),
+            "postgres://u@h:1/x"
+        );
     }
 
     #[test]

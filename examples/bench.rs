@@ -1,0 +1,155 @@
+//! Benchmarks that print JSON, comparing alternatives within one run.
+//!
+//! Run with: `cargo run --release --example bench -- [WORKLOAD...] [--json FILE] [--rounds N]`
+//!
+//! Workloads:
+//! - `fixture`: a fresh test database cloned from the migrated template
+//!   (`testkit::postgres()`), against creating an empty database and running the migrations
+//!   in it; milliseconds per database, `--rounds` of each (default 50).
+//!
+//! Uses the testkit's server (`POSTBOX_TEST_DATABASE_URL`, Docker, or the local binaries).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use postbox::PgBackend;
+use postbox::sqlx::postgres::PgPoolOptions;
+use postbox::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
+use serde_json::{Value, json};
+
+struct Args {
+    workloads: Vec<String>,
+    json: Option<String>,
+    rounds: usize,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        workloads: Vec::new(),
+        json: None,
+        rounds: 50,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--json" => args.json = Some(it.next().context("--json needs a file")?),
+            "--rounds" => args.rounds = it.next().context("--rounds needs a number")?.parse()?,
+            "-h" | "--help" => {
+                println!("usage: bench [fixture] [--json FILE] [--rounds N]");
+                std::process::exit(0);
+            }
+            w if !w.starts_with('-') => args.workloads.push(w.to_owned()),
+            other => anyhow::bail!("unknown option {other}"),
+        }
+    }
+    if args.workloads.is_empty() {
+        args.workloads.push("fixture".into());
+    }
+    Ok(args)
+}
+
+/// Min, p50, p95 and max of `samples`, in milliseconds.
+fn summary(samples: &mut [Duration]) -> Value {
+    samples.sort();
+    let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        ms(samples[i])
+    };
+    json!({
+        "n": samples.len(),
+        "min": ms(samples[0]),
+        "p50": at(0.5),
+        "p95": at(0.95),
+        "max": ms(samples[samples.len() - 1]),
+    })
+}
+
+async fn fixture(rounds: usize) -> anyhow::Result<Value> {
+    // Warm-up: starts the server and builds the template, which is not what we measure.
+    let first = postbox::testkit::postgres().await?;
+    let admin_url = first
+        .url()
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/postgres"));
+    let admin_url = admin_url.context("fixture url has no database")?;
+
+    let mut template = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let start = Instant::now();
+        let db = postbox::testkit::postgres().await?;
+        template.push(start.elapsed());
+        db.close().await?;
+    }
+
+    let mut migrate = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        let name = format!("postbox_bench_{}_{i}", std::process::id());
+        let start = Instant::now();
+        let mut admin = PgConnection::connect(&admin_url).await?;
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(5)
+            .connect(&format!(
+                "{}/{name}",
+                admin_url.trim_end_matches("/postgres")
+            ))
+            .await?;
+        PgBackend::new(pool.clone()).migrate().await?;
+        migrate.push(start.elapsed());
+        pool.close().await;
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await?;
+        admin.close().await?;
+    }
+
+    let settings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'server_version')",
+    )
+    .fetch_all(first.pool())
+    .await?;
+    let template = summary(&mut template);
+    let migrate = summary(&mut migrate);
+    let ratio = migrate["p50"].as_f64().unwrap_or(0.0) / template["p50"].as_f64().unwrap_or(1.0);
+    first.close().await?;
+    Ok(json!({
+        "workload": "fixture",
+        "provider": postbox::testkit::postgres::current_provider().map(|p| p.to_string()),
+        "postgres": settings
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect::<serde_json::Map<_, _>>(),
+        "fresh_fixture_from_template_ms": template,
+        "create_empty_db_and_migrate_ms": migrate,
+        "p50_ratio_migrate_over_template": (ratio * 100.0).round() / 100.0,
+    }))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let mut results = Vec::new();
+    for workload in &args.workloads {
+        eprintln!("bench: running {workload}...");
+        results.push(match workload.as_str() {
+            "fixture" => fixture(args.rounds).await?,
+            other => anyhow::bail!("unknown workload {other}; known: fixture"),
+        });
+    }
+    let doc = json!({
+        "machine": {
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "os": std::env::consts::OS,
+        },
+        "results": results,
+    });
+    let text = serde_json::to_string_pretty(&doc)?;
+    match &args.json {
+        Some(path) => std::fs::write(path, &text)?,
+        None => println!("{text}"),
+    }
+    Ok(())
+}

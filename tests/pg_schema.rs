@@ -1,0 +1,122 @@
+//! Migrations, schema validation and table names against real Postgres.
+
+mod support;
+
+use anyhow::Result;
+use postbox::{Backend, Error, FetchParams, Message, PgBackend, SCHEMA_VERSION, TableName};
+use support::{count, exec};
+
+#[tokio::test]
+async fn migrate_is_versioned_idempotent_and_safe_to_run_concurrently() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let table = TableName::new("orders_outbox")?;
+    let backends: Vec<PgBackend> = (0..4)
+        .map(|_| PgBackend::with_table(db.pool().clone(), table.clone()))
+        .collect();
+    let results =
+        futures_util::future::try_join_all(backends.iter().map(PgBackend::migrate)).await?;
+    let mut applied: Vec<i32> = results.into_iter().flatten().collect();
+    applied.sort();
+    assert_eq!(
+        applied,
+        (1..=SCHEMA_VERSION).collect::<Vec<_>>(),
+        "each version applied once"
+    );
+    assert_eq!(
+        backends[0].migrate().await?,
+        Vec::<i32>::new(),
+        "a second run applies nothing"
+    );
+    backends[0].validate_schema().await?;
+    assert_eq!(
+        count(db.pool(), "orders_outbox_migrations", "true").await,
+        i64::from(SCHEMA_VERSION)
+    );
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn validate_schema_names_what_is_missing() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    backend.validate_schema().await?;
+
+    exec(
+        db.pool(),
+        "DROP INDEX postbox_pending_idx; ALTER TABLE postbox DROP COLUMN last_error; \
+         ALTER TABLE postbox DROP CONSTRAINT postbox_lease_check; DROP TABLE postbox_dead",
+    )
+    .await;
+    let err = backend.validate_schema().await.expect_err("broken schema");
+    assert!(matches!(err, Error::Schema { .. }));
+    insta::assert_snapshot!(err.to_string());
+
+    let fresh = PgBackend::with_table(db.pool().clone(), TableName::new("never_migrated")?);
+    insta::assert_snapshot!(
+        "never_migrated",
+        fresh
+            .validate_schema()
+            .await
+            .expect_err("missing")
+            .to_string()
+    );
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_outbox_tables_in_one_database_are_independent() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let a = db.backend();
+    let b = db.backend_for("billing_outbox").await?;
+
+    let mut tx = db.pool().begin().await?;
+    a.publish(&mut tx, Message::new("q", "for a")).await?;
+    b.publish(&mut tx, Message::new("q", "for b")).await?;
+    tx.commit().await?;
+
+    let from_b = b.fetch(&FetchParams::new(["q"], 10)).await?;
+    assert_eq!(from_b.len(), 1);
+    assert_eq!(from_b[0].payload, b"for b");
+    assert!(b.dead_letter(from_b[0].lease(), "test").await?);
+    assert_eq!(count(db.pool(), "billing_outbox_dead", "true").await, 1);
+    assert_eq!(count(db.pool(), "postbox_dead", "true").await, 0);
+    assert_eq!(a.fetch(&FetchParams::new(["q"], 10)).await?.len(), 1);
+    assert_eq!(
+        b.engine().map(|e| e.channel()).as_deref(),
+        Some("postbox_billing_outbox")
+    );
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn hostile_and_overlong_table_names_never_reach_the_database() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    for name in [
+        "x\"; DROP TABLE postbox; --",
+        "x; DROP TABLE postbox",
+        "Outbox",
+        "",
+        "1table",
+        "tab le",
+    ] {
+        let err = db.backend_for(name).await.expect_err(name);
+        assert!(
+            err.to_string().contains("invalid table name"),
+            "{name}: {err}"
+        );
+    }
+    let too_long = "t".repeat(52);
+    let err = db.backend_for(&too_long).await.expect_err("too long");
+    assert!(err.to_string().contains("Postgres allows 63"), "{err}");
+    db.backend_for(&"t".repeat(51))
+        .await?
+        .validate_schema()
+        .await?;
+    // The default table survived every attempt.
+    db.backend().validate_schema().await?;
+    db.close().await?;
+    Ok(())
+}
