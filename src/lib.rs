@@ -57,7 +57,7 @@
 //!
 //! # Testing
 //!
-//! With the `testkit` feature (as a dev-dependency), [`testkit::postgres()`] gives every test a
+//! With the `testkit` feature (as a dev-dependency), [`testkit::postgres()`](fn@testkit::postgres) gives every test a
 //! fresh, migrated database cloned from a template: from `POSTBOX_TEST_DATABASE_URL`, a Docker
 //! engine (testcontainers), or the Postgres binaries on the machine.
 //!
@@ -80,7 +80,7 @@
 #[doc(inline)]
 pub use postbox_core::*;
 
-/// Postgres fixtures for tests: [`postgres()`](testkit::postgres) returns a fresh, migrated
+/// Postgres fixtures for tests: [`postgres()`](fn@testkit::postgres) returns a fresh, migrated
 /// database per call.
 ///
 /// **Feature:** `testkit`.

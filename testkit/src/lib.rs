@@ -1,6 +1,6 @@
 //! Test fixtures for postbox.
 //!
-//! - [`postgres()`]: a fresh, migrated, isolated Postgres database per test, from an existing
+//! - [`postgres()`](fn@postgres): a fresh, migrated, isolated Postgres database per test, from an existing
 //!   server, a testcontainers container or the local Postgres binaries, whichever is available.
 //!
 //! Add it as a dev-dependency (through the facade: `postbox = { features = ["testkit"] }`).
