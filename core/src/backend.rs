@@ -53,6 +53,12 @@ pub trait Backend: Send + Sync + 'static {
     /// connection; `None` (the fake) makes it poll and open no connection at all.
     fn engine(&self) -> Option<&Engine>;
 
+    /// Whether the backend was shut down for good (for Postgres: its pool was closed). A
+    /// subscriber whose backend is closed stops instead of retrying forever.
+    fn is_closed(&self) -> bool {
+        false
+    }
+
     /// Begins a transaction to publish in.
     ///
     /// # Errors

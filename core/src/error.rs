@@ -87,6 +87,10 @@ pub enum Error {
     #[error("json error: {0}")]
     Json(#[from] serde_json::Error),
 
+    /// The subscriber runtime failed (its task panicked or was already shut down).
+    #[error("subscriber runtime: {0}")]
+    Runtime(String),
+
     /// A failure injected on purpose by a test double (for example `FakeBroker`'s fault
     /// injection).
     #[error("injected fault: {0}")]

@@ -8,6 +8,7 @@
 //! - [`Backend`]: publish, fetch, and fenced outcomes (ack, retry, dead-letter, renew, release).
 //! - [`PgBackend`]: the Postgres implementation; [`Engine`]: its dedicated connections.
 //! - [`RetryPolicy`] and [`HandlerError`]: how failures become delays or dead letters.
+//! - [`Subscriber`]: the runtime that consumes queues with a [`Handler`].
 //! - [`TableName`]: a validated outbox table name and every identifier derived from it.
 //! - [`Error`]: everything that can go wrong.
 //!
@@ -23,6 +24,7 @@ mod error;
 mod message;
 mod pg;
 mod retry;
+mod runtime;
 mod table;
 
 pub use backend::{
@@ -32,9 +34,15 @@ pub use error::{Error, Result, SchemaProblems};
 pub use message::{
     Availability, Delivery, Headers, Lease, MAX_QUEUE_LEN, Message, MessageId, validate_queue,
 };
-pub use pg::{Engine, PgBackend, SCHEMA_VERSION, ddl};
+pub use pg::{
+    Engine, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME, PgBackend, SCHEMA_VERSION, ddl,
+};
 pub use retry::{
     Backoff, HandlerError, HandlerErrorKind, RetryDecision, RetryPolicy, RetryPredicate,
+};
+pub use runtime::{
+    Handler, HandlerFuture, Outcome, ShutdownReport, Stats, Subscriber, SubscriberEvent,
+    SubscriberHandle, SubscriberOptions,
 };
 pub use table::{MAX_IDENTIFIER_LEN, TableName};
 

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection};
 
 use super::Inner;
@@ -12,6 +12,12 @@ use crate::backend::FetchParams;
 use crate::error::Result;
 use crate::message::Delivery;
 use crate::table::TableName;
+
+/// `application_name` of the subscriber runtime's fetch connection.
+pub const FETCH_APPLICATION_NAME: &str = "postbox.fetch";
+
+/// `application_name` of the subscriber runtime's LISTEN connection.
+pub const LISTEN_APPLICATION_NAME: &str = "postbox.listen";
 
 /// The Postgres engine of a [`PgBackend`](crate::PgBackend), returned by
 /// [`Backend::engine`](crate::Backend::engine).
@@ -39,15 +45,21 @@ impl Engine {
 
     /// Opens a dedicated connection, outside the pool, for [`fetch`](Self::fetch).
     ///
+    /// It uses the pool's connect options with `application_name` set to
+    /// [`FETCH_APPLICATION_NAME`], so it is easy to spot in `pg_stat_activity`.
+    ///
     /// # Errors
     ///
     /// [`Error::Database`](crate::Error::Database) if the server cannot be reached.
     pub async fn connect(&self) -> Result<PgConnection> {
-        Ok(self.inner.pool.connect_options().connect().await?)
+        let options = (*self.inner.pool.connect_options())
+            .clone()
+            .application_name(FETCH_APPLICATION_NAME);
+        Ok(options.connect().await?)
     }
 
     /// Opens a dedicated LISTEN connection, outside the pool, already listening on
-    /// [`channel`](Self::channel).
+    /// [`channel`](Self::channel), with `application_name` [`LISTEN_APPLICATION_NAME`].
     ///
     /// Notifications sent while it is disconnected are lost (sqlx's `recv` reconnects
     /// quietly; `try_recv` reports the loss as `Ok(None)`): fetch after every (re)connect.
@@ -57,7 +69,21 @@ impl Engine {
     /// [`Error::Database`](crate::Error::Database) if the server cannot be reached or refuses
     /// LISTEN (some poolers do).
     pub async fn listener(&self) -> Result<PgListener> {
-        let mut listener = PgListener::connect_with(&self.inner.pool).await?;
+        #[cfg(feature = "test-util")]
+        if self.inner.take_listen_fault() {
+            return Err(crate::Error::Injected("LISTEN refused (test fault)".into()));
+        }
+        let options = (*self.inner.pool.connect_options())
+            .clone()
+            .application_name(LISTEN_APPLICATION_NAME);
+        // A private one-connection pool: the listener reconnects through it, never through
+        // (and never starving) the application's pool.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(self.inner.pool.options().get_acquire_timeout())
+            .connect_lazy_with(options);
+        let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen(&self.channel()).await?;
         Ok(listener)
     }

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
-pub use engine::Engine;
+pub use engine::{Engine, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME};
 pub use schema::{SCHEMA_VERSION, ddl};
 use statements::Statements;
 
@@ -65,9 +65,20 @@ pub(crate) struct Inner {
     pub(crate) table: TableName,
     pub(crate) sql: Statements,
     now: parking_lot::RwLock<Option<DateTime<Utc>>>,
+    #[cfg(feature = "test-util")]
+    listen_faults: std::sync::atomic::AtomicU32,
 }
 
 impl Inner {
+    /// Consumes one injected LISTEN failure, if any are left.
+    #[cfg(feature = "test-util")]
+    pub(crate) fn take_listen_fault(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.listen_faults
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     /// The clock to bind: `None` means the database's `now()`.
     pub(crate) fn now(&self) -> Option<DateTime<Utc>> {
         *self.now.read()
@@ -89,6 +100,8 @@ impl PgBackend {
                     pool,
                     table,
                     now: parking_lot::RwLock::new(None),
+                    #[cfg(feature = "test-util")]
+                    listen_faults: std::sync::atomic::AtomicU32::new(0),
                 }),
             },
         }
@@ -149,6 +162,18 @@ impl PgBackend {
     pub fn set_now(&self, now: Option<DateTime<Utc>>) {
         *self.engine.inner.now.write() = now;
     }
+
+    /// Makes the next `n` calls of [`Engine::listener`] fail, as if the server (or a pooler)
+    /// refused LISTEN.
+    ///
+    /// **Feature:** `test-util`.
+    #[cfg(feature = "test-util")]
+    pub fn fail_next_listens(&self, n: u32) {
+        self.engine
+            .inner
+            .listen_faults
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl fmt::Debug for PgBackend {
@@ -171,6 +196,10 @@ impl Backend for PgBackend {
 
     fn engine(&self) -> Option<&Engine> {
         Some(&self.engine)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.shared().pool.is_closed()
     }
 
     async fn begin(&self) -> Result<Self::Tx> {

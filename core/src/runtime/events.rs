@@ -1,0 +1,145 @@
+//! What a running subscriber reports: events to wait on, and counters to read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::message::MessageId;
+
+/// Something that happened in a subscriber, in order. Receive them with
+/// [`SubscriberHandle::events`](crate::SubscriberHandle::events): tests wait on them instead of
+/// sleeping, and they make a cheap metrics hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SubscriberEvent {
+    /// The loop started.
+    Started,
+    /// The fetch connection (re)connected; `backend_pid` is its server process id.
+    FetchConnected {
+        /// `pg_backend_pid()` of the fetch connection.
+        backend_pid: i32,
+    },
+    /// A fetch leased `n` messages (`n > 0`).
+    Fetched {
+        /// How many.
+        n: usize,
+    },
+    /// A fetch found nothing; the loop waits for a notification or the next poll.
+    Idle,
+    /// A message's outcome was recorded.
+    Handled {
+        /// The message.
+        id: MessageId,
+        /// What happened to it.
+        outcome: Outcome,
+    },
+    /// Leases of running or waiting messages were renewed.
+    LeasesRenewed {
+        /// How many.
+        n: usize,
+    },
+    /// LISTEN is unavailable or its connection was lost; the loop polls meanwhile.
+    ListenerLost {
+        /// Why.
+        error: String,
+    },
+    /// LISTEN works again; the loop fetched at once to catch notifications it missed.
+    ListenerRestored,
+    /// A database error; the loop closes its connections and waits this long.
+    BackoffStarted {
+        /// The wait.
+        delay: Duration,
+        /// The error.
+        error: String,
+    },
+    /// Shutdown gave unstarted messages back.
+    Released {
+        /// How many.
+        n: usize,
+    },
+    /// The loop stopped.
+    Stopped,
+}
+
+/// The outcome of one handled message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Acked (deleted).
+    Acked,
+    /// Scheduled for another attempt.
+    Retried {
+        /// After this delay.
+        delay: Duration,
+    },
+    /// Moved to the dead-letter table.
+    DeadLettered {
+        /// Why.
+        reason: String,
+    },
+    /// The lease was lost before the outcome was written: nothing changed, and the message
+    /// is (or will be) delivered again.
+    LeaseLost,
+}
+
+/// Counters of a subscriber, read with [`SubscriberHandle::stats`](crate::SubscriberHandle::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Messages leased by fetches.
+    pub fetched: u64,
+    /// Fetch statements run (including empty ones).
+    pub fetches: u64,
+    /// Messages acked.
+    pub acked: u64,
+    /// Ack statements run (one per message, or one per group with batched acks).
+    pub ack_statements: u64,
+    /// Messages scheduled for retry.
+    pub retried: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Outcomes that found their lease lost.
+    pub lease_lost: u64,
+    /// Unstarted messages released at shutdown.
+    pub released: u64,
+    /// Handlers that panicked.
+    pub panics: u64,
+    /// Database errors seen by the loop.
+    pub errors: u64,
+}
+
+/// The live counters behind [`Stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) fetched: AtomicU64,
+    pub(crate) fetches: AtomicU64,
+    pub(crate) acked: AtomicU64,
+    pub(crate) ack_statements: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) lease_lost: AtomicU64,
+    pub(crate) released: AtomicU64,
+    pub(crate) panics: AtomicU64,
+    pub(crate) errors: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            fetched: get(&self.fetched),
+            fetches: get(&self.fetches),
+            acked: get(&self.acked),
+            ack_statements: get(&self.ack_statements),
+            retried: get(&self.retried),
+            dead_lettered: get(&self.dead_lettered),
+            lease_lost: get(&self.lease_lost),
+            released: get(&self.released),
+            panics: get(&self.panics),
+            errors: get(&self.errors),
+        }
+    }
+}

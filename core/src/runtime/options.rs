@@ -1,0 +1,240 @@
+//! Subscriber settings.
+
+use std::time::Duration;
+
+use crate::backend::{DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT};
+use crate::error::{Error, Result};
+use crate::message::validate_queue;
+use crate::retry::RetryPolicy;
+
+/// Settings of a [`Subscriber`](crate::Subscriber). Setters consume and return `self`; every
+/// setter names its default. Cross-field checks happen in
+/// [`Subscriber::new`](crate::Subscriber::new).
+///
+/// ```
+/// use std::time::Duration;
+/// use postbox_core::{RetryPolicy, SubscriberOptions};
+///
+/// let options = SubscriberOptions::new(["emails", "sms"])
+///     .max_workers(32)
+///     .prefetch(32)
+///     .lease_ttl(Duration::from_secs(60))
+///     .retry_policy(RetryPolicy::exponential(Duration::from_secs(2), 2.0, Duration::from_secs(600)))
+///     .max_deliveries(20);
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone)]
+pub struct SubscriberOptions {
+    pub(crate) queues: Vec<String>,
+    pub(crate) max_workers: usize,
+    pub(crate) prefetch: usize,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) min_fetch_interval: Duration,
+    pub(crate) max_fetch_interval: Duration,
+    pub(crate) retry_policy: RetryPolicy,
+    pub(crate) max_deliveries: Option<u32>,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) batch_acks: bool,
+    pub(crate) listen_retry_interval: Duration,
+    pub(crate) listener_check_interval: Duration,
+    pub(crate) error_backoff_min: Duration,
+    pub(crate) error_backoff_max: Duration,
+}
+
+impl SubscriberOptions {
+    /// Options for consuming `queues`, with every other setting at its default.
+    pub fn new<Q: Into<String>>(queues: impl IntoIterator<Item = Q>) -> Self {
+        SubscriberOptions {
+            queues: queues.into_iter().map(Into::into).collect(),
+            max_workers: 16,
+            prefetch: 16,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            min_fetch_interval: Duration::from_secs(1),
+            max_fetch_interval: Duration::from_secs(10),
+            retry_policy: RetryPolicy::default(),
+            max_deliveries: None,
+            shutdown_timeout: Duration::from_secs(30),
+            batch_acks: true,
+            listen_retry_interval: Duration::from_secs(5),
+            listener_check_interval: Duration::from_secs(30),
+            error_backoff_min: Duration::from_millis(100),
+            error_backoff_max: Duration::from_secs(30),
+        }
+    }
+
+    /// How many handlers run at once. Defaults to 16.
+    #[must_use]
+    pub fn max_workers(mut self, n: usize) -> Self {
+        self.max_workers = n;
+        self
+    }
+
+    /// How many fetched messages may wait for a free worker. Their lease clock is ticking
+    /// while they wait (the runtime renews it), so keep this small; larger values fetch in
+    /// bigger batches. Defaults to 16.
+    #[must_use]
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = n;
+        self
+    }
+
+    /// How long a fetched message stays leased without an outcome or a renewal. The runtime
+    /// renews leases of running and waiting messages every third of this. Defaults to 30 s.
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// The first idle polling interval: after a fetch that found nothing, the next poll waits
+    /// this long, then twice as long, up to [`max_fetch_interval`](Self::max_fetch_interval),
+    /// with jitter. A fetched message resets it; a notification short-circuits the wait.
+    /// Defaults to 1 s.
+    #[must_use]
+    pub fn min_fetch_interval(mut self, interval: Duration) -> Self {
+        self.min_fetch_interval = interval;
+        self
+    }
+
+    /// The longest idle polling interval (the pick-up latency without LISTEN). Defaults to
+    /// 10 s.
+    #[must_use]
+    pub fn max_fetch_interval(mut self, interval: Duration) -> Self {
+        self.max_fetch_interval = interval;
+        self
+    }
+
+    /// What to do with failed messages. Defaults to [`RetryPolicy::default`] (exponential,
+    /// 1 s doubling to 300 s, 10 attempts).
+    #[must_use]
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry_policy = policy;
+        self
+    }
+
+    /// Dead-letters a message leased this many times without an outcome (a handler that
+    /// crashes its process every time). Defaults to no limit.
+    #[must_use]
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = Some(n);
+        self
+    }
+
+    /// How long [`shutdown`](crate::SubscriberHandle::shutdown) waits for running handlers
+    /// before abandoning them (their messages stay leased and are redelivered after
+    /// `lease_ttl`). Defaults to 30 s.
+    #[must_use]
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Acks successes together in one statement per group of completions (`true`), or one
+    /// statement per message (`false`). Defaults to `true`.
+    #[must_use]
+    pub fn batch_acks(mut self, batch: bool) -> Self {
+        self.batch_acks = batch;
+        self
+    }
+
+    /// How often to retry LISTEN after it could not be set up. Defaults to 5 s.
+    #[must_use]
+    pub fn listen_retry_interval(mut self, interval: Duration) -> Self {
+        self.listen_retry_interval = interval;
+        self
+    }
+
+    /// How often to check that an otherwise silent LISTEN connection is alive (a dead socket
+    /// can look like a quiet one). Defaults to 30 s.
+    #[must_use]
+    pub fn listener_check_interval(mut self, interval: Duration) -> Self {
+        self.listener_check_interval = interval;
+        self
+    }
+
+    /// The backoff after a database error: starts at `min`, doubles up to `max`, with jitter;
+    /// reset by the next successful fetch. Defaults to 100 ms and 30 s.
+    #[must_use]
+    pub fn error_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.error_backoff_min = min;
+        self.error_backoff_max = max;
+        self
+    }
+
+    /// The most messages one fetch asks for: every worker busy plus a full prefetch buffer.
+    pub(crate) fn capacity(&self) -> usize {
+        self.max_workers + self.prefetch
+    }
+
+    /// Checks every field and the relations between them.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let invalid = |msg: String| Err(Error::InvalidArgument(msg));
+        if self.queues.is_empty() {
+            return invalid("a subscriber needs at least one queue".into());
+        }
+        self.queues.iter().try_for_each(|q| validate_queue(q))?;
+        if self.max_workers == 0 {
+            return invalid("max_workers must be at least 1".into());
+        }
+        if self.capacity() > MAX_FETCH_LIMIT as usize {
+            return invalid(format!(
+                "max_workers + prefetch must be at most {MAX_FETCH_LIMIT}"
+            ));
+        }
+        if self.lease_ttl < Duration::from_millis(100) {
+            return invalid(format!(
+                "lease_ttl must be at least 100 ms, got {:?}",
+                self.lease_ttl
+            ));
+        }
+        if self.min_fetch_interval.is_zero()
+            || self.min_fetch_interval > self.max_fetch_interval
+        {
+            return invalid(format!(
+                "need 0 < min_fetch_interval <= max_fetch_interval, got {:?} and {:?}",
+                self.min_fetch_interval, self.max_fetch_interval
+            ));
+        }
+        if self.error_backoff_min.is_zero() || self.error_backoff_min > self.error_backoff_max {
+            return invalid("need 0 < error backoff min <= max".into());
+        }
+        if self.max_deliveries == Some(0) {
+            return invalid("max_deliveries must be at least 1".into());
+        }
+        if self.listen_retry_interval.is_zero() || self.listener_check_interval.is_zero() {
+            return invalid("listener intervals must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert!(SubscriberOptions::new(["q"]).validate().is_ok());
+    }
+
+    #[test]
+    fn invalid_combinations_are_refused() {
+        let none: [&str; 0] = [];
+        let bad = [
+            SubscriberOptions::new(none),
+            SubscriberOptions::new([""]),
+            SubscriberOptions::new(["q"]).max_workers(0),
+            SubscriberOptions::new(["q"]).max_workers(9_000).prefetch(2_000),
+            SubscriberOptions::new(["q"]).lease_ttl(Duration::from_millis(10)),
+            SubscriberOptions::new(["q"])
+                .min_fetch_interval(Duration::from_secs(5))
+                .max_fetch_interval(Duration::from_secs(1)),
+            SubscriberOptions::new(["q"]).min_fetch_interval(Duration::ZERO),
+            SubscriberOptions::new(["q"]).max_deliveries(0),
+            SubscriberOptions::new(["q"]).error_backoff(Duration::from_secs(2), Duration::from_secs(1)),
+        ];
+        for options in bad {
+            assert!(options.validate().is_err(), "{options:?}");
+        }
+    }
+}

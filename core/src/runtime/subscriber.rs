@@ -1,0 +1,227 @@
+//! The public face of the runtime: [`Subscriber`] and its [`SubscriberHandle`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+use super::events::{Counters, Stats, SubscriberEvent};
+use super::handler::Handler;
+use super::options::SubscriberOptions;
+use super::supervisor::Supervisor;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+
+/// How many events a slow [`events`](SubscriberHandle::events) receiver may lag behind before
+/// it misses some (it then gets `RecvError::Lagged`).
+const EVENT_CAPACITY: usize = 4096;
+
+/// State shared by a running subscriber and its handle.
+pub(crate) struct Shared {
+    pub(crate) counters: Counters,
+    pub(crate) events: broadcast::Sender<SubscriberEvent>,
+    pub(crate) running: AtomicBool,
+    pub(crate) last_error: parking_lot::Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub(crate) fn emit(&self, event: SubscriberEvent) {
+        // No receiver is fine: events are optional.
+        let _ = self.events.send(event);
+    }
+
+    pub(crate) fn record_error(&self, error: &Error) {
+        Counters::add(&self.counters.errors, 1);
+        *self.last_error.lock() = Some(error.to_string());
+    }
+}
+
+/// A consumer of one or more queues: fetches, runs a [`Handler`] per message on up to
+/// `max_workers` tasks, and records each outcome.
+///
+/// Generic over the [`Backend`]. With an [engine](Backend::engine) (Postgres), it keeps one
+/// dedicated fetch connection and one dedicated LISTEN connection, both outside your pool, and
+/// a notification for one of its queues wakes it at once. Without one (the in-memory fake), it
+/// polls and opens nothing.
+///
+/// # Delivery contract
+///
+/// At least once, with idempotent handlers: a message is acked only after its handler returned
+/// `Ok`, and a message whose outcome was never recorded (crash, lost connection, abandoned at
+/// shutdown) is delivered again once its lease expires. Outcomes are fenced: after a lost
+/// lease, this subscriber's ack changes nothing (counted in [`Stats::lease_lost`]).
+///
+/// # Pool sizing
+///
+/// Each running subscriber holds **two connections outside the pool** (fetch and LISTEN; only
+/// the fetch one without LISTEN) and uses the pool for outcome writes: one statement at a
+/// time per subscriber, plus lease renewals. A pool of 2-4 connections per subscriber in the
+/// process, on top of what your request handlers need, is plenty. Count the two dedicated
+/// connections per subscriber against the server's `max_connections`.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn run(pool: sqlx::PgPool) -> Result<(), postbox_core::Error> {
+/// use postbox_core::{Delivery, HandlerError, PgBackend, Subscriber, SubscriberOptions};
+///
+/// let handle = Subscriber::new(
+///     PgBackend::new(pool),
+///     SubscriberOptions::new(["emails"]).max_workers(8),
+///     |delivery: Delivery| async move {
+///         println!("sending {:?}", delivery.payload);
+///         Ok::<(), HandlerError>(())
+///     },
+/// )?
+/// .spawn();
+/// // ... later, e.g. on SIGTERM:
+/// let report = handle.shutdown().await?;
+/// println!("{report:?}");
+/// # Ok(()) }
+/// ```
+pub struct Subscriber<B: Backend> {
+    backend: Arc<B>,
+    options: SubscriberOptions,
+    handler: Arc<dyn Handler>,
+}
+
+impl<B: Backend> Subscriber<B> {
+    /// A subscriber of `backend` running `handler`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] or [`Error::InvalidQueue`] when the options do not add up
+    /// (no queue, zero workers, a minimum interval above the maximum, ...).
+    pub fn new(backend: B, options: SubscriberOptions, handler: impl Handler) -> Result<Self> {
+        options.validate()?;
+        Ok(Subscriber {
+            backend: Arc::new(backend),
+            options,
+            handler: Arc::new(handler),
+        })
+    }
+
+    /// Starts the subscriber on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn spawn(self) -> SubscriberHandle {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            counters: Counters::default(),
+            events: broadcast::channel(EVENT_CAPACITY).0,
+            running: AtomicBool::new(true),
+            last_error: parking_lot::Mutex::new(None),
+        });
+        let supervisor = Supervisor::new(
+            self.backend,
+            self.options,
+            self.handler,
+            Arc::clone(&shared),
+            stop_rx,
+        );
+        // Receivers created before the task starts see every event, `Started` included.
+        let first_events = shared.events.subscribe();
+        let task = tokio::spawn(supervisor.run());
+        SubscriberHandle {
+            stop: stop_tx,
+            task: Some(task),
+            shared,
+            first_events: parking_lot::Mutex::new(Some(first_events)),
+        }
+    }
+}
+
+impl<B: Backend> fmt::Debug for Subscriber<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Controls a running [`Subscriber`].
+///
+/// Dropping the handle asks the subscriber to shut down (gracefully, in the background); call
+/// [`shutdown`](Self::shutdown) to wait for it.
+pub struct SubscriberHandle {
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<ShutdownReport>>,
+    shared: Arc<Shared>,
+    first_events: parking_lot::Mutex<Option<broadcast::Receiver<SubscriberEvent>>>,
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Fetched messages that had not started, given back at once.
+    pub released: usize,
+    /// Handlers still running at the shutdown timeout; their messages stay leased and are
+    /// delivered again after `lease_ttl`.
+    pub abandoned: usize,
+    /// The final counters.
+    pub stats: Stats,
+}
+
+impl SubscriberHandle {
+    /// Stops fetching, gives back fetched messages that have not started, waits for running
+    /// handlers up to the shutdown timeout and records their outcomes, then closes the
+    /// subscriber's connections. No unprocessed message is deleted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Runtime`] if the subscriber task panicked.
+    pub async fn shutdown(mut self) -> Result<ShutdownReport> {
+        let _ = self.stop.send(true);
+        match self.task.take() {
+            Some(task) => task
+                .await
+                .map_err(|e| Error::Runtime(format!("subscriber task failed: {e}"))),
+            None => Err(Error::Runtime("subscriber already shut down".into())),
+        }
+    }
+
+    /// Whether the subscriber loop is running (false once it stopped, for a shutdown or
+    /// because its backend was closed).
+    pub fn is_running(&self) -> bool {
+        self.shared.running.load(Ordering::SeqCst)
+    }
+
+    /// The last error the loop saw, if any (it keeps running through errors).
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.last_error.lock().clone()
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.snapshot()
+    }
+
+    /// A receiver of the subscriber's events. The first call gets every event since
+    /// [`spawn`](Subscriber::spawn), later calls the events from now on.
+    pub fn events(&self) -> broadcast::Receiver<SubscriberEvent> {
+        self.first_events
+            .lock()
+            .take()
+            .unwrap_or_else(|| self.shared.events.subscribe())
+    }
+}
+
+impl Drop for SubscriberHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl fmt::Debug for SubscriberHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriberHandle")
+            .field("running", &self.is_running())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}

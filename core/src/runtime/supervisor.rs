@@ -1,0 +1,503 @@
+//! The fetch loop: fetch, dispatch to workers, record outcomes, renew leases, back off,
+//! shut down. One task per subscriber owns all of this state, so nothing here needs a lock.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgConnection;
+use tokio::sync::{Notify, watch};
+use tokio::task::{Id, JoinError, JoinSet};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::Instrument;
+
+use super::backoff::Backoff;
+use super::events::{Counters, Outcome, SubscriberEvent};
+use super::handler::Handler;
+use super::listener::ListenTask;
+use super::options::SubscriberOptions;
+use super::subscriber::{ShutdownReport, Shared};
+use crate::backend::{Backend, FailOutcome, FetchParams};
+use crate::error::{Error, Result};
+use crate::message::{Delivery, Lease, MessageId};
+use crate::retry::HandlerError;
+
+type Done = std::result::Result<(Id, std::result::Result<(), HandlerError>), JoinError>;
+
+pub(crate) struct Supervisor<B: Backend> {
+    backend: Arc<B>,
+    options: SubscriberOptions,
+    handler: Arc<dyn Handler>,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    stopping: bool,
+    /// Wake-ups from the LISTEN task (a permit is kept, so none is lost).
+    wake: Arc<Notify>,
+    /// Asks the LISTEN task to reconnect after a database error.
+    reset_listener: Arc<Notify>,
+    /// The persistent fetch connection (engine only).
+    conn: Option<PgConnection>,
+    workers: JoinSet<std::result::Result<(), HandlerError>>,
+    running: HashMap<Id, Delivery>,
+    waiting: VecDeque<Delivery>,
+    /// Every message this subscriber holds a lease on, with its last renewal.
+    held: HashMap<MessageId, (Lease, Instant)>,
+    pending_acks: Vec<Lease>,
+    pending_failures: Vec<(Delivery, HandlerError)>,
+    idle: Backoff,
+    errors: Backoff,
+    next_fetch: Instant,
+    backoff_until: Instant,
+}
+
+impl<B: Backend> Supervisor<B> {
+    pub(crate) fn new(
+        backend: Arc<B>,
+        options: SubscriberOptions,
+        handler: Arc<dyn Handler>,
+        shared: Arc<Shared>,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        let now = Instant::now();
+        Supervisor {
+            idle: Backoff::new(options.min_fetch_interval, options.max_fetch_interval),
+            errors: Backoff::new(options.error_backoff_min, options.error_backoff_max),
+            backend,
+            options,
+            handler,
+            shared,
+            stop,
+            stopping: false,
+            wake: Arc::new(Notify::new()),
+            reset_listener: Arc::new(Notify::new()),
+            conn: None,
+            workers: JoinSet::new(),
+            running: HashMap::new(),
+            waiting: VecDeque::new(),
+            held: HashMap::new(),
+            pending_acks: Vec::new(),
+            pending_failures: Vec::new(),
+            next_fetch: now,
+            backoff_until: now,
+        }
+    }
+
+    pub(crate) async fn run(mut self) -> ShutdownReport {
+        let span = tracing::info_span!("postbox.subscriber", table = %self.backend.table(), queues = ?self.options.queues);
+        async move {
+            self.shared.emit(SubscriberEvent::Started);
+            let listener = self.spawn_listener();
+            self.fetch_loop().await;
+            let report = self.shut_down().await;
+            if let Some(task) = listener {
+                let _ = task.await;
+            }
+            self.shared.running.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.shared.emit(SubscriberEvent::Stopped);
+            tracing::info!(target: "postbox", released = report.released, abandoned = report.abandoned, "postbox.subscriber: stopped");
+            report
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn spawn_listener(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let engine = self.backend.engine()?.clone();
+        let task = ListenTask {
+            engine,
+            queues: self.options.queues.iter().cloned().collect::<HashSet<_>>(),
+            wake: Arc::clone(&self.wake),
+            reset: Arc::clone(&self.reset_listener),
+            stop: self.stop.clone(),
+            shared: Arc::clone(&self.shared),
+            retry_interval: self.options.listen_retry_interval,
+            check_interval: self.options.listener_check_interval,
+        };
+        let span = tracing::info_span!("postbox.listen");
+        Some(tokio::spawn(task.run().instrument(span)))
+    }
+
+    async fn fetch_loop(&mut self) {
+        let renew_every = self.options.lease_ttl / 3;
+        let mut renew = tokio::time::interval((renew_every / 2).max(Duration::from_millis(10)));
+        renew.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            if self.stopping || *self.stop.borrow() {
+                return;
+            }
+            if self.backend.is_closed() {
+                *self.shared.last_error.lock() = Some("backend closed".into());
+                tracing::warn!(target: "postbox", "postbox.subscriber: backend closed, stopping");
+                return;
+            }
+            self.flush_outcomes().await;
+            let capacity = self.capacity();
+            if capacity > 0 && Instant::now() >= self.next_fetch {
+                self.fetch(capacity).await;
+                self.dispatch();
+                continue;
+            }
+            let next_fetch = self.next_fetch;
+            tokio::select! {
+                biased;
+                changed = self.stop.changed() => {
+                    if changed.is_err() {
+                        self.stopping = true;
+                    }
+                }
+                _ = renew.tick() => self.renew(renew_every).await,
+                Some(done) = self.workers.join_next_with_id(), if !self.workers.is_empty() => {
+                    self.completed(done);
+                    self.dispatch();
+                }
+                _ = self.wake.notified() => {
+                    self.idle.reset();
+                    self.next_fetch = self.backoff_until.max(Instant::now());
+                }
+                _ = tokio::time::sleep_until(next_fetch), if capacity > 0 => {}
+            }
+        }
+    }
+
+    /// Free room for fetched messages: running plus waiting stays within
+    /// `max_workers + prefetch`.
+    fn capacity(&self) -> usize {
+        self.options
+            .capacity()
+            .saturating_sub(self.running.len() + self.waiting.len())
+    }
+
+    async fn fetch(&mut self, capacity: usize) {
+        let mut params = FetchParams::new(
+            self.options.queues.iter().cloned(),
+            u32::try_from(capacity).unwrap_or(u32::MAX),
+        )
+        .lease_ttl(self.options.lease_ttl);
+        if let Some(n) = self.options.max_deliveries {
+            params = params.max_deliveries(n);
+        }
+        let started = std::time::Instant::now();
+        let result = self.fetch_once(&params).await;
+        Counters::add(&self.shared.counters.fetches, 1);
+        match result {
+            Ok(deliveries) => {
+                self.errors.reset();
+                let n = deliveries.len();
+                let now = Instant::now();
+                if n == 0 {
+                    self.shared.emit(SubscriberEvent::Idle);
+                    self.next_fetch = now + self.idle.next();
+                    return;
+                }
+                tracing::debug!(target: "postbox", rows = n, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "postbox.fetch");
+                Counters::add(&self.shared.counters.fetched, n as u64);
+                self.shared.emit(SubscriberEvent::Fetched { n });
+                self.idle.reset();
+                // A full batch suggests more are ready: fetch again as soon as there is room.
+                // A partial one drained the queue: wait for a notification or the next poll.
+                self.next_fetch = if n == capacity {
+                    now
+                } else {
+                    now + self.idle.next()
+                };
+                for d in deliveries {
+                    self.held.insert(d.id, (d.lease(), now));
+                    self.waiting.push_back(d);
+                }
+            }
+            Err(error) => self.database_error(&error),
+        }
+    }
+
+    async fn fetch_once(&mut self, params: &FetchParams) -> Result<Vec<Delivery>> {
+        let Some(engine) = self.backend.engine() else {
+            return self.backend.fetch(params).await;
+        };
+        if self.conn.is_none() {
+            let mut conn = engine.connect().await?;
+            let backend_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut conn)
+                .await?;
+            tracing::debug!(target: "postbox", backend_pid, "postbox.fetch: connected");
+            self.shared
+                .emit(SubscriberEvent::FetchConnected { backend_pid });
+            self.conn = Some(conn);
+        }
+        match self.conn.as_mut() {
+            Some(conn) => engine.fetch(conn, params).await,
+            None => Err(Error::Runtime("fetch connection missing".into())),
+        }
+    }
+
+    /// Closes both connections and backs off.
+    fn database_error(&mut self, error: &Error) {
+        self.shared.record_error(error);
+        self.conn = None;
+        self.reset_listener.notify_one();
+        let delay = self.errors.next();
+        let now = Instant::now();
+        self.backoff_until = now + delay;
+        self.next_fetch = self.backoff_until;
+        tracing::warn!(target: "postbox", %error, delay_ms = delay.as_millis() as u64, "postbox.subscriber: database error, backing off");
+        self.shared.emit(SubscriberEvent::BackoffStarted {
+            delay,
+            error: error.to_string(),
+        });
+    }
+
+    /// Starts waiting messages while workers are free.
+    fn dispatch(&mut self) {
+        while self.running.len() < self.options.max_workers {
+            let Some(delivery) = self.waiting.pop_front() else {
+                return;
+            };
+            let span = tracing::debug_span!(
+                "postbox.handle",
+                queue = %delivery.queue,
+                message_id = delivery.id,
+                attempt = delivery.attempts + 1,
+            );
+            let handler = Arc::clone(&self.handler);
+            let input = delivery.clone();
+            // A handler that panics while building its future is caught like one that panics
+            // while running it.
+            let future = async move {
+                match std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(input))) {
+                    Ok(future) => future.await,
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            };
+            let task = self.workers.spawn(future.instrument(span));
+            self.running.insert(task.id(), delivery);
+        }
+    }
+
+    /// Records a finished handler, and every other one already finished, for one flush.
+    fn completed(&mut self, first: Done) {
+        self.take_done(first);
+        while let Some(done) = self.workers.try_join_next_with_id() {
+            self.take_done(done);
+        }
+    }
+
+    fn take_done(&mut self, done: Done) {
+        match done {
+            Ok((id, result)) => {
+                let Some(delivery) = self.running.remove(&id) else {
+                    return;
+                };
+                match result {
+                    Ok(()) => self.pending_acks.push(delivery.lease()),
+                    Err(error) => self.pending_failures.push((delivery, error)),
+                }
+            }
+            Err(join) => {
+                let Some(delivery) = self.running.remove(&join.id()) else {
+                    return;
+                };
+                if join.is_panic() {
+                    Counters::add(&self.shared.counters.panics, 1);
+                    let message = panic_message(join);
+                    tracing::warn!(target: "postbox", message_id = delivery.id, %message, "postbox.handle: handler panicked");
+                    let error = HandlerError::retry(format!("handler panicked: {message}"));
+                    self.pending_failures.push((delivery, error));
+                } else {
+                    // Cancelled (abandoned at shutdown): the lease stays and expires.
+                    self.held.remove(&delivery.id);
+                }
+            }
+        }
+    }
+
+    /// Writes the outcomes collected so far. On a database error they stay pending and are
+    /// retried at the next turn; if that never succeeds, their leases expire and the messages
+    /// are delivered again (at least once).
+    async fn flush_outcomes(&mut self) {
+        if !self.pending_acks.is_empty() {
+            let leases = std::mem::take(&mut self.pending_acks);
+            if let Err((error, unwritten)) = self.write_acks(leases).await {
+                self.shared.record_error(&error);
+                self.pending_acks = unwritten;
+            }
+        }
+        while let Some((delivery, error)) = self.pending_failures.pop() {
+            match self
+                .backend
+                .fail(&delivery, &error, &self.options.retry_policy)
+                .await
+            {
+                Ok(outcome) => {
+                    self.held.remove(&delivery.id);
+                    let outcome = match outcome {
+                        FailOutcome::Retried { delay } => {
+                            Counters::add(&self.shared.counters.retried, 1);
+                            Outcome::Retried { delay }
+                        }
+                        FailOutcome::DeadLettered { reason } => {
+                            Counters::add(&self.shared.counters.dead_lettered, 1);
+                            Outcome::DeadLettered { reason }
+                        }
+                        FailOutcome::LeaseLost => {
+                            Counters::add(&self.shared.counters.lease_lost, 1);
+                            Outcome::LeaseLost
+                        }
+                    };
+                    tracing::debug!(target: "postbox", message_id = delivery.id, ?outcome, "postbox.outcome");
+                    self.shared.emit(SubscriberEvent::Handled {
+                        id: delivery.id,
+                        outcome,
+                    });
+                }
+                Err(db) => {
+                    self.shared.record_error(&db);
+                    self.pending_failures.push((delivery, error));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Acks `leases`, in one statement or one per message. On error, returns the leases not
+    /// yet written.
+    async fn write_acks(
+        &mut self,
+        leases: Vec<Lease>,
+    ) -> std::result::Result<(), (Error, Vec<Lease>)> {
+        let acked: HashSet<MessageId> = if self.options.batch_acks {
+            Counters::add(&self.shared.counters.ack_statements, 1);
+            match self.backend.ack_batch(&leases).await {
+                Ok(ids) => ids.into_iter().collect(),
+                Err(e) => return Err((e, leases)),
+            }
+        } else {
+            let mut acked = HashSet::new();
+            for (i, lease) in leases.iter().enumerate() {
+                Counters::add(&self.shared.counters.ack_statements, 1);
+                match self.backend.ack(*lease).await {
+                    Ok(true) => {
+                        acked.insert(lease.id);
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.settled_acks(&leases[..i], &acked);
+                        return Err((e, leases[i..].to_vec()));
+                    }
+                }
+            }
+            acked
+        };
+        self.settled_acks(&leases, &acked);
+        Ok(())
+    }
+
+    fn settled_acks(&mut self, leases: &[Lease], acked: &HashSet<MessageId>) {
+        for lease in leases {
+            self.held.remove(&lease.id);
+            let outcome = if acked.contains(&lease.id) {
+                Counters::add(&self.shared.counters.acked, 1);
+                Outcome::Acked
+            } else {
+                Counters::add(&self.shared.counters.lease_lost, 1);
+                Outcome::LeaseLost
+            };
+            self.shared.emit(SubscriberEvent::Handled {
+                id: lease.id,
+                outcome,
+            });
+        }
+    }
+
+    /// Renews leases older than `every`. A lease found lost is dropped from the waiting
+    /// queue (never started); a running handler finishes and its outcome reports the loss.
+    async fn renew(&mut self, every: Duration) {
+        let now = Instant::now();
+        let due: Vec<Lease> = self
+            .held
+            .values()
+            .filter(|(_, last)| now.duration_since(*last) >= every)
+            .map(|(lease, _)| *lease)
+            .collect();
+        let mut renewed = 0;
+        for lease in due {
+            match self.backend.renew_lease(lease).await {
+                Ok(true) => {
+                    renewed += 1;
+                    if let Some(entry) = self.held.get_mut(&lease.id) {
+                        entry.1 = now;
+                    }
+                }
+                Ok(false) => {
+                    Counters::add(&self.shared.counters.lease_lost, 1);
+                    self.held.remove(&lease.id);
+                    self.waiting.retain(|d| d.id != lease.id);
+                    tracing::warn!(target: "postbox", message_id = lease.id, "postbox.subscriber: lease lost before renewal");
+                }
+                Err(error) => {
+                    self.shared.record_error(&error);
+                    return;
+                }
+            }
+        }
+        if renewed > 0 {
+            self.shared
+                .emit(SubscriberEvent::LeasesRenewed { n: renewed });
+        }
+    }
+
+    /// Gives back unstarted messages, waits for running handlers up to the timeout, records
+    /// their outcomes, closes the fetch connection.
+    async fn shut_down(&mut self) -> ShutdownReport {
+        let mut released = 0;
+        for delivery in std::mem::take(&mut self.waiting) {
+            self.held.remove(&delivery.id);
+            match self.backend.release(delivery.lease()).await {
+                Ok(true) => released += 1,
+                Ok(false) => {}
+                // Still leased: delivered again after the lease expires.
+                Err(error) => self.shared.record_error(&error),
+            }
+        }
+        Counters::add(&self.shared.counters.released, released as u64);
+        self.shared.emit(SubscriberEvent::Released { n: released });
+
+        let deadline = Instant::now() + self.options.shutdown_timeout;
+        while !self.workers.is_empty() {
+            tokio::select! {
+                Some(done) = self.workers.join_next_with_id() => {
+                    self.completed(done);
+                    self.flush_outcomes().await;
+                }
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let abandoned = self.workers.len();
+        if abandoned > 0 {
+            tracing::warn!(target: "postbox", abandoned, "postbox.subscriber: handlers still running at the shutdown timeout; their messages stay leased");
+        }
+        self.workers.abort_all();
+        while let Some(done) = self.workers.join_next_with_id().await {
+            self.take_done(done);
+        }
+        self.flush_outcomes().await;
+        if let Some(conn) = self.conn.take() {
+            let _ = sqlx::Connection::close(conn).await;
+        }
+        ShutdownReport {
+            released,
+            abandoned,
+            stats: self.shared.counters.snapshot(),
+        }
+    }
+}
+
+fn panic_message(join: JoinError) -> String {
+    match join.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".into()),
+        Err(e) => e.to_string(),
+    }
+}
