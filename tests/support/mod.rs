@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod no_engine;
+
 use std::time::Duration;
 
 use postbox::sqlx::{self, PgPool};
@@ -38,4 +40,79 @@ pub async fn db_now(pool: &PgPool) -> chrono::DateTime<chrono::Utc> {
         .fetch_one(pool)
         .await
         .expect("now()")
+}
+
+/// Waits for the first event matching `pred`, failing after [`wait()`] with what was seen.
+pub async fn until(
+    events: &mut tokio::sync::broadcast::Receiver<postbox::SubscriberEvent>,
+    what: &str,
+    pred: impl Fn(&postbox::SubscriberEvent) -> bool,
+) -> postbox::SubscriberEvent {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait();
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(event)) if pred(&event) => return event,
+            Ok(Ok(event)) => seen.push(format!("{event:?}")),
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => {
+                seen.push(format!("(lagged {n})"))
+            }
+            Ok(Err(e)) => panic!("waiting for {what}: event channel closed ({e}); saw {seen:?}"),
+            Err(_) => panic!("waiting for {what}: timed out; saw {seen:?}"),
+        }
+    }
+}
+
+/// Receives `n` items from `rx`, failing after [`wait()`].
+pub async fn recv_n<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, n: usize) -> Vec<T> {
+    let deadline = tokio::time::Instant::now() + wait();
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(item)) => got.push(item),
+            Ok(None) => panic!("channel closed after {} of {n}", got.len()),
+            Err(_) => panic!("timed out after {} of {n}", got.len()),
+        }
+    }
+    got
+}
+
+/// Publishes `n` messages with payloads "0".."n-1" on `queue`, committed, in one batch.
+pub async fn publish_n<B: postbox::Backend>(backend: &B, queue: &str, n: usize) -> Vec<i64> {
+    let mut tx = backend.begin().await.expect("begin");
+    let ids = backend
+        .publish_batch(
+            &mut tx,
+            (0..n)
+                .map(|i| postbox::Message::new(queue, i.to_string()))
+                .collect(),
+        )
+        .await
+        .expect("publish");
+    backend.commit(tx).await.expect("commit");
+    ids
+}
+
+/// Pids of this database's connections with `application_name` = `app`.
+pub async fn pids_of(pool: &PgPool, app: &str) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1",
+    )
+    .bind(app)
+    .fetch_all(pool)
+    .await
+    .expect("pg_stat_activity")
+}
+
+/// Terminates this database's connections with `application_name` = `app`; returns how many.
+pub async fn kill(pool: &PgPool, app: &str) -> usize {
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = $1",
+    )
+    .bind(app)
+    .fetch_all(pool)
+    .await
+    .expect("pg_terminate_backend");
+    killed.into_iter().filter(|k| *k).count()
 }

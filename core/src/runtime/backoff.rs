@@ -49,7 +49,10 @@ mod tests {
     fn doubles_up_to_the_cap_and_resets() {
         let mut b = Backoff::new(100 * MS, 1000 * MS);
         let full: Vec<Duration> = (0..6).map(|_| b.next_with(1.0)).collect();
-        assert_eq!(full, [100 * MS, 200 * MS, 400 * MS, 800 * MS, 1000 * MS, 1000 * MS]);
+        assert_eq!(
+            full,
+            [100 * MS, 200 * MS, 400 * MS, 800 * MS, 1000 * MS, 1000 * MS]
+        );
         b.reset();
         assert_eq!(b.next_with(1.0), 100 * MS);
     }

@@ -37,12 +37,15 @@ pub enum SubscriberEvent {
         /// How many.
         n: usize,
     },
+    /// The LISTEN connection is up and listening (first connect and every reconnect); the
+    /// loop is woken to fetch at once.
+    ListenerConnected,
     /// LISTEN is unavailable or its connection was lost; the loop polls meanwhile.
     ListenerLost {
         /// Why.
         error: String,
     },
-    /// LISTEN works again; the loop fetched at once to catch notifications it missed.
+    /// LISTEN works again after a loss (follows [`ListenerConnected`](Self::ListenerConnected)).
     ListenerRestored,
     /// A database error; the loop closes its connections and waits this long.
     BackoffStarted {

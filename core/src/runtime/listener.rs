@@ -49,6 +49,7 @@ impl ListenTask {
             match self.engine.listener().await {
                 Ok(mut listener) => {
                     listener.eager_reconnect(false);
+                    self.shared.emit(SubscriberEvent::ListenerConnected);
                     if lost {
                         tracing::info!(target: "postbox", table = %self.engine.table(), "postbox.listen: LISTEN restored");
                         self.shared.emit(SubscriberEvent::ListenerRestored);

@@ -187,9 +187,7 @@ impl SubscriberOptions {
                 self.lease_ttl
             ));
         }
-        if self.min_fetch_interval.is_zero()
-            || self.min_fetch_interval > self.max_fetch_interval
-        {
+        if self.min_fetch_interval.is_zero() || self.min_fetch_interval > self.max_fetch_interval {
             return invalid(format!(
                 "need 0 < min_fetch_interval <= max_fetch_interval, got {:?} and {:?}",
                 self.min_fetch_interval, self.max_fetch_interval
@@ -224,14 +222,17 @@ mod tests {
             SubscriberOptions::new(none),
             SubscriberOptions::new([""]),
             SubscriberOptions::new(["q"]).max_workers(0),
-            SubscriberOptions::new(["q"]).max_workers(9_000).prefetch(2_000),
+            SubscriberOptions::new(["q"])
+                .max_workers(9_000)
+                .prefetch(2_000),
             SubscriberOptions::new(["q"]).lease_ttl(Duration::from_millis(10)),
             SubscriberOptions::new(["q"])
                 .min_fetch_interval(Duration::from_secs(5))
                 .max_fetch_interval(Duration::from_secs(1)),
             SubscriberOptions::new(["q"]).min_fetch_interval(Duration::ZERO),
             SubscriberOptions::new(["q"]).max_deliveries(0),
-            SubscriberOptions::new(["q"]).error_backoff(Duration::from_secs(2), Duration::from_secs(1)),
+            SubscriberOptions::new(["q"])
+                .error_backoff(Duration::from_secs(2), Duration::from_secs(1)),
         ];
         for options in bad {
             assert!(options.validate().is_err(), "{options:?}");

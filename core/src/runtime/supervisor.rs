@@ -17,7 +17,7 @@ use super::events::{Counters, Outcome, SubscriberEvent};
 use super::handler::Handler;
 use super::listener::ListenTask;
 use super::options::SubscriberOptions;
-use super::subscriber::{ShutdownReport, Shared};
+use super::subscriber::{Shared, ShutdownReport};
 use crate::backend::{Backend, FailOutcome, FetchParams};
 use crate::error::{Error, Result};
 use crate::message::{Delivery, Lease, MessageId};
@@ -87,9 +87,13 @@ impl<B: Backend> Supervisor<B> {
         let span = tracing::info_span!("postbox.subscriber", table = %self.backend.table(), queues = ?self.options.queues);
         async move {
             self.shared.emit(SubscriberEvent::Started);
-            let listener = self.spawn_listener();
+            let (stop_listener, listener_stopped) = watch::channel(false);
+            let listener = self.spawn_listener(listener_stopped);
             self.fetch_loop().await;
             let report = self.shut_down().await;
+            // The loop may end without a shutdown request (backend closed): stop the
+            // listener explicitly.
+            let _ = stop_listener.send(true);
             if let Some(task) = listener {
                 let _ = task.await;
             }
@@ -102,14 +106,14 @@ impl<B: Backend> Supervisor<B> {
         .await
     }
 
-    fn spawn_listener(&self) -> Option<tokio::task::JoinHandle<()>> {
+    fn spawn_listener(&self, stop: watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
         let engine = self.backend.engine()?.clone();
         let task = ListenTask {
             engine,
             queues: self.options.queues.iter().cloned().collect::<HashSet<_>>(),
             wake: Arc::clone(&self.wake),
             reset: Arc::clone(&self.reset_listener),
-            stop: self.stop.clone(),
+            stop,
             shared: Arc::clone(&self.shared),
             retry_interval: self.options.listen_retry_interval,
             check_interval: self.options.listener_check_interval,

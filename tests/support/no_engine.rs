@@ -1,0 +1,63 @@
+//! A backend wrapper that hides the engine: the runtime must take its polling-only path.
+
+use postbox::sqlx::{PgConnection, Postgres, Transaction};
+use postbox::{
+    Backend, Delivery, Engine, FetchParams, Lease, Message, MessageId, PgBackend, RetryParams,
+    TableName,
+};
+
+/// `PgBackend` without an engine.
+pub struct NoEngine(pub PgBackend);
+
+#[async_trait::async_trait]
+impl Backend for NoEngine {
+    type Conn = PgConnection;
+    type Tx = Transaction<'static, Postgres>;
+
+    fn table(&self) -> &TableName {
+        self.0.table()
+    }
+    fn engine(&self) -> Option<&Engine> {
+        None
+    }
+    async fn begin(&self) -> postbox::Result<Self::Tx> {
+        self.0.begin().await
+    }
+    async fn commit(&self, tx: Self::Tx) -> postbox::Result<()> {
+        self.0.commit(tx).await
+    }
+    async fn rollback(&self, tx: Self::Tx) -> postbox::Result<()> {
+        self.0.rollback(tx).await
+    }
+    async fn publish(&self, conn: &mut PgConnection, m: Message) -> postbox::Result<MessageId> {
+        self.0.publish(conn, m).await
+    }
+    async fn publish_batch(
+        &self,
+        conn: &mut PgConnection,
+        m: Vec<Message>,
+    ) -> postbox::Result<Vec<MessageId>> {
+        self.0.publish_batch(conn, m).await
+    }
+    async fn fetch(&self, p: &FetchParams) -> postbox::Result<Vec<Delivery>> {
+        Backend::fetch(&self.0, p).await
+    }
+    async fn ack(&self, l: Lease) -> postbox::Result<bool> {
+        self.0.ack(l).await
+    }
+    async fn ack_batch(&self, l: &[Lease]) -> postbox::Result<Vec<MessageId>> {
+        self.0.ack_batch(l).await
+    }
+    async fn retry(&self, l: Lease, p: RetryParams) -> postbox::Result<bool> {
+        self.0.retry(l, p).await
+    }
+    async fn dead_letter(&self, l: Lease, r: &str) -> postbox::Result<bool> {
+        self.0.dead_letter(l, r).await
+    }
+    async fn renew_lease(&self, l: Lease) -> postbox::Result<bool> {
+        self.0.renew_lease(l).await
+    }
+    async fn release(&self, l: Lease) -> postbox::Result<bool> {
+        self.0.release(l).await
+    }
+}
