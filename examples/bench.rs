@@ -2,7 +2,12 @@
 //!
 //! Run with: `cargo run --release --example bench -- [WORKLOAD...] [--json FILE] [--rounds N]`
 //!
-//! Workloads:
+//! Workloads (all by default):
+//! - `wakeup`: per round, a subscriber idle for 2 s, then one message published and
+//!   committed; commit-to-handler latency in ms, with LISTEN and with polling only (default
+//!   intervals, 1 s backing off to 10 s). `--rounds` rounds with LISTEN, at most 10 without.
+//! - `drain`: 20,000 messages published beforehand, one subscriber with a no-op handler,
+//!   messages per second; default settings, tuned settings, and per-row versus batched acks.
 //! - `fixture`: a fresh test database cloned from the migrated template
 //!   (`testkit::postgres()`), against creating an empty database and running the migrations
 //!   in it; milliseconds per database, `--rounds` of each (default 50).
@@ -12,9 +17,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use postbox::PgBackend;
 use postbox::sqlx::postgres::PgPoolOptions;
 use postbox::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
+use postbox::{
+    Backend, Delivery, HandlerError, Message, PgBackend, Subscriber, SubscriberEvent,
+    SubscriberOptions,
+};
 use serde_json::{Value, json};
 
 struct Args {
@@ -35,7 +43,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--json" => args.json = Some(it.next().context("--json needs a file")?),
             "--rounds" => args.rounds = it.next().context("--rounds needs a number")?.parse()?,
             "-h" | "--help" => {
-                println!("usage: bench [fixture] [--json FILE] [--rounds N]");
+                println!("usage: bench [wakeup] [drain] [fixture] [--json FILE] [--rounds N]");
                 std::process::exit(0);
             }
             w if !w.starts_with('-') => args.workloads.push(w.to_owned()),
@@ -43,7 +51,7 @@ fn parse_args() -> anyhow::Result<Args> {
         }
     }
     if args.workloads.is_empty() {
-        args.workloads.push("fixture".into());
+        args.workloads = ["wakeup", "drain", "fixture"].map(String::from).to_vec();
     }
     Ok(args)
 }
@@ -128,6 +136,124 @@ async fn fixture(rounds: usize) -> anyhow::Result<Value> {
     }))
 }
 
+async fn publish_batches(backend: &PgBackend, queue: &str, n: usize) -> anyhow::Result<()> {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut tx = backend.begin().await?;
+        backend
+            .publish_batch(
+                &mut tx,
+                chunk
+                    .iter()
+                    .map(|i| Message::new(queue, i.to_string()))
+                    .collect(),
+            )
+            .await?;
+        backend.commit(tx).await?;
+    }
+    Ok(())
+}
+
+/// Commit-to-handler latency of an idle subscriber.
+async fn wakeup(rounds: usize) -> anyhow::Result<Value> {
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let mut out = serde_json::Map::new();
+    let variants = [
+        ("listen", SubscriberOptions::new(["wake"]), rounds),
+        (
+            "polling_only",
+            SubscriberOptions::new(["wake"]).listen(false),
+            rounds.min(10),
+        ),
+    ];
+    for (name, options, rounds) in variants {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        let handler = move |_d: Delivery| {
+            let _ = tx.send(Instant::now());
+            std::future::ready(Ok::<(), HandlerError>(()))
+        };
+        let settings = format!("{options:?}");
+        let sub = Subscriber::new(backend.clone(), options, handler)?.spawn();
+        let mut events = sub.events();
+        let mut samples = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            // Idle long enough for polling to back off, as a quiet production queue would.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let mut tx = backend.begin().await?;
+            backend.publish(&mut tx, Message::new("wake", "x")).await?;
+            backend.commit(tx).await?;
+            let committed = Instant::now();
+            let handled = rx.recv().await.context("handler gone")?;
+            samples.push(handled.saturating_duration_since(committed));
+            // Let the ack land before the next round.
+            loop {
+                if let SubscriberEvent::Handled { .. } = events.recv().await? {
+                    break;
+                }
+            }
+        }
+        sub.shutdown().await?;
+        let mut s = summary(&mut samples);
+        s["settings"] = Value::String(settings);
+        out.insert(name.into(), s);
+    }
+    db.close().await?;
+    Ok(json!({ "workload": "wakeup", "commit_to_handler_ms": out }))
+}
+
+/// Messages per second drained by one subscriber with a no-op handler.
+async fn drain() -> anyhow::Result<Value> {
+    const N: usize = 20_000;
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let variants = [
+        ("default_settings", SubscriberOptions::new(["drain"])),
+        (
+            "tuned_batched_acks",
+            SubscriberOptions::new(["drain"])
+                .max_workers(64)
+                .prefetch(448),
+        ),
+        (
+            "tuned_per_row_acks",
+            SubscriberOptions::new(["drain"])
+                .max_workers(64)
+                .prefetch(448)
+                .batch_acks(false),
+        ),
+    ];
+    let mut out = serde_json::Map::new();
+    for (name, options) in variants {
+        let mut rates = Vec::new();
+        let mut stats = None;
+        for _ in 0..3 {
+            publish_batches(&backend, "drain", N).await?;
+            let handler = |_d: Delivery| std::future::ready(Ok::<(), HandlerError>(()));
+            let start = Instant::now();
+            let sub = Subscriber::new(backend.clone(), options.clone(), handler)?.spawn();
+            while sub.stats().acked < N as u64 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let elapsed = start.elapsed();
+            stats = Some(sub.shutdown().await?.stats);
+            rates.push(N as f64 / elapsed.as_secs_f64());
+        }
+        rates.sort_by(f64::total_cmp);
+        let stats = stats.context("ran")?;
+        out.insert(
+            name.into(),
+            json!({
+                "msgs_per_s": { "median": rates[1].round(), "min": rates[0].round(), "max": rates[2].round() },
+                "ack_statements_last_run": stats.ack_statements,
+                "fetches_last_run": stats.fetches,
+                "settings": format!("{options:?}"),
+            }),
+        );
+    }
+    db.close().await?;
+    Ok(json!({ "workload": "drain", "messages": N, "repetitions": 3, "results": out }))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
@@ -136,7 +262,9 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("bench: running {workload}...");
         results.push(match workload.as_str() {
             "fixture" => fixture(args.rounds).await?,
-            other => anyhow::bail!("unknown workload {other}; known: fixture"),
+            "wakeup" => wakeup(args.rounds).await?,
+            "drain" => drain().await?,
+            other => anyhow::bail!("unknown workload {other}; known: wakeup, drain, fixture"),
         });
     }
     let doc = json!({

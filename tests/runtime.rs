@@ -527,3 +527,29 @@ async fn bad_options_are_refused_at_construction() -> Result<()> {
     db.close().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn with_listen_turned_off_it_polls_on_its_fetch_connection_only() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let (handler, mut handled) = reporting();
+    let options = SubscriberOptions::new(["q"])
+        .listen(false)
+        .min_fetch_interval(Duration::from_millis(20))
+        .max_fetch_interval(Duration::from_millis(50));
+    let sub = Subscriber::new(backend.clone(), options, handler)?.spawn();
+    let mut events = sub.events();
+    until(&mut events, "fetch connection", |e| {
+        matches!(e, SubscriberEvent::FetchConnected { .. })
+    })
+    .await;
+    let ids = publish_n(&backend, "q", 2).await;
+    let mut got = recv_n(&mut handled, 2).await;
+    got.sort();
+    assert_eq!(got, ids);
+    assert!(pids_of(db.pool(), LISTEN_APPLICATION_NAME).await.is_empty());
+    assert_eq!(pids_of(db.pool(), FETCH_APPLICATION_NAME).await.len(), 1);
+    sub.shutdown().await?;
+    db.close().await?;
+    Ok(())
+}

@@ -35,6 +35,7 @@ pub struct SubscriberOptions {
     pub(crate) max_deliveries: Option<u32>,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) batch_acks: bool,
+    pub(crate) listen: bool,
     pub(crate) listen_retry_interval: Duration,
     pub(crate) listener_check_interval: Duration,
     pub(crate) error_backoff_min: Duration,
@@ -55,6 +56,7 @@ impl SubscriberOptions {
             max_deliveries: None,
             shutdown_timeout: Duration::from_secs(30),
             batch_acks: true,
+            listen: true,
             listen_retry_interval: Duration::from_secs(5),
             listener_check_interval: Duration::from_secs(30),
             error_backoff_min: Duration::from_millis(100),
@@ -134,6 +136,15 @@ impl SubscriberOptions {
     #[must_use]
     pub fn batch_acks(mut self, batch: bool) -> Self {
         self.batch_acks = batch;
+        self
+    }
+
+    /// Whether to LISTEN for wake-ups when the backend has an engine. Turn it off behind a
+    /// pooler in transaction mode (which cannot hold a LISTEN session): the subscriber then
+    /// polls only, and opens just its fetch connection. Defaults to `true`.
+    #[must_use]
+    pub fn listen(mut self, listen: bool) -> Self {
+        self.listen = listen;
         self
     }
 

@@ -107,6 +107,9 @@ impl<B: Backend> Supervisor<B> {
     }
 
     fn spawn_listener(&self, stop: watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
+        if !self.options.listen {
+            return None;
+        }
         let engine = self.backend.engine()?.clone();
         let task = ListenTask {
             engine,
