@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
+use crate::inspect::{DeadLetter, StoredMessage};
 use crate::message::{Delivery, Lease, Message, MessageId, validate_queue};
 use crate::pg::Engine;
 use crate::retry::{HandlerError, RetryDecision, RetryPolicy};
@@ -171,6 +172,22 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// [`Error::Database`].
     async fn release(&self, lease: Lease) -> Result<bool>;
+
+    /// The messages still stored (committed, not acked, not dead-lettered), of `queue` or of
+    /// every queue, in id order, each with its [`MessageState`](crate::MessageState) by the
+    /// backend's clock. For tests and operators; it reads the whole table.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn messages(&self, queue: Option<&str>) -> Result<Vec<StoredMessage>>;
+
+    /// The dead-lettered messages, of `queue` or of every queue, in id order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>>;
 
     /// Settles a failed delivery through `policy`: retry after the policy's delay, or
     /// dead-letter when the error is a rejection or retries are exhausted.

@@ -21,6 +21,7 @@
 
 mod backend;
 mod error;
+mod inspect;
 mod message;
 mod pg;
 mod retry;
@@ -31,6 +32,7 @@ pub use backend::{
     Backend, DEFAULT_LEASE_TTL, FailOutcome, FetchParams, MAX_FETCH_LIMIT, RetryParams,
 };
 pub use error::{Error, Result, SchemaProblems};
+pub use inspect::{DeadLetter, MessageState, StoredMessage};
 pub use message::{
     Availability, Delivery, Headers, Lease, MAX_QUEUE_LEN, Message, MessageId, validate_queue,
 };

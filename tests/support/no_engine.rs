@@ -2,8 +2,8 @@
 
 use postbox::sqlx::{PgConnection, Postgres, Transaction};
 use postbox::{
-    Backend, Delivery, Engine, FetchParams, Lease, Message, MessageId, PgBackend, RetryParams,
-    TableName,
+    Backend, DeadLetter, Delivery, Engine, FetchParams, Lease, Message, MessageId, PgBackend,
+    RetryParams, StoredMessage, TableName,
 };
 
 /// `PgBackend` without an engine.
@@ -59,5 +59,11 @@ impl Backend for NoEngine {
     }
     async fn release(&self, l: Lease) -> postbox::Result<bool> {
         self.0.release(l).await
+    }
+    async fn messages(&self, q: Option<&str>) -> postbox::Result<Vec<StoredMessage>> {
+        self.0.messages(q).await
+    }
+    async fn dead_letters(&self, q: Option<&str>) -> postbox::Result<Vec<DeadLetter>> {
+        self.0.dead_letters(q).await
     }
 }

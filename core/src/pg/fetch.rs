@@ -6,7 +6,9 @@
 //!
 //! - **ready** rows (`acquired_token IS NULL AND next_attempt_at <= now`) read
 //!   `T_pending_idx (queue, next_attempt_at, id)` in order;
-//! - **expired** leases (`acquired_at < now - lease_ttl`) read `T_lease_idx (queue, acquired_at)`.
+//! - **expired** leases (`acquired_at < now - lease_ttl`) read `T_lease_idx (queue, acquired_at)`
+//!   and sort the (normally few) matches, so that the union's first `limit` rows are exactly
+//!   the first `limit` eligible rows in `(next_attempt_at, id)` order.
 //!
 //! Both lock with `FOR UPDATE SKIP LOCKED`, so concurrent fetchers never block on or share a
 //! row. The union is cut to `limit` in `(next_attempt_at, id)` order and leased under one fresh
@@ -48,7 +50,7 @@ expired AS (
         WHERE queue = q.name
           AND acquired_token IS NOT NULL
           AND acquired_at < coalesce($7::timestamptz, now()) - $3::float8 * interval '1 millisecond'
-        ORDER BY queue, acquired_at
+        ORDER BY next_attempt_at, id
         LIMIT $2
         FOR UPDATE SKIP LOCKED
     ) AS e

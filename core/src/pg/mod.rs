@@ -10,6 +10,7 @@
 
 mod engine;
 mod fetch;
+mod inspect;
 mod outcome;
 mod publish;
 mod schema;
@@ -28,6 +29,7 @@ use statements::Statements;
 
 use crate::backend::{Backend, FetchParams, RetryParams};
 use crate::error::Result;
+use crate::inspect::{DeadLetter, StoredMessage};
 use crate::message::{Delivery, Lease, Message, MessageId};
 use crate::table::TableName;
 
@@ -254,5 +256,13 @@ impl Backend for PgBackend {
 
     async fn release(&self, lease: Lease) -> Result<bool> {
         self.release_one(lease).await
+    }
+
+    async fn messages(&self, queue: Option<&str>) -> Result<Vec<StoredMessage>> {
+        self.list_messages(queue).await
+    }
+
+    async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>> {
+        self.list_dead_letters(queue).await
     }
 }

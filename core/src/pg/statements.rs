@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
-use super::{fetch, outcome, publish, schema};
+use super::{fetch, inspect, outcome, publish, schema};
 use crate::table::TableName;
 
 /// Substitutes the identifier placeholders of `template` for `table`.
@@ -41,6 +41,8 @@ pub(crate) struct Statements {
     pub(crate) dead_letter: SqlStr,
     pub(crate) renew: SqlStr,
     pub(crate) release: SqlStr,
+    pub(crate) messages: SqlStr,
+    pub(crate) dead_letters: SqlStr,
     pub(crate) create_migrations: SqlStr,
     pub(crate) applied_migrations: SqlStr,
     pub(crate) record_migration: SqlStr,
@@ -59,6 +61,8 @@ impl Statements {
             dead_letter: sql(outcome::DEAD_LETTER, table),
             renew: sql(outcome::RENEW, table),
             release: sql(outcome::RELEASE, table),
+            messages: sql(inspect::MESSAGES, table),
+            dead_letters: sql(inspect::DEAD_LETTERS, table),
             create_migrations: sql(schema::CREATE_MIGRATIONS, table),
             applied_migrations: sql(schema::APPLIED_MIGRATIONS, table),
             record_migration: sql(schema::RECORD_MIGRATION, table),

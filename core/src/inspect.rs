@@ -1,0 +1,89 @@
+//! What tests and operators see of stored messages: [`Backend::messages`] and
+//! [`Backend::dead_letters`].
+//!
+//! [`Backend::messages`]: crate::Backend::messages
+//! [`Backend::dead_letters`]: crate::Backend::dead_letters
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::message::{Headers, MessageId};
+
+/// Where a stored message stands, by the backend's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum MessageState {
+    /// Eligible for fetch now.
+    Ready,
+    /// Waiting for its `next_attempt_at` (a delay, or a retry's backoff).
+    Scheduled,
+    /// Leased by a consumer (possibly expired, then fetchable again).
+    Leased,
+}
+
+/// A message still in the outbox table (published and committed, not acked or dead-lettered).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct StoredMessage {
+    /// The id.
+    pub id: MessageId,
+    /// The queue.
+    pub queue: String,
+    /// The payload bytes.
+    pub payload: Vec<u8>,
+    /// The headers, if any.
+    pub headers: Option<Headers>,
+    /// The correlation id.
+    pub correlation_id: Uuid,
+    /// Handler outcomes recorded (retries).
+    pub attempts: i32,
+    /// Times leased.
+    pub deliveries: i32,
+    /// When it was published.
+    pub created_at: DateTime<Utc>,
+    /// When it is (or was) eligible.
+    pub next_attempt_at: DateTime<Utc>,
+    /// The error recorded by the last retry.
+    pub last_error: Option<String>,
+    /// The subconsumer holding it, if any.
+    pub acquired_by: Option<String>,
+    /// Its state now.
+    pub state: MessageState,
+}
+
+impl StoredMessage {
+    /// Deserializes the payload from JSON.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Json`](crate::Error::Json) if the payload is not valid JSON for `T`.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
+        Ok(serde_json::from_slice(&self.payload)?)
+    }
+}
+
+/// A message in the dead-letter table.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The id it had in the outbox table.
+    pub id: MessageId,
+    /// The queue.
+    pub queue: String,
+    /// The payload bytes.
+    pub payload: Vec<u8>,
+    /// The headers, if any.
+    pub headers: Option<Headers>,
+    /// The correlation id.
+    pub correlation_id: Uuid,
+    /// Handler outcomes recorded, the final one included.
+    pub attempts: i32,
+    /// Times leased.
+    pub deliveries: i32,
+    /// The error recorded by the last retry.
+    pub last_error: Option<String>,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// When.
+    pub dead_at: DateTime<Utc>,
+}

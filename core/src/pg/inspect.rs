@@ -1,0 +1,107 @@
+//! Reading stored and dead-lettered messages, for tests and operators.
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+
+use super::PgBackend;
+use crate::error::Result;
+use crate::inspect::{DeadLetter, MessageState, StoredMessage};
+
+// $1 queue (NULL: all), $2 pinned now
+pub(crate) const MESSAGES: &str = r#"
+SELECT id, queue, payload, headers, correlation_id, attempts, deliveries, created_at,
+       next_attempt_at, last_error, acquired_by,
+       CASE WHEN acquired_token IS NOT NULL THEN 'leased'
+            WHEN next_attempt_at > coalesce($2::timestamptz, now()) THEN 'scheduled'
+            ELSE 'ready' END AS state
+FROM {table}
+WHERE $1::text IS NULL OR queue = $1
+ORDER BY id"#;
+
+// $1 queue (NULL: all)
+pub(crate) const DEAD_LETTERS: &str = r#"
+SELECT id, queue, payload, headers, correlation_id, attempts, deliveries, last_error, reason,
+       dead_at
+FROM {dead}
+WHERE $1::text IS NULL OR queue = $1
+ORDER BY id"#;
+
+// $1 pinned now
+const NOW: &str = "SELECT coalesce($1::timestamptz, now())";
+
+fn headers(row: &PgRow) -> Result<Option<crate::Headers>, sqlx::Error> {
+    Ok(match row.try_get::<Option<serde_json::Value>, _>("headers")? {
+        Some(serde_json::Value::Object(map)) => Some(map),
+        _ => None,
+    })
+}
+
+impl PgBackend {
+    /// The clock statements read: the database's `now()`, or the pinned time (see
+    /// `set_now`, feature `test-util`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database).
+    pub async fn database_now(&self) -> Result<DateTime<Utc>> {
+        Ok(sqlx::query_scalar(NOW)
+            .bind(self.shared().now())
+            .fetch_one(&self.shared().pool)
+            .await?)
+    }
+
+    pub(crate) async fn list_messages(&self, queue: Option<&str>) -> Result<Vec<StoredMessage>> {
+        let rows = sqlx::query(self.shared().sql.messages.clone())
+            .bind(queue)
+            .bind(self.shared().now())
+            .fetch_all(&self.shared().pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let state = match row.try_get::<String, _>("state")?.as_str() {
+                    "leased" => MessageState::Leased,
+                    "scheduled" => MessageState::Scheduled,
+                    _ => MessageState::Ready,
+                };
+                Ok(StoredMessage {
+                    id: row.try_get("id")?,
+                    queue: row.try_get("queue")?,
+                    payload: row.try_get("payload")?,
+                    headers: headers(row)?,
+                    correlation_id: row.try_get("correlation_id")?,
+                    attempts: row.try_get("attempts")?,
+                    deliveries: row.try_get("deliveries")?,
+                    created_at: row.try_get("created_at")?,
+                    next_attempt_at: row.try_get("next_attempt_at")?,
+                    last_error: row.try_get("last_error")?,
+                    acquired_by: row.try_get("acquired_by")?,
+                    state,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) async fn list_dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(self.shared().sql.dead_letters.clone())
+            .bind(queue)
+            .fetch_all(&self.shared().pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadLetter {
+                    id: row.try_get("id")?,
+                    queue: row.try_get("queue")?,
+                    payload: row.try_get("payload")?,
+                    headers: headers(row)?,
+                    correlation_id: row.try_get("correlation_id")?,
+                    attempts: row.try_get("attempts")?,
+                    deliveries: row.try_get("deliveries")?,
+                    last_error: row.try_get("last_error")?,
+                    reason: row.try_get("reason")?,
+                    dead_at: row.try_get("dead_at")?,
+                })
+            })
+            .collect()
+    }
+}
