@@ -73,12 +73,22 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `testkit` | [`testkit`]: Postgres fixtures for tests (pulls in testcontainers) |
+//! | `testkit` | [`testkit`]: Postgres fixtures, assertions, drain helpers, the conformance suite (pulls in testcontainers; enables `fake`) |
+//! | `fake` | [`fake`]: the in-memory [`FakeBroker`](fake::FakeBroker) |
 //!
 //! See the `examples/` directory for runnable programs, starting with `quickstart`.
 
 #[doc(inline)]
 pub use postbox_core::*;
+
+/// The in-memory backend [`FakeBroker`](fake::FakeBroker), with the semantics of Postgres.
+///
+/// **Feature:** `fake`.
+#[cfg(feature = "fake")]
+pub mod fake {
+    #[doc(inline)]
+    pub use postbox_fake::*;
+}
 
 /// Postgres fixtures for tests: [`postgres()`](fn@testkit::postgres) returns a fresh, migrated
 /// database per call.

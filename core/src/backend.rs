@@ -111,7 +111,8 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// Eligible: not leased and `next_attempt_at <= now`, or leased longer ago than
     /// `params.lease_ttl`. A message already leased `max_deliveries` times is moved to the
-    /// dead-letter table instead of being handed out again.
+    /// dead-letter table instead of being handed out again; that fetch then returns fewer
+    /// messages (it does not pick a replacement), the next one serves the rest.
     ///
     /// # Errors
     ///

@@ -52,6 +52,27 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
+    /// A stored message with the given fields and every other at a neutral value, for other
+    /// backends (the fake) to fill in. Not part of the stable API.
+    #[doc(hidden)]
+    pub fn __new(id: MessageId, queue: String, payload: Vec<u8>, state: MessageState) -> Self {
+        let epoch = DateTime::<Utc>::UNIX_EPOCH;
+        StoredMessage {
+            id,
+            queue,
+            payload,
+            headers: None,
+            correlation_id: Uuid::nil(),
+            attempts: 0,
+            deliveries: 0,
+            created_at: epoch,
+            next_attempt_at: epoch,
+            last_error: None,
+            acquired_by: None,
+            state,
+        }
+    }
+
     /// Deserializes the payload from JSON.
     ///
     /// # Errors
@@ -86,4 +107,30 @@ pub struct DeadLetter {
     pub reason: String,
     /// When.
     pub dead_at: DateTime<Utc>,
+}
+
+impl DeadLetter {
+    /// A dead letter with the given fields and every other at a neutral value, for other
+    /// backends (the fake) to fill in. Not part of the stable API.
+    #[doc(hidden)]
+    pub fn __new(
+        id: MessageId,
+        queue: String,
+        payload: Vec<u8>,
+        reason: String,
+        dead_at: DateTime<Utc>,
+    ) -> Self {
+        DeadLetter {
+            id,
+            queue,
+            payload,
+            headers: None,
+            correlation_id: Uuid::nil(),
+            attempts: 0,
+            deliveries: 0,
+            last_error: None,
+            reason,
+            dead_at,
+        }
+    }
 }

@@ -1,6 +1,25 @@
 //! An in-memory postbox backend with Postgres semantics, for tests.
 //!
-//! `FakeBroker` is being built (it implements [`postbox_core::Backend`] with the same
-//! eligibility, ordering, leases, fencing, retries and dead letters as Postgres, on tokio's
-//! clock). Until it lands, use [`postbox_testkit`](https://docs.rs/postbox-testkit)'s
-//! Postgres fixtures.
+//! [`FakeBroker`] implements [`postbox_core::Backend`] in memory: the same eligibility,
+//! `(next_attempt_at, id)` order, leases and fenced outcomes, retry accounting, dead letters
+//! and `max_deliveries` as the Postgres backend, checked by the same conformance suite
+//! (`postbox_testkit::conformance`). Its [`engine`](postbox_core::Backend::engine) is `None`,
+//! so a subscriber on it polls and opens no connection.
+//!
+//! - Transactions: [`begin`](postbox_core::Backend::begin) → publish →
+//!   [`commit`](postbox_core::Backend::commit); dropping a [`FakeTransaction`] rolls back.
+//! - Time: tokio's clock (use `#[tokio::test(start_paused = true)]` and
+//!   `tokio::time::advance`), plus [`FakeBroker::advance`].
+//! - Faults: [`FakeBroker::fail_next_fetches`] and friends, with a [`Fault`].
+//! - Inspection: [`FakeBroker::snapshot`], [`FakeBroker::dead`], [`FakeBroker::counters`].
+
+mod broker;
+mod clock;
+mod faults;
+mod state;
+mod tx;
+
+pub use broker::FakeBroker;
+pub use faults::Fault;
+pub use state::FakeCounters;
+pub use tx::{FakeConn, FakeTransaction};

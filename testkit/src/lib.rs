@@ -1,7 +1,14 @@
-//! Test fixtures for postbox.
+//! Test tools for postbox.
 //!
-//! - [`postgres()`](fn@postgres): a fresh, migrated, isolated Postgres database per test, from an existing
-//!   server, a testcontainers container or the local Postgres binaries, whichever is available.
+//! - [`postgres()`](fn@postgres): a fresh, migrated, isolated Postgres database per test, from
+//!   an existing server, a testcontainers container or the local Postgres binaries.
+//! - [`assert_published`], [`assert_not_published`], [`assert_published_many`],
+//!   [`published`]: what was published, on any backend, with an [`Expect`].
+//! - [`run_one`] and [`drain`]: run a handler on one or all ready messages, step by step.
+//! - [`TimeControl`]: move a backend's clock (the fake's, or the one Postgres statements read).
+//! - [`wait_for_event`]: wait on a subscriber event with one deadline instead of sleeping.
+//! - [`conformance`]: the behavioural suite every backend passes, and
+//!   [`conformance_tests!`] to run it.
 //!
 //! Add it as a dev-dependency (through the facade: `postbox = { features = ["testkit"] }`).
 //!
@@ -14,8 +21,20 @@
 //! # Ok(()) }
 //! ```
 
+mod assert;
+pub mod conformance;
+mod drain;
 mod error;
 pub mod postgres;
+mod time;
+mod wait;
 
+pub use assert::{
+    AssertError, Expect, assert_not_published, assert_published, assert_published_many, published,
+    try_assert_not_published, try_assert_published, try_assert_published_many,
+};
+pub use drain::{DrainOptions, DrainReport, RunOutcome, drain, run_one};
 pub use error::TestkitError;
 pub use postgres::{PgFixture, Provider, postgres};
+pub use time::TimeControl;
+pub use wait::{deadline, wait_for_event};

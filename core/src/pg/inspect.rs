@@ -31,10 +31,12 @@ ORDER BY id"#;
 const NOW: &str = "SELECT coalesce($1::timestamptz, now())";
 
 fn headers(row: &PgRow) -> Result<Option<crate::Headers>, sqlx::Error> {
-    Ok(match row.try_get::<Option<serde_json::Value>, _>("headers")? {
-        Some(serde_json::Value::Object(map)) => Some(map),
-        _ => None,
-    })
+    Ok(
+        match row.try_get::<Option<serde_json::Value>, _>("headers")? {
+            Some(serde_json::Value::Object(map)) => Some(map),
+            _ => None,
+        },
+    )
 }
 
 impl PgBackend {

@@ -1,0 +1,426 @@
+//! [`FakeBroker`]: the in-memory backend.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+use postbox_core::{
+    Availability, Backend, DeadLetter, Delivery, Engine, FetchParams, Lease, Message, MessageId,
+    Result, RetryParams, StoredMessage, TableName, validate_queue,
+};
+use uuid::Uuid;
+
+use crate::clock::{Clock, micros, plus};
+use crate::faults::{self, Fault};
+use crate::state::{FakeCounters, Row, State};
+use crate::tx::{FakeConn, FakeTransaction};
+
+/// An in-memory [`Backend`] with the semantics of the Postgres one.
+///
+/// Same eligibility (ready, or leased longer ago than the TTL), same `(next_attempt_at, id)`
+/// order, one token per fetched batch, outcomes fenced by id and token, retry accounting,
+/// dead letters, `max_deliveries`; publishes are visible only once their transaction commits.
+/// Cheap to clone: clones share the same messages.
+///
+/// | capability | |
+/// |---|---|
+/// | engine (LISTEN, persistent connections) | none: [`engine`](Backend::engine) returns `None`, so subscribers poll and open nothing |
+/// | transactions | [`begin`](Backend::begin) / [`commit`](Backend::commit) / [`rollback`](Backend::rollback); dropping rolls back |
+/// | time control | tokio's clock (pause it with `start_paused`), plus [`advance`](Self::advance) |
+/// | fault injection | [`fail_next_fetches`](Self::fail_next_fetches), [`fail_next_outcomes`](Self::fail_next_outcomes), [`fail_next_publishes`](Self::fail_next_publishes) |
+/// | inspection | [`snapshot`](Self::snapshot), [`dead`](Self::dead), [`counters`](Self::counters) |
+///
+/// ```
+/// use postbox_core::{Backend, FetchParams, Message};
+/// use postbox_fake::FakeBroker;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> postbox_core::Result<()> {
+/// let broker = FakeBroker::new();
+/// let mut tx = broker.begin().await?;
+/// broker.publish(&mut tx, Message::new("emails", "hi")).await?;
+/// assert!(broker.fetch(&FetchParams::new(["emails"], 10)).await?.is_empty(), "not committed");
+/// broker.commit(tx).await?;
+///
+/// let got = broker.fetch(&FetchParams::new(["emails"], 10)).await?;
+/// assert!(broker.ack(got[0].lease()).await?);
+/// assert!(!broker.ack(got[0].lease()).await?, "a second ack finds nothing");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct FakeBroker {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) table: TableName,
+    pub(crate) clock: Clock,
+    pub(crate) state: Mutex<State>,
+}
+
+impl Default for FakeBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeBroker {
+    /// An empty broker for the default table name (`postbox`).
+    pub fn new() -> Self {
+        Self::with_table(TableName::default())
+    }
+
+    /// An empty broker reporting `table` as its table name.
+    pub fn with_table(table: TableName) -> Self {
+        FakeBroker {
+            shared: Arc::new(Shared {
+                table,
+                clock: Clock::new(),
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// The fake's current time: tokio's clock plus every [`advance`](Self::advance).
+    pub fn now(&self) -> DateTime<Utc> {
+        self.shared.clock.now()
+    }
+
+    /// Moves the fake's clock forward by `by`, without touching tokio's clock: leases expire
+    /// and delayed or retried messages become eligible as if that much time had passed.
+    pub fn advance(&self, by: Duration) {
+        self.shared.clock.advance(by);
+    }
+
+    /// Makes the next `n` fetches fail with `fault`.
+    pub fn fail_next_fetches(&self, n: u32, fault: Fault) {
+        self.shared.state.lock().faults.fetch = (n > 0).then_some((n, fault));
+    }
+
+    /// Makes the next `n` outcome writes (ack, ack_batch, retry, dead_letter, renew_lease,
+    /// release) fail with `fault`. A failed write changes nothing.
+    pub fn fail_next_outcomes(&self, n: u32, fault: Fault) {
+        self.shared.state.lock().faults.outcome = (n > 0).then_some((n, fault));
+    }
+
+    /// Makes the next `n` publishes (single or batch) fail with `fault`.
+    pub fn fail_next_publishes(&self, n: u32, fault: Fault) {
+        self.shared.state.lock().faults.publish = (n > 0).then_some((n, fault));
+    }
+
+    /// The stored messages of `queue` (or of every queue), in id order, with their state now.
+    pub fn snapshot(&self, queue: Option<&str>) -> Vec<StoredMessage> {
+        let now = self.now();
+        let state = self.shared.state.lock();
+        let mut rows: Vec<StoredMessage> = state
+            .rows
+            .values()
+            .filter(|r| queue.is_none_or(|q| r.queue == q))
+            .map(|r| r.stored(now))
+            .collect();
+        rows.sort_by_key(|m| m.id);
+        rows
+    }
+
+    /// The dead letters of `queue` (or of every queue), in id order.
+    pub fn dead(&self, queue: Option<&str>) -> Vec<DeadLetter> {
+        self.shared
+            .state
+            .lock()
+            .dead
+            .values()
+            .filter(|d| queue.is_none_or(|q| d.queue == q))
+            .cloned()
+            .collect()
+    }
+
+    /// Counters since creation.
+    pub fn counters(&self) -> FakeCounters {
+        self.shared.state.lock().counters
+    }
+
+    fn row(&self, conn: &FakeConn, state: &mut State, message: Message) -> Row {
+        let at = conn.started_at;
+        let next_attempt_at = match message.availability() {
+            Availability::After(d) => plus(at, d),
+            Availability::At(t) => micros(t),
+            _ => at,
+        };
+        Row {
+            id: state.allocate_id(),
+            queue: message.queue().to_owned(),
+            payload: message.payload().to_vec(),
+            headers: message.headers_ref().cloned(),
+            correlation_id: message.correlation_id_ref().unwrap_or_else(Uuid::new_v4),
+            attempts: 0,
+            deliveries: 0,
+            created_at: at,
+            next_attempt_at,
+            first_attempt_at: None,
+            last_attempt_at: None,
+            lease: None,
+            acquired_by: None,
+            last_error: None,
+        }
+    }
+
+    fn outcome_fault(&self) -> Result<()> {
+        match faults::take(&mut self.shared.state.lock().faults.outcome) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn commit_rows(&self, rows: Vec<Row>) {
+        let mut state = self.shared.state.lock();
+        state.counters.published += rows.len() as u64;
+        for row in rows {
+            state.insert(row);
+        }
+    }
+
+    pub(crate) fn discard_rows(&self, n: usize) {
+        self.shared.state.lock().counters.rolled_back += n as u64;
+    }
+}
+
+impl fmt::Debug for FakeBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.shared.state.lock();
+        f.debug_struct("FakeBroker")
+            .field("table", &self.shared.table)
+            .field("messages", &state.rows.len())
+            .field("dead", &state.dead.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl Backend for FakeBroker {
+    type Conn = FakeConn;
+    type Tx = FakeTransaction;
+
+    fn table(&self) -> &TableName {
+        &self.shared.table
+    }
+
+    fn engine(&self) -> Option<&Engine> {
+        None
+    }
+
+    async fn begin(&self) -> Result<FakeTransaction> {
+        Ok(FakeTransaction::new(self.clone(), self.now()))
+    }
+
+    async fn commit(&self, tx: FakeTransaction) -> Result<()> {
+        tx.commit();
+        Ok(())
+    }
+
+    async fn rollback(&self, tx: FakeTransaction) -> Result<()> {
+        drop(tx);
+        Ok(())
+    }
+
+    async fn publish(&self, conn: &mut FakeConn, message: Message) -> Result<MessageId> {
+        validate_queue(message.queue())?;
+        let mut state = self.shared.state.lock();
+        if let Some(error) = faults::take(&mut state.faults.publish) {
+            return Err(error);
+        }
+        let row = self.row(conn, &mut state, message);
+        let id = row.id;
+        conn.pending.push(row);
+        Ok(id)
+    }
+
+    async fn publish_batch(
+        &self,
+        conn: &mut FakeConn,
+        messages: Vec<Message>,
+    ) -> Result<Vec<MessageId>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        messages
+            .iter()
+            .try_for_each(|m| validate_queue(m.queue()))?;
+        let mut state = self.shared.state.lock();
+        if let Some(error) = faults::take(&mut state.faults.publish) {
+            return Err(error);
+        }
+        let mut ids = Vec::with_capacity(messages.len());
+        for message in messages {
+            let row = self.row(conn, &mut state, message);
+            ids.push(row.id);
+            conn.pending.push(row);
+        }
+        Ok(ids)
+    }
+
+    async fn fetch(&self, params: &FetchParams) -> Result<Vec<Delivery>> {
+        params.validate()?;
+        let now = self.now();
+        let mut state = self.shared.state.lock();
+        if let Some(error) = faults::take(&mut state.faults.fetch) {
+            return Err(error);
+        }
+        let limit = params.limit() as usize;
+        let expired_before =
+            now - chrono::Duration::from_std(params.ttl()).unwrap_or(chrono::Duration::MAX);
+        // Candidates: per queue, the first `limit` ready rows and every expired lease.
+        let mut picked: Vec<(DateTime<Utc>, MessageId)> = Vec::new();
+        for queue in params.queues() {
+            if let Some(set) = state.unleased.get(queue) {
+                picked.extend(set.iter().take_while(|(at, _)| *at <= now).take(limit));
+            }
+            if let Some(set) = state.leased.get(queue) {
+                picked.extend(
+                    set.iter()
+                        .take_while(|(at, _)| *at < expired_before)
+                        .filter_map(|(_, id)| state.rows.get(id))
+                        .map(|r| (r.next_attempt_at, r.id)),
+                );
+            }
+        }
+        picked.sort_unstable();
+        picked.dedup();
+        picked.truncate(limit);
+
+        let token = Uuid::new_v4();
+        let max = params
+            .delivery_limit()
+            .map(|n| i32::try_from(n).unwrap_or(i32::MAX));
+        let mut out = Vec::with_capacity(picked.len());
+        for (_, id) in picked {
+            let exhausted = state
+                .rows
+                .get(&id)
+                .is_some_and(|r| max.is_some_and(|m| r.deliveries >= m));
+            if exhausted {
+                if let Some(row) = state.remove(id) {
+                    let reason = format!(
+                        "max_deliveries exceeded: leased {} times without an outcome",
+                        row.deliveries
+                    );
+                    state.dead.insert(id, row.dead(reason, now));
+                    state.counters.dead_lettered += 1;
+                }
+                continue;
+            }
+            let holder = params.holder().map(str::to_owned);
+            state.update(id, |row| {
+                row.lease = Some((token, now));
+                row.acquired_by = holder;
+                row.deliveries += 1;
+                row.first_attempt_at.get_or_insert(now);
+                row.last_attempt_at = Some(now);
+            });
+            if let Some(delivery) = state.rows.get(&id).and_then(Row::delivery) {
+                out.push(delivery);
+            }
+        }
+        state.counters.fetched += out.len() as u64;
+        Ok(out)
+    }
+
+    async fn ack(&self, lease: Lease) -> Result<bool> {
+        self.outcome_fault()?;
+        let mut state = self.shared.state.lock();
+        if !state.held(lease.id, lease.token) {
+            return Ok(false);
+        }
+        state.remove(lease.id);
+        state.counters.acked += 1;
+        Ok(true)
+    }
+
+    async fn ack_batch(&self, leases: &[Lease]) -> Result<Vec<MessageId>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.outcome_fault()?;
+        let mut state = self.shared.state.lock();
+        let mut acked = Vec::new();
+        for lease in leases {
+            if state.held(lease.id, lease.token) {
+                state.remove(lease.id);
+                acked.push(lease.id);
+            }
+        }
+        state.counters.acked += acked.len() as u64;
+        Ok(acked)
+    }
+
+    async fn retry(&self, lease: Lease, params: RetryParams) -> Result<bool> {
+        self.outcome_fault()?;
+        let now = self.now();
+        let mut state = self.shared.state.lock();
+        if !state.held(lease.id, lease.token) {
+            return Ok(false);
+        }
+        let error = params.error_message().map(str::to_owned);
+        state.update(lease.id, |row| {
+            row.attempts += 1;
+            row.next_attempt_at = plus(now, params.delay());
+            row.lease = None;
+            row.acquired_by = None;
+            row.last_error = error;
+        });
+        state.counters.retried += 1;
+        Ok(true)
+    }
+
+    async fn dead_letter(&self, lease: Lease, reason: &str) -> Result<bool> {
+        self.outcome_fault()?;
+        let now = self.now();
+        let mut state = self.shared.state.lock();
+        if !state.held(lease.id, lease.token) {
+            return Ok(false);
+        }
+        if let Some(mut row) = state.remove(lease.id) {
+            row.attempts += 1;
+            state
+                .dead
+                .insert(lease.id, row.dead(reason.to_owned(), now));
+            state.counters.dead_lettered += 1;
+        }
+        Ok(true)
+    }
+
+    async fn renew_lease(&self, lease: Lease) -> Result<bool> {
+        self.outcome_fault()?;
+        let now = self.now();
+        let mut state = self.shared.state.lock();
+        if !state.held(lease.id, lease.token) {
+            return Ok(false);
+        }
+        state.update(lease.id, |row| row.lease = Some((lease.token, now)));
+        Ok(true)
+    }
+
+    async fn release(&self, lease: Lease) -> Result<bool> {
+        self.outcome_fault()?;
+        let mut state = self.shared.state.lock();
+        if !state.held(lease.id, lease.token) {
+            return Ok(false);
+        }
+        state.update(lease.id, |row| {
+            row.lease = None;
+            row.acquired_by = None;
+            row.deliveries = (row.deliveries - 1).max(0);
+        });
+        state.counters.released += 1;
+        Ok(true)
+    }
+
+    async fn messages(&self, queue: Option<&str>) -> Result<Vec<StoredMessage>> {
+        Ok(self.snapshot(queue))
+    }
+
+    async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>> {
+        Ok(self.dead(queue))
+    }
+}

@@ -1,0 +1,213 @@
+//! The conformance suite: behavioural cases every backend must pass, written once.
+//!
+//! Each case is a `pub async fn <case>(h: &impl Harness)` that panics when the behaviour is
+//! broken. [`conformance_tests!`](crate::conformance_tests) turns the whole list into one
+//! `#[tokio::test]` per case for a harness of your choice; postbox runs it for [`FakeHarness`]
+//! and [`PgHarness`], so a test written against the fake means the same on Postgres.
+//!
+//! ```ignore
+//! // tests/conformance_fake.rs
+//! postbox_testkit::conformance_tests!(postbox_testkit::conformance::FakeHarness::new());
+//! ```
+//!
+//! Areas: `tx` (publish and transactions), `fetch`, `lease`, `fence`, `retry`, `dead`,
+//! `inspect`, `runtime` (the subscriber on the backend). Time moves through
+//! [`TimeControl`](crate::TimeControl), never by sleeping.
+
+mod dead;
+mod fencing;
+mod fetch;
+mod inspect;
+mod leases;
+mod retries;
+mod runtime;
+mod tx;
+
+use async_trait::async_trait;
+use postbox_core::{Backend, Delivery, FetchParams, Message, MessageId, PgBackend};
+use postbox_fake::FakeBroker;
+
+pub use dead::*;
+pub use fencing::*;
+pub use fetch::*;
+pub use inspect::*;
+pub use leases::*;
+pub use retries::*;
+pub use runtime::*;
+pub use tx::*;
+
+use crate::postgres::PgFixture;
+use crate::time::TimeControl;
+
+/// A fresh backend for one case.
+#[async_trait]
+pub trait Harness: Send + Sync + Sized + 'static {
+    /// The backend under test.
+    type Backend: Backend + TimeControl + Clone;
+
+    /// The backend, empty at the start of the case.
+    fn backend(&self) -> &Self::Backend;
+
+    /// Releases what the harness holds (a fixture database, for instance).
+    async fn finish(self);
+}
+
+/// A fresh [`FakeBroker`] per case.
+#[derive(Debug, Clone, Default)]
+pub struct FakeHarness {
+    broker: FakeBroker,
+}
+
+impl FakeHarness {
+    /// A harness over a new, empty broker.
+    pub async fn new() -> Self {
+        FakeHarness::default()
+    }
+}
+
+#[async_trait]
+impl Harness for FakeHarness {
+    type Backend = FakeBroker;
+
+    fn backend(&self) -> &FakeBroker {
+        &self.broker
+    }
+
+    async fn finish(self) {}
+}
+
+/// A fresh Postgres database (from [`postgres()`](crate::postgres())) per case.
+#[derive(Debug)]
+pub struct PgHarness {
+    fixture: PgFixture,
+    backend: PgBackend,
+}
+
+impl PgHarness {
+    /// A harness over a new fixture database.
+    ///
+    /// # Panics
+    ///
+    /// If no Postgres server is available (the message lists the ways to get one).
+    pub async fn new() -> Self {
+        let fixture = crate::postgres()
+            .await
+            .unwrap_or_else(|e| panic!("conformance on Postgres needs a server: {e}"));
+        let backend = fixture.backend();
+        PgHarness { fixture, backend }
+    }
+}
+
+#[async_trait]
+impl Harness for PgHarness {
+    type Backend = PgBackend;
+
+    fn backend(&self) -> &PgBackend {
+        &self.backend
+    }
+
+    async fn finish(self) {
+        if let Err(e) = self.fixture.close().await {
+            eprintln!("postbox-testkit: closing the fixture failed: {e}");
+        }
+    }
+}
+
+/// Publishes `messages` in one committed transaction; returns their ids.
+pub(crate) async fn publish<B: Backend>(b: &B, messages: Vec<Message>) -> Vec<MessageId> {
+    let mut tx = b.begin().await.expect("begin");
+    let ids = b.publish_batch(&mut tx, messages).await.expect("publish");
+    b.commit(tx).await.expect("commit");
+    ids
+}
+
+/// Fetches up to `limit` messages of `queue` with the default 30 s lease.
+pub(crate) async fn fetch<B: Backend>(b: &B, queue: &str, limit: u32) -> Vec<Delivery> {
+    b.fetch(&FetchParams::new([queue], limit))
+        .await
+        .expect("fetch")
+}
+
+pub(crate) fn ids(deliveries: &[Delivery]) -> Vec<MessageId> {
+    deliveries.iter().map(|d| d.id).collect()
+}
+
+/// Generates one `#[tokio::test]` per conformance case, each on a fresh harness from
+/// `$harness` (an expression evaluating to a future of a [`Harness`]).
+///
+/// ```ignore
+/// postbox_testkit::conformance_tests!(postbox_testkit::conformance::PgHarness::new());
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:expr) => {
+        $crate::__conformance_cases! { $harness;
+            tx_committed_publish_is_fetchable,
+            tx_rolled_back_publish_is_never_fetched,
+            tx_dropped_transaction_rolls_back,
+            tx_uncommitted_publish_is_invisible,
+            tx_batch_returns_ids_in_input_order,
+            tx_empty_batch_is_a_no_op,
+            tx_invalid_queue_is_rejected_and_nothing_written,
+            tx_headers_and_correlation_ids_round_trip,
+            tx_delayed_message_waits_for_its_delay,
+            tx_not_before_is_respected,
+            fetch_respects_the_limit,
+            fetch_skips_other_queues,
+            fetch_merges_several_queues_in_order,
+            fetch_orders_by_next_attempt_then_id,
+            fetch_uses_one_fresh_token_per_batch,
+            fetch_counts_deliveries_and_stamps_the_first_attempt,
+            fetch_rejects_bad_parameters,
+            fetch_does_not_repeat_a_fresh_lease,
+            lease_expired_is_reclaimed_with_a_new_token,
+            lease_only_expired_ones_come_back,
+            lease_renewal_outlives_the_original_ttl,
+            lease_release_gives_the_message_back_uncounted,
+            lease_max_deliveries_dead_letters_a_crash_loop,
+            fence_ack_with_a_wrong_token_is_refused,
+            fence_retry_with_a_wrong_token_is_refused,
+            fence_dead_letter_with_a_wrong_token_is_refused,
+            fence_renew_and_release_with_a_wrong_token_are_refused,
+            fence_stale_holder_cannot_settle_after_a_reclaim,
+            fence_a_second_ack_is_refused,
+            fence_unknown_ids_are_refused,
+            fence_ack_batch_acks_exactly_the_held_leases,
+            retry_counts_an_attempt_and_records_the_error,
+            retry_delay_runs_on_the_backend_clock,
+            retry_policy_exhaustion_dead_letters,
+            retry_rejection_dead_letters_at_once,
+            retry_budget_measured_on_the_backend_clock,
+            retry_after_overrides_the_backoff,
+            dead_letter_moves_the_message_with_its_reason,
+            dead_letters_are_never_fetched,
+            dead_letters_are_listed_per_queue,
+            inspect_reports_ready_scheduled_and_leased,
+            inspect_lists_by_queue_and_forgets_acked,
+            runtime_delivers_every_message_and_acks_it,
+            runtime_retries_then_dead_letters,
+            runtime_treats_a_panic_as_a_failure,
+            runtime_shutdown_releases_unstarted_messages,
+        }
+    };
+}
+
+/// Plumbing of [`conformance_tests!`]; not a stable API.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    ($harness:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                let harness = $harness.await;
+                $crate::conformance::$case(&harness).await;
+                $crate::conformance::Harness::finish(harness).await;
+            }
+        )*
+
+        /// The number of cases this file instantiates.
+        #[allow(dead_code)]
+        const CONFORMANCE_CASES: &[&str] = &[$(stringify!($case)),*];
+    };
+}

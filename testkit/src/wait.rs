@@ -1,0 +1,44 @@
+//! Waiting on observable conditions with one deadline, instead of sleeping.
+
+use std::time::Duration;
+
+use postbox_core::SubscriberEvent;
+use tokio::sync::broadcast::{Receiver, error::RecvError};
+
+/// The deadline for waiting on a condition in tests: 20 s, or 60 s when `CI` is set (shared
+/// machines are slower). Generous on purpose: a correct test never gets near it.
+pub fn deadline() -> Duration {
+    if std::env::var_os("CI").is_some() {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(20)
+    }
+}
+
+/// Waits for the first subscriber event matching `pred` and returns it.
+///
+/// # Panics
+///
+/// After [`deadline()`], or if the subscriber is gone, listing the events seen meanwhile.
+pub async fn wait_for_event(
+    events: &mut Receiver<SubscriberEvent>,
+    what: &str,
+    pred: impl Fn(&SubscriberEvent) -> bool,
+) -> SubscriberEvent {
+    let mut seen = Vec::new();
+    let until = tokio::time::Instant::now() + deadline();
+    loop {
+        match tokio::time::timeout_at(until, events.recv()).await {
+            Ok(Ok(event)) if pred(&event) => return event,
+            Ok(Ok(event)) => seen.push(format!("{event:?}")),
+            Ok(Err(RecvError::Lagged(n))) => seen.push(format!("(missed {n})")),
+            Ok(Err(RecvError::Closed)) => {
+                panic!("waiting for {what}: subscriber gone; saw {seen:?}")
+            }
+            Err(_) => panic!(
+                "waiting for {what}: no such event within {:?}; saw {seen:?}",
+                deadline()
+            ),
+        }
+    }
+}
