@@ -8,6 +8,8 @@
 //!   intervals, 1 s backing off to 10 s). `--rounds` rounds with LISTEN, at most 10 without.
 //! - `drain`: 20,000 messages published beforehand, one subscriber with a no-op handler,
 //!   messages per second; default settings, tuned settings, and per-row versus batched acks.
+//! - `fake`: `FakeBroker` publish (batches of 1,000) + fetch 1,000 + `ack_batch`, 1,000,000
+//!   messages, messages per second (publish, fetch and ack each count once per message).
 //! - `fixture`: a fresh test database cloned from the migrated template
 //!   (`testkit::postgres()`), against creating an empty database and running the migrations
 //!   in it; milliseconds per database, `--rounds` of each (default 50).
@@ -43,7 +45,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--json" => args.json = Some(it.next().context("--json needs a file")?),
             "--rounds" => args.rounds = it.next().context("--rounds needs a number")?.parse()?,
             "-h" | "--help" => {
-                println!("usage: bench [wakeup] [drain] [fixture] [--json FILE] [--rounds N]");
+                println!(
+                    "usage: bench [wakeup] [drain] [fixture] [fake] [--json FILE] [--rounds N]"
+                );
                 std::process::exit(0);
             }
             w if !w.starts_with('-') => args.workloads.push(w.to_owned()),
@@ -51,7 +55,9 @@ fn parse_args() -> anyhow::Result<Args> {
         }
     }
     if args.workloads.is_empty() {
-        args.workloads = ["wakeup", "drain", "fixture"].map(String::from).to_vec();
+        args.workloads = ["wakeup", "drain", "fixture", "fake"]
+            .map(String::from)
+            .to_vec();
     }
     Ok(args)
 }
@@ -254,6 +260,46 @@ async fn drain() -> anyhow::Result<Value> {
     Ok(json!({ "workload": "drain", "messages": N, "repetitions": 3, "results": out }))
 }
 
+/// FakeBroker round trips: publish a batch, fetch it, ack it.
+async fn fake() -> anyhow::Result<Value> {
+    const N: usize = 1_000_000;
+    const BATCH: usize = 1_000;
+    let mut rates = Vec::new();
+    for _ in 0..3 {
+        let broker = postbox::fake::FakeBroker::new();
+        let params = postbox::FetchParams::new(["bench"], BATCH as u32);
+        let start = Instant::now();
+        for _ in 0..N / BATCH {
+            let mut tx = broker.begin().await?;
+            broker
+                .publish_batch(
+                    &mut tx,
+                    (0..BATCH).map(|_| Message::new("bench", "x")).collect(),
+                )
+                .await?;
+            broker.commit(tx).await?;
+            let leases: Vec<_> = broker
+                .fetch(&params)
+                .await?
+                .iter()
+                .map(Delivery::lease)
+                .collect();
+            anyhow::ensure!(
+                broker.ack_batch(&leases).await?.len() == BATCH,
+                "acked fewer"
+            );
+        }
+        rates.push(N as f64 / start.elapsed().as_secs_f64());
+    }
+    rates.sort_by(f64::total_cmp);
+    Ok(json!({
+        "workload": "fake",
+        "messages": N,
+        "batch": BATCH,
+        "msgs_per_s": { "median": rates[1].round(), "min": rates[0].round(), "max": rates[2].round() },
+    }))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
@@ -264,7 +310,8 @@ async fn main() -> anyhow::Result<()> {
             "fixture" => fixture(args.rounds).await?,
             "wakeup" => wakeup(args.rounds).await?,
             "drain" => drain().await?,
-            other => anyhow::bail!("unknown workload {other}; known: wakeup, drain, fixture"),
+            "fake" => fake().await?,
+            other => anyhow::bail!("unknown workload {other}; known: wakeup, drain, fixture, fake"),
         });
     }
     let doc = json!({

@@ -8,6 +8,31 @@
 //!
 //! # Example
 //!
+//! The whole cycle on the in-memory [`FakeBroker`](fake::FakeBroker) (no server needed); the
+//! same calls work on [`PgBackend`]:
+//!
+//! ```
+//! # #[cfg(feature = "fake")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), postbox::Error> {
+//! use postbox::{Backend, FetchParams, Message};
+//! use postbox::fake::FakeBroker;
+//!
+//! let outbox = FakeBroker::new();
+//! let mut tx = outbox.begin().await?;
+//! outbox.publish(&mut tx, Message::new("emails", "receipt for order 42")).await?;
+//! outbox.commit(tx).await?; // visible only now
+//!
+//! let deliveries = outbox.fetch(&FetchParams::new(["emails"], 16)).await?;
+//! assert_eq!(deliveries.len(), 1);
+//! assert!(outbox.ack(deliveries[0].lease()).await?); // fenced by the lease token
+//! # Ok(()) }
+//! # #[cfg(not(feature = "fake"))]
+//! # fn main() {}
+//! ```
+//!
+//! With Postgres, publish inside your own transaction:
+//!
 //! ```no_run
 //! use postbox::{Backend, FetchParams, Message, PgBackend};
 //!

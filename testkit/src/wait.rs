@@ -25,8 +25,24 @@ pub async fn wait_for_event(
     what: &str,
     pred: impl Fn(&SubscriberEvent) -> bool,
 ) -> SubscriberEvent {
+    wait_for_event_within(events, what, deadline(), pred).await
+}
+
+/// [`wait_for_event`] with an explicit deadline. With paused tokio time the deadline is
+/// virtual too, and the clock jumps over the subscriber's own waits (polling, retry delays):
+/// give it more virtual time than the schedule needs, e.g. an hour.
+///
+/// # Panics
+///
+/// After `within`, or if the subscriber is gone, listing the events seen meanwhile.
+pub async fn wait_for_event_within(
+    events: &mut Receiver<SubscriberEvent>,
+    what: &str,
+    within: Duration,
+    pred: impl Fn(&SubscriberEvent) -> bool,
+) -> SubscriberEvent {
     let mut seen = Vec::new();
-    let until = tokio::time::Instant::now() + deadline();
+    let until = tokio::time::Instant::now() + within;
     loop {
         match tokio::time::timeout_at(until, events.recv()).await {
             Ok(Ok(event)) if pred(&event) => return event,

@@ -1,0 +1,252 @@
+//! What only the fake offers: fault injection, paused time, counters; and the runtime on it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use postbox::fake::{FakeBroker, Fault};
+use postbox::testkit::wait_for_event_within;
+use postbox::{
+    Backend, Delivery, Error, FetchParams, HandlerError, Message, Outcome, Subscriber,
+    SubscriberEvent, SubscriberOptions,
+};
+
+/// Virtual time to wait for an event under paused time (the clock jumps over idle waits).
+const HOUR: Duration = Duration::from_secs(3600);
+
+async fn publish(b: &FakeBroker, n: usize) -> Vec<i64> {
+    let mut tx = b.begin().await.expect("begin");
+    let ids = b
+        .publish_batch(
+            &mut tx,
+            (0..n).map(|i| Message::new("q", i.to_string())).collect(),
+        )
+        .await
+        .expect("publish");
+    b.commit(tx).await.expect("commit");
+    ids
+}
+
+#[tokio::test]
+async fn injected_faults_fail_exactly_the_next_n_calls_and_change_nothing() {
+    let b = FakeBroker::new();
+    b.fail_next_publishes(1, Fault::Message("disk full".into()));
+    let mut tx = b.begin().await.expect("begin");
+    let err = b
+        .publish(&mut tx, Message::new("q", "x"))
+        .await
+        .expect_err("injected");
+    assert!(
+        matches!(&err, Error::Injected(m) if m == "disk full"),
+        "{err}"
+    );
+    b.publish(&mut tx, Message::new("q", "x"))
+        .await
+        .expect("second publish works");
+    b.commit(tx).await.expect("commit");
+
+    b.fail_next_fetches(2, Fault::ConnectionLost);
+    for _ in 0..2 {
+        let err = b
+            .fetch(&FetchParams::new(["q"], 1))
+            .await
+            .expect_err("injected");
+        assert!(err.is_transient(), "a lost connection is transient: {err}");
+    }
+    let d = b
+        .fetch(&FetchParams::new(["q"], 1))
+        .await
+        .expect("fetch")
+        .remove(0);
+
+    b.fail_next_outcomes(1, Fault::ConnectionLost);
+    assert!(b.ack(d.lease()).await.is_err());
+    assert_eq!(b.snapshot(None).len(), 1, "a failed ack deletes nothing");
+    assert!(b.ack(d.lease()).await.expect("ack"));
+    let c = b.counters();
+    assert_eq!((c.published, c.fetched, c.acked), (1, 1, 1));
+}
+
+#[tokio::test]
+async fn rollbacks_are_counted_and_leave_gaps_in_ids() {
+    let b = FakeBroker::new();
+    let mut tx = b.begin().await.expect("begin");
+    let rolled = b
+        .publish(&mut tx, Message::new("q", "x"))
+        .await
+        .expect("publish");
+    b.rollback(tx).await.expect("rollback");
+    let kept = publish(&b, 1).await;
+    assert!(
+        kept[0] > rolled,
+        "ids are taken at publish time, as with a sequence"
+    );
+    assert_eq!(b.counters().rolled_back, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn paused_time_drives_lease_expiry_without_waiting() {
+    let b = FakeBroker::new();
+    publish(&b, 1).await;
+    let first = b.fetch(&FetchParams::new(["q"], 1)).await.expect("fetch");
+    tokio::time::advance(Duration::from_secs(29)).await;
+    assert!(
+        b.fetch(&FetchParams::new(["q"], 1))
+            .await
+            .expect("fetch")
+            .is_empty()
+    );
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let again = b.fetch(&FetchParams::new(["q"], 1)).await.expect("fetch");
+    assert_eq!(again[0].id, first[0].id);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_runtime_on_the_fake_polls_through_retry_delays_in_paused_time() {
+    let b = FakeBroker::new();
+    let ids = publish(&b, 3).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&calls);
+    // Every message fails once with a one-minute delay, then succeeds.
+    let handler = move |d: Delivery| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(if d.attempts == 0 {
+            Err(HandlerError::retry_after(
+                Duration::from_secs(60),
+                "not yet",
+            ))
+        } else {
+            Ok(())
+        })
+    };
+    let sub = Subscriber::new(b.clone(), SubscriberOptions::new(["q"]), handler)
+        .expect("options")
+        .spawn();
+    let mut events = sub.events();
+    let started = tokio::time::Instant::now();
+    for _ in 0..3 {
+        wait_for_event_within(&mut events, "ack", HOUR, |e| {
+            matches!(
+                e,
+                SubscriberEvent::Handled {
+                    outcome: Outcome::Acked,
+                    ..
+                }
+            )
+        })
+        .await;
+    }
+    // The clock jumped over the minute (and the 1-10 s idle polling) without real waiting.
+    assert!(started.elapsed() >= Duration::from_secs(60));
+    assert_eq!(calls.load(Ordering::SeqCst), 6);
+    let stats = sub.shutdown().await.expect("shutdown").stats;
+    assert_eq!((stats.acked, stats.retried), (3, 3));
+    assert!(b.snapshot(None).is_empty());
+    assert_eq!(b.counters().acked, ids.len() as u64);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_runtime_backs_off_on_fetch_errors_and_recovers() {
+    let b = FakeBroker::new();
+    publish(&b, 5).await;
+    b.fail_next_fetches(3, Fault::ConnectionLost);
+    let handler = |_d: Delivery| std::future::ready(Ok::<(), HandlerError>(()));
+    let sub = Subscriber::new(b.clone(), SubscriberOptions::new(["q"]), handler)
+        .expect("options")
+        .spawn();
+    let mut events = sub.events();
+    let mut delays = Vec::new();
+    while delays.len() < 3 {
+        if let SubscriberEvent::BackoffStarted { delay, .. } =
+            wait_for_event_within(&mut events, "backoff", HOUR, |e| {
+                matches!(e, SubscriberEvent::BackoffStarted { .. })
+            })
+            .await
+        {
+            delays.push(delay);
+        }
+    }
+    assert!(delays[2] > delays[0], "the backoff grows: {delays:?}");
+    for _ in 0..5 {
+        wait_for_event_within(&mut events, "ack", HOUR, |e| {
+            matches!(
+                e,
+                SubscriberEvent::Handled {
+                    outcome: Outcome::Acked,
+                    ..
+                }
+            )
+        })
+        .await;
+    }
+    let stats = sub.shutdown().await.expect("shutdown").stats;
+    assert_eq!((stats.errors, stats.acked), (3, 5));
+    assert!(b.snapshot(None).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_ack_writes_are_retried_and_nothing_is_lost() {
+    let b = FakeBroker::new();
+    publish(&b, 4).await;
+    b.fail_next_outcomes(2, Fault::ConnectionLost);
+    let handler = |_d: Delivery| std::future::ready(Ok::<(), HandlerError>(()));
+    let sub = Subscriber::new(b.clone(), SubscriberOptions::new(["q"]), handler)
+        .expect("options")
+        .spawn();
+    let mut events = sub.events();
+    for _ in 0..4 {
+        wait_for_event_within(&mut events, "ack", HOUR, |e| {
+            matches!(
+                e,
+                SubscriberEvent::Handled {
+                    outcome: Outcome::Acked,
+                    ..
+                }
+            )
+        })
+        .await;
+    }
+    let stats = sub.shutdown().await.expect("shutdown").stats;
+    assert_eq!(stats.acked, 4);
+    assert!(stats.errors >= 1, "{stats:?}");
+    assert!(b.snapshot(None).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_paused_schedule_gives_the_same_history_twice() {
+    async fn run() -> Vec<(i64, i32)> {
+        let b = FakeBroker::new();
+        publish(&b, 6).await;
+        let handler = |d: Delivery| {
+            std::future::ready(if d.id % 2 == 0 && d.attempts < 2 {
+                Err(HandlerError::retry_after(
+                    Duration::from_secs(5),
+                    "even ids fail twice",
+                ))
+            } else {
+                Ok(())
+            })
+        };
+        let options = SubscriberOptions::new(["q"]).max_workers(1).prefetch(0);
+        let sub = Subscriber::new(b.clone(), options, handler)
+            .expect("options")
+            .spawn();
+        let mut events = sub.events();
+        let mut history = Vec::new();
+        while history.len() < 12 {
+            if let SubscriberEvent::Handled { id, outcome } =
+                wait_for_event_within(&mut events, "outcome", HOUR, |e| {
+                    matches!(e, SubscriberEvent::Handled { .. })
+                })
+                .await
+            {
+                history.push((id, i32::from(outcome == Outcome::Acked)));
+            }
+        }
+        sub.shutdown().await.expect("shutdown");
+        history
+    }
+    let first = run().await;
+    assert_eq!(first, run().await);
+    assert_eq!(first.iter().filter(|(_, acked)| *acked == 1).count(), 6);
+}
