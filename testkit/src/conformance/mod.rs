@@ -12,7 +12,7 @@
 //!
 //! Areas: `tx` (publish and transactions), `fetch`, `lease`, `fence`, `retry`, `dead`,
 //! `inspect`, `runtime` (the subscriber on the backend). Time moves through
-//! [`TimeControl`](crate::TimeControl), never by sleeping.
+//! [`TimeControl`], never by sleeping.
 
 mod dead;
 mod fencing;
