@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::coop::{CoopReceive, Member, MemberInfo, Registration, Unregister};
 use crate::error::{Error, Result};
 use crate::inspect::{DeadLetter, StoredMessage};
 use crate::message::{Delivery, Lease, Message, MessageId, validate_queue};
@@ -189,6 +190,47 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// [`Error::Database`].
     async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>>;
+
+    /// Registers `member` for `queues`; idempotent and race-free: of concurrent first
+    /// registrations exactly one reports [`Registration::New`]. Refreshes the heartbeat.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn coop_register(&self, member: &Member, queues: &[String]) -> Result<Registration>;
+
+    /// Leases up to `max_messages` rows to the member under a fresh token, registering it on
+    /// first use and stamping its heartbeat. Takes ready rows and, with a `dead_interval`,
+    /// rows held by siblings silent for longer than that (their outcomes then report
+    /// `false`). Rows held by live siblings are never taken, whatever their lease age.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`], [`Error::InvalidQueue`], [`Error::Database`].
+    async fn coop_receive(&self, params: &CoopReceive) -> Result<Vec<Delivery>>;
+
+    /// The heartbeat: marks `member` alive now. `Ok(false)` if it is not registered.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn coop_touch(&self, member: &Member) -> Result<bool>;
+
+    /// Removes `member` from its group; see [`Unregister`] for the rows it holds. `Ok(false)`
+    /// if it was not registered (a second unregister).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MemberHoldsMessages`] with [`Unregister::Fail`] while it holds rows;
+    /// [`Error::Database`].
+    async fn coop_unregister(&self, member: &Member, handling: Unregister) -> Result<bool>;
+
+    /// The members of `group`, by name, with what each holds.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn coop_members(&self, group: &str) -> Result<Vec<MemberInfo>>;
 
     /// Settles a failed delivery through `policy`: retry after the policy's delay, or
     /// dead-letter when the error is a rejection or retries are exhausted.

@@ -87,6 +87,18 @@ pub enum Error {
     #[error("json error: {0}")]
     Json(#[from] serde_json::Error),
 
+    /// A member asked to unregister with [`Unregister::Fail`](crate::Unregister::Fail) while it
+    /// holds rows.
+    #[error(
+        "member {member} still holds {held} message(s); finish or requeue them (Unregister::Requeue) first"
+    )]
+    MemberHoldsMessages {
+        /// The member (`group/name`).
+        member: String,
+        /// How many rows it holds.
+        held: i64,
+    },
+
     /// The subscriber runtime failed (its task panicked or was already shut down).
     #[error("subscriber runtime: {0}")]
     Runtime(String),

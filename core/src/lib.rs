@@ -8,6 +8,7 @@
 //! - [`Backend`]: publish, fetch, and fenced outcomes (ack, retry, dead-letter, renew, release).
 //! - [`PgBackend`]: the Postgres implementation; [`Engine`]: its dedicated connections.
 //! - [`RetryPolicy`] and [`HandlerError`]: how failures become delays or dead letters.
+//! - [`Member`] and [`CoopReceive`]: cooperative subconsumers sharing queues.
 //! - [`Subscriber`]: the runtime that consumes queues with a [`Handler`].
 //! - [`TableName`]: a validated outbox table name and every identifier derived from it.
 //! - [`Error`]: everything that can go wrong.
@@ -20,6 +21,7 @@
 //! dead-letter the message (the call returns `Ok(false)`).
 
 mod backend;
+mod coop;
 mod error;
 mod inspect;
 mod message;
@@ -31,6 +33,7 @@ mod table;
 pub use backend::{
     Backend, DEFAULT_LEASE_TTL, FailOutcome, FetchParams, MAX_FETCH_LIMIT, RetryParams,
 };
+pub use coop::{CoopReceive, MAX_MEMBER_NAME_LEN, Member, MemberInfo, Registration, Unregister};
 pub use error::{Error, Result, SchemaProblems};
 pub use inspect::{DeadLetter, MessageState, StoredMessage};
 pub use message::{

@@ -133,6 +133,16 @@ impl TableName {
         format!("{}_lease_check", self.0)
     }
 
+    /// The cooperative members registry, `T_members`.
+    pub fn members(&self) -> String {
+        format!("{}_members", self.0)
+    }
+
+    /// The partial index of rows by holder, `T_member_idx`.
+    pub fn member_index(&self) -> String {
+        format!("{}_member_idx", self.0)
+    }
+
     /// The table recording applied migrations, `T_migrations`.
     pub fn migrations(&self) -> String {
         format!("{}_migrations", self.0)

@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use postbox_core::{
-    Availability, Backend, DeadLetter, Delivery, Engine, FetchParams, Lease, Message, MessageId,
-    Result, RetryParams, StoredMessage, TableName, validate_queue,
+    Availability, Backend, CoopReceive, DeadLetter, Delivery, Engine, FetchParams, Lease, Member,
+    MemberInfo, Message, MessageId, Registration, Result, RetryParams, StoredMessage, TableName,
+    Unregister, validate_queue,
 };
 use uuid::Uuid;
 
@@ -51,7 +52,7 @@ use crate::tx::{FakeConn, FakeTransaction};
 /// ```
 #[derive(Clone)]
 pub struct FakeBroker {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 pub(crate) struct Shared {
@@ -186,6 +187,51 @@ impl FakeBroker {
     }
 }
 
+/// Leases `picked` (already sorted and cut to the limit) under one fresh token, or
+/// dead-letters those delivered `max_deliveries` times: the common end of fetch and
+/// cooperative receive.
+pub(crate) fn lease_picked(
+    state: &mut State,
+    picked: Vec<(DateTime<Utc>, MessageId)>,
+    now: DateTime<Utc>,
+    holder: Option<&str>,
+    max_deliveries: Option<u32>,
+) -> Vec<Delivery> {
+    let token = Uuid::new_v4();
+    let max = max_deliveries.map(|n| i32::try_from(n).unwrap_or(i32::MAX));
+    let mut out = Vec::with_capacity(picked.len());
+    for (_, id) in picked {
+        let exhausted = state
+            .rows
+            .get(&id)
+            .is_some_and(|r| max.is_some_and(|m| r.deliveries >= m));
+        if exhausted {
+            if let Some(row) = state.remove(id) {
+                let reason = format!(
+                    "max_deliveries exceeded: leased {} times without an outcome",
+                    row.deliveries
+                );
+                state.dead.insert(id, row.dead(reason, now));
+                state.counters.dead_lettered += 1;
+            }
+            continue;
+        }
+        let holder = holder.map(str::to_owned);
+        state.update(id, |row| {
+            row.lease = Some((token, now));
+            row.acquired_by = holder;
+            row.deliveries += 1;
+            row.first_attempt_at.get_or_insert(now);
+            row.last_attempt_at = Some(now);
+        });
+        if let Some(delivery) = state.rows.get(&id).and_then(Row::delivery) {
+            out.push(delivery);
+        }
+    }
+    state.counters.fetched += out.len() as u64;
+    out
+}
+
 impl fmt::Debug for FakeBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = self.shared.state.lock();
@@ -289,41 +335,13 @@ impl Backend for FakeBroker {
         picked.dedup();
         picked.truncate(limit);
 
-        let token = Uuid::new_v4();
-        let max = params
-            .delivery_limit()
-            .map(|n| i32::try_from(n).unwrap_or(i32::MAX));
-        let mut out = Vec::with_capacity(picked.len());
-        for (_, id) in picked {
-            let exhausted = state
-                .rows
-                .get(&id)
-                .is_some_and(|r| max.is_some_and(|m| r.deliveries >= m));
-            if exhausted {
-                if let Some(row) = state.remove(id) {
-                    let reason = format!(
-                        "max_deliveries exceeded: leased {} times without an outcome",
-                        row.deliveries
-                    );
-                    state.dead.insert(id, row.dead(reason, now));
-                    state.counters.dead_lettered += 1;
-                }
-                continue;
-            }
-            let holder = params.holder().map(str::to_owned);
-            state.update(id, |row| {
-                row.lease = Some((token, now));
-                row.acquired_by = holder;
-                row.deliveries += 1;
-                row.first_attempt_at.get_or_insert(now);
-                row.last_attempt_at = Some(now);
-            });
-            if let Some(delivery) = state.rows.get(&id).and_then(Row::delivery) {
-                out.push(delivery);
-            }
-        }
-        state.counters.fetched += out.len() as u64;
-        Ok(out)
+        Ok(lease_picked(
+            &mut state,
+            picked,
+            now,
+            params.holder(),
+            params.delivery_limit(),
+        ))
     }
 
     async fn ack(&self, lease: Lease) -> Result<bool> {
@@ -418,6 +436,26 @@ impl Backend for FakeBroker {
 
     async fn messages(&self, queue: Option<&str>) -> Result<Vec<StoredMessage>> {
         Ok(self.snapshot(queue))
+    }
+
+    async fn coop_register(&self, member: &Member, queues: &[String]) -> Result<Registration> {
+        Ok(self.coop_register_now(member, queues))
+    }
+
+    async fn coop_receive(&self, params: &CoopReceive) -> Result<Vec<Delivery>> {
+        self.coop_receive_now(params)
+    }
+
+    async fn coop_touch(&self, member: &Member) -> Result<bool> {
+        Ok(self.coop_touch_now(member))
+    }
+
+    async fn coop_unregister(&self, member: &Member, handling: Unregister) -> Result<bool> {
+        self.coop_unregister_now(member, handling)
+    }
+
+    async fn coop_members(&self, group: &str) -> Result<Vec<MemberInfo>> {
+        Ok(self.coop_members_now(group))
     }
 
     async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>> {

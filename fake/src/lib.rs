@@ -15,6 +15,7 @@
 
 mod broker;
 mod clock;
+mod coop;
 mod faults;
 mod state;
 mod tx;

@@ -100,8 +100,18 @@ pub struct FakeCounters {
     pub released: u64,
 }
 
+/// A registered cooperative member.
+#[derive(Debug, Clone)]
+pub(crate) struct MemberRow {
+    pub(crate) queues: Vec<String>,
+    pub(crate) registered_at: DateTime<Utc>,
+    pub(crate) last_active: DateTime<Utc>,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct State {
+    /// Cooperative members by (group, name).
+    pub(crate) members: BTreeMap<(String, String), MemberRow>,
     pub(crate) next_id: MessageId,
     pub(crate) rows: HashMap<MessageId, Row>,
     /// Unleased rows per queue, in fetch order.

@@ -2,8 +2,8 @@
 
 use postbox::sqlx::{PgConnection, Postgres, Transaction};
 use postbox::{
-    Backend, DeadLetter, Delivery, Engine, FetchParams, Lease, Message, MessageId, PgBackend,
-    RetryParams, StoredMessage, TableName,
+    Backend, CoopReceive, DeadLetter, Delivery, Engine, FetchParams, Lease, Member, MemberInfo,
+    Message, MessageId, PgBackend, Registration, RetryParams, StoredMessage, TableName, Unregister,
 };
 
 /// `PgBackend` without an engine.
@@ -65,5 +65,20 @@ impl Backend for NoEngine {
     }
     async fn dead_letters(&self, q: Option<&str>) -> postbox::Result<Vec<DeadLetter>> {
         self.0.dead_letters(q).await
+    }
+    async fn coop_register(&self, m: &Member, q: &[String]) -> postbox::Result<Registration> {
+        self.0.coop_register(m, q).await
+    }
+    async fn coop_receive(&self, p: &CoopReceive) -> postbox::Result<Vec<Delivery>> {
+        self.0.coop_receive(p).await
+    }
+    async fn coop_touch(&self, m: &Member) -> postbox::Result<bool> {
+        self.0.coop_touch(m).await
+    }
+    async fn coop_unregister(&self, m: &Member, h: Unregister) -> postbox::Result<bool> {
+        self.0.coop_unregister(m, h).await
+    }
+    async fn coop_members(&self, g: &str) -> postbox::Result<Vec<MemberInfo>> {
+        self.0.coop_members(g).await
     }
 }

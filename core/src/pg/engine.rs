@@ -9,6 +9,7 @@ use sqlx::{ConnectOptions, PgConnection};
 
 use super::Inner;
 use crate::backend::FetchParams;
+use crate::coop::CoopReceive;
 use crate::error::Result;
 use crate::message::Delivery;
 use crate::table::TableName;
@@ -100,6 +101,20 @@ impl Engine {
         params: &FetchParams,
     ) -> Result<Vec<Delivery>> {
         self.inner.fetch_on(conn, params).await
+    }
+
+    /// Runs the cooperative receive on `conn`. Same semantics as
+    /// [`Backend::coop_receive`](crate::Backend::coop_receive).
+    ///
+    /// # Errors
+    ///
+    /// As [`Backend::coop_receive`](crate::Backend::coop_receive).
+    pub async fn coop_receive(
+        &self,
+        conn: &mut PgConnection,
+        params: &CoopReceive,
+    ) -> Result<Vec<Delivery>> {
+        self.inner.coop_receive_on(conn, params).await
     }
 }
 

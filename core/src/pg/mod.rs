@@ -8,6 +8,7 @@
 //! | fault injection | no (kill connections with `pg_terminate_backend`) |
 //! | time control | pin the statements' clock with the `test-util` feature |
 
+mod coop;
 mod engine;
 mod fetch;
 mod inspect;
@@ -28,6 +29,7 @@ pub use schema::{SCHEMA_VERSION, ddl};
 use statements::Statements;
 
 use crate::backend::{Backend, FetchParams, RetryParams};
+use crate::coop::{CoopReceive, Member, MemberInfo, Registration, Unregister};
 use crate::error::Result;
 use crate::inspect::{DeadLetter, StoredMessage};
 use crate::message::{Delivery, Lease, Message, MessageId};
@@ -260,6 +262,28 @@ impl Backend for PgBackend {
 
     async fn messages(&self, queue: Option<&str>) -> Result<Vec<StoredMessage>> {
         self.list_messages(queue).await
+    }
+
+    async fn coop_register(&self, member: &Member, queues: &[String]) -> Result<Registration> {
+        self.coop_register_one(member, queues).await
+    }
+
+    async fn coop_receive(&self, params: &CoopReceive) -> Result<Vec<Delivery>> {
+        params.validate()?;
+        let mut conn = self.shared().pool.acquire().await?;
+        self.shared().coop_receive_on(&mut conn, params).await
+    }
+
+    async fn coop_touch(&self, member: &Member) -> Result<bool> {
+        self.coop_touch_one(member).await
+    }
+
+    async fn coop_unregister(&self, member: &Member, handling: Unregister) -> Result<bool> {
+        self.coop_unregister_one(member, handling).await
+    }
+
+    async fn coop_members(&self, group: &str) -> Result<Vec<MemberInfo>> {
+        self.coop_members_of(group).await
     }
 
     async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>> {

@@ -18,11 +18,18 @@ pub(crate) struct Migration {
 }
 
 /// The migrations, in order. Append only: a released migration is never edited.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "outbox table, lease check, pending and lease indexes, dead-letter table",
-    sql: V1,
-}];
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "outbox table, lease check, pending and lease indexes, dead-letter table",
+        sql: V1,
+    },
+    Migration {
+        version: 2,
+        description: "cooperative members registry and holder index",
+        sql: V2,
+    },
+];
 
 const V1: &str = r#"
 CREATE TABLE IF NOT EXISTS {table} (
@@ -69,6 +76,21 @@ CREATE TABLE IF NOT EXISTS {dead} (
     dead_at          timestamptz NOT NULL DEFAULT now(),
     reason           text        NOT NULL
 );
+"#;
+
+const V2: &str = r#"
+CREATE TABLE IF NOT EXISTS {members} (
+    grp           text        NOT NULL,
+    member        text        NOT NULL,
+    queues        text[]      NOT NULL,
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    last_active   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (grp, member)
+);
+
+CREATE INDEX IF NOT EXISTS {member_idx}
+    ON {table} (acquired_by)
+    WHERE acquired_by IS NOT NULL;
 "#;
 
 pub(crate) const CREATE_MIGRATIONS: &str = r#"
@@ -186,6 +208,8 @@ const DEAD_COLUMNS: &[&str] = &[
     "reason",
 ];
 
+const MEMBER_COLUMNS: &[&str] = &["grp", "member", "queues", "registered_at", "last_active"];
+
 // $1 relation name
 const RELATION_EXISTS: &str = "SELECT to_regclass($1) IS NOT NULL";
 // $1 relation name
@@ -206,6 +230,7 @@ pub(crate) async fn problems(
     let relations = [
         ("table", table.to_string(), COLUMNS),
         ("dead-letter table", table.dead_letter(), DEAD_COLUMNS),
+        ("members table", table.members(), MEMBER_COLUMNS),
     ];
     for (kind, name, expected) in relations {
         let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
@@ -224,7 +249,11 @@ pub(crate) async fn problems(
             problems.push(format!("column {name}.{column} is missing"));
         }
     }
-    for index in [table.pending_index(), table.lease_index()] {
+    for index in [
+        table.pending_index(),
+        table.lease_index(),
+        table.member_index(),
+    ] {
         let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
             .bind(&index)
             .fetch_one(&mut *conn)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
-use super::{fetch, inspect, outcome, publish, schema};
+use super::{coop, fetch, inspect, outcome, publish, schema};
 use crate::table::TableName;
 
 /// Substitutes the identifier placeholders of `template` for `table`.
@@ -22,6 +22,8 @@ pub(crate) fn render(template: &str, table: &TableName) -> String {
         .replace("{pending_idx}", &TableName::quoted(&table.pending_index()))
         .replace("{lease_idx}", &TableName::quoted(&table.lease_index()))
         .replace("{lease_check}", &TableName::quoted(&table.lease_check()))
+        .replace("{members}", &TableName::quoted(&table.members()))
+        .replace("{member_idx}", &TableName::quoted(&table.member_index()))
 }
 
 /// Rendered statement text, cheap to clone (shared).
@@ -43,6 +45,15 @@ pub(crate) struct Statements {
     pub(crate) release: SqlStr,
     pub(crate) messages: SqlStr,
     pub(crate) dead_letters: SqlStr,
+    pub(crate) coop_receive: SqlStr,
+    pub(crate) coop_register: SqlStr,
+    pub(crate) coop_touch: SqlStr,
+    pub(crate) coop_lock_member: SqlStr,
+    pub(crate) coop_held: SqlStr,
+    pub(crate) coop_requeue_exhausted: SqlStr,
+    pub(crate) coop_requeue: SqlStr,
+    pub(crate) coop_delete_member: SqlStr,
+    pub(crate) coop_members: SqlStr,
     pub(crate) create_migrations: SqlStr,
     pub(crate) applied_migrations: SqlStr,
     pub(crate) record_migration: SqlStr,
@@ -63,6 +74,15 @@ impl Statements {
             release: sql(outcome::RELEASE, table),
             messages: sql(inspect::MESSAGES, table),
             dead_letters: sql(inspect::DEAD_LETTERS, table),
+            coop_receive: sql(coop::COOP_RECEIVE, table),
+            coop_register: sql(coop::COOP_REGISTER, table),
+            coop_touch: sql(coop::COOP_TOUCH, table),
+            coop_lock_member: sql(coop::LOCK_MEMBER, table),
+            coop_held: sql(coop::HELD, table),
+            coop_requeue_exhausted: sql(coop::REQUEUE_EXHAUSTED, table),
+            coop_requeue: sql(coop::REQUEUE, table),
+            coop_delete_member: sql(coop::DELETE_MEMBER, table),
+            coop_members: sql(coop::MEMBERS, table),
             create_migrations: sql(schema::CREATE_MIGRATIONS, table),
             applied_migrations: sql(schema::APPLIED_MIGRATIONS, table),
             record_migration: sql(schema::RECORD_MIGRATION, table),

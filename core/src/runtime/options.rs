@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::backend::{DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT};
+use crate::coop::Member;
 use crate::error::{Error, Result};
 use crate::message::validate_queue;
 use crate::retry::RetryPolicy;
@@ -40,6 +41,8 @@ pub struct SubscriberOptions {
     pub(crate) listener_check_interval: Duration,
     pub(crate) error_backoff_min: Duration,
     pub(crate) error_backoff_max: Duration,
+    pub(crate) subconsumer: Option<Member>,
+    pub(crate) dead_interval: Option<Duration>,
 }
 
 impl SubscriberOptions {
@@ -61,6 +64,8 @@ impl SubscriberOptions {
             listener_check_interval: Duration::from_secs(30),
             error_backoff_min: Duration::from_millis(100),
             error_backoff_max: Duration::from_secs(30),
+            subconsumer: None,
+            dead_interval: None,
         }
     }
 
@@ -172,6 +177,33 @@ impl SubscriberOptions {
         self
     }
 
+    /// Consumes as `member` of a cooperative group: fetches with
+    /// [`coop_receive`](crate::Backend::coop_receive), so siblings in this or other processes
+    /// split the work with no duplicate delivery, and touches the member (its heartbeat) while
+    /// it runs. Defaults to none (plain fetch).
+    #[must_use]
+    pub fn subconsumer(mut self, member: Member) -> Self {
+        self.subconsumer = Some(member);
+        self
+    }
+
+    /// With [`subconsumer`](Self::subconsumer): take over rows of siblings silent for longer
+    /// than `interval`. The runtime touches its own member every third of it, so a slow but
+    /// live member is never robbed. Defaults to never taking over; setting it without a
+    /// subconsumer is a configuration error.
+    #[must_use]
+    pub fn dead_interval(mut self, interval: Duration) -> Self {
+        self.dead_interval = Some(interval);
+        self
+    }
+
+    /// How often the runtime touches its subconsumer: a third of the dead interval, or 10 s.
+    pub(crate) fn touch_every(&self) -> Duration {
+        self.dead_interval
+            .map_or(Duration::from_secs(10), |d| d / 3)
+            .max(Duration::from_millis(10))
+    }
+
     /// The most messages one fetch asks for: every worker busy plus a full prefetch buffer.
     pub(crate) fn capacity(&self) -> usize {
         self.max_workers + self.prefetch
@@ -209,6 +241,14 @@ impl SubscriberOptions {
         }
         if self.max_deliveries == Some(0) {
             return invalid("max_deliveries must be at least 1".into());
+        }
+        if self.dead_interval.is_some() && self.subconsumer.is_none() {
+            return invalid(
+                "dead_interval needs a subconsumer (SubscriberOptions::subconsumer)".into(),
+            );
+        }
+        if self.dead_interval.is_some_and(|d| d.is_zero()) {
+            return invalid("dead_interval must be positive".into());
         }
         if self.listen_retry_interval.is_zero() || self.listener_check_interval.is_zero() {
             return invalid("listener intervals must be positive".into());

@@ -19,6 +19,7 @@ use super::listener::ListenTask;
 use super::options::SubscriberOptions;
 use super::subscriber::{Shared, ShutdownReport};
 use crate::backend::{Backend, FailOutcome, FetchParams};
+use crate::coop::CoopReceive;
 use crate::error::{Error, Result};
 use crate::message::{Delivery, Lease, MessageId};
 use crate::retry::HandlerError;
@@ -129,6 +130,8 @@ impl<B: Backend> Supervisor<B> {
         let renew_every = self.options.lease_ttl / 3;
         let mut renew = tokio::time::interval((renew_every / 2).max(Duration::from_millis(10)));
         renew.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut touch = tokio::time::interval(self.options.touch_every());
+        touch.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             if self.stopping || *self.stop.borrow() {
                 return;
@@ -154,6 +157,7 @@ impl<B: Backend> Supervisor<B> {
                     }
                 }
                 _ = renew.tick() => self.renew(renew_every).await,
+                _ = touch.tick(), if self.options.subconsumer.is_some() => self.touch().await,
                 Some(done) = self.workers.join_next_with_id(), if !self.workers.is_empty() => {
                     self.completed(done);
                     self.dispatch();
@@ -218,8 +222,22 @@ impl<B: Backend> Supervisor<B> {
     }
 
     async fn fetch_once(&mut self, params: &FetchParams) -> Result<Vec<Delivery>> {
+        let coop = self.options.subconsumer.clone().map(|member| {
+            let mut receive =
+                CoopReceive::new(member, params.queues().iter().cloned(), params.limit());
+            if let Some(d) = self.options.dead_interval {
+                receive = receive.dead_interval(d);
+            }
+            if let Some(n) = params.delivery_limit() {
+                receive = receive.max_deliveries(n);
+            }
+            receive
+        });
         let Some(engine) = self.backend.engine() else {
-            return self.backend.fetch(params).await;
+            return match &coop {
+                Some(receive) => self.backend.coop_receive(receive).await,
+                None => self.backend.fetch(params).await,
+            };
         };
         if self.conn.is_none() {
             let mut conn = engine.connect().await?;
@@ -231,9 +249,10 @@ impl<B: Backend> Supervisor<B> {
                 .emit(SubscriberEvent::FetchConnected { backend_pid });
             self.conn = Some(conn);
         }
-        match self.conn.as_mut() {
-            Some(conn) => engine.fetch(conn, params).await,
-            None => Err(Error::Runtime("fetch connection missing".into())),
+        match (self.conn.as_mut(), &coop) {
+            (Some(conn), Some(receive)) => engine.coop_receive(conn, receive).await,
+            (Some(conn), None) => engine.fetch(conn, params).await,
+            (None, _) => Err(Error::Runtime("fetch connection missing".into())),
         }
     }
 
@@ -449,6 +468,17 @@ impl<B: Backend> Supervisor<B> {
         if renewed > 0 {
             self.shared
                 .emit(SubscriberEvent::LeasesRenewed { n: renewed });
+        }
+    }
+
+    /// The cooperative heartbeat: keeps this member alive while its handlers run.
+    async fn touch(&mut self) {
+        let Some(member) = &self.options.subconsumer else {
+            return;
+        };
+        match self.backend.coop_touch(member).await {
+            Ok(_) => {}
+            Err(error) => self.shared.record_error(&error),
         }
     }
 
