@@ -11,9 +11,10 @@
 //! ```
 //!
 //! Areas: `tx` (publish and transactions), `fetch`, `lease`, `fence`, `retry`, `dead`,
-//! `inspect`, `runtime` (the subscriber on the backend). Time moves through
+//! `inspect`, `runtime` (the subscriber on the backend), `coop` (cooperative subconsumers). Time moves through
 //! [`TimeControl`], never by sleeping.
 
+mod coop;
 mod dead;
 mod fencing;
 mod fetch;
@@ -27,6 +28,7 @@ use async_trait::async_trait;
 use postbox_core::{Backend, Delivery, FetchParams, Message, MessageId, PgBackend};
 use postbox_fake::FakeBroker;
 
+pub use coop::*;
 pub use dead::*;
 pub use fencing::*;
 pub use fetch::*;
@@ -188,6 +190,15 @@ macro_rules! conformance_tests {
             runtime_retries_then_dead_letters,
             runtime_treats_a_panic_as_a_failure,
             runtime_shutdown_releases_unstarted_messages,
+            coop_members_split_the_work_without_duplicates,
+            coop_a_dead_member_is_taken_over_and_fenced,
+            coop_touch_keeps_a_slow_member_alive,
+            coop_a_live_members_rows_survive_lease_age,
+            coop_unregister_fail_refuses_while_holding,
+            coop_unregister_requeue_returns_rows_or_dead_letters_them,
+            coop_registration_is_idempotent_and_automatic,
+            coop_concurrent_first_registrations_yield_one_new,
+            coop_acks_cover_exactly_the_delivered_rows,
         }
     };
 }
