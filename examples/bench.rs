@@ -8,6 +8,8 @@
 //!   intervals, 1 s backing off to 10 s). `--rounds` rounds with LISTEN, at most 10 without.
 //! - `drain`: 20,000 messages published beforehand, one subscriber with a no-op handler,
 //!   messages per second; default settings, tuned settings, and per-row versus batched acks.
+//! - `coop`: 20,000 events shared by N = 1, 2, 4, 8 cooperative members (one worker each),
+//!   with a no-op and with a 1 ms handler; events per second, duplicates and losses.
 //! - `fake`: `FakeBroker` publish (batches of 1,000) + fetch 1,000 + `ack_batch`, 1,000,000
 //!   messages, messages per second (publish, fetch and ack each count once per message).
 //! - `fixture`: a fresh test database cloned from the migrated template
@@ -260,6 +262,76 @@ async fn drain() -> anyhow::Result<Value> {
     Ok(json!({ "workload": "drain", "messages": N, "repetitions": 3, "results": out }))
 }
 
+/// Cooperative members splitting one queue.
+async fn coop() -> anyhow::Result<Value> {
+    const N: usize = 20_000;
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let mut out = Vec::new();
+    for work in [Duration::ZERO, Duration::from_millis(1)] {
+        for members in [1usize, 2, 4, 8] {
+            publish_batches(&backend, "coop", N).await?;
+            let published: Vec<i64> = backend
+                .messages(Some("coop"))
+                .await?
+                .iter()
+                .map(|m| m.id)
+                .collect();
+            let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::with_capacity(N)));
+            let start = Instant::now();
+            let mut subs = Vec::new();
+            for m in 0..members {
+                let seen = std::sync::Arc::clone(&seen);
+                let handler = move |d: Delivery| {
+                    let seen = std::sync::Arc::clone(&seen);
+                    async move {
+                        if !work.is_zero() {
+                            // 1 ms of blocking work (tokio's timer would round a 1 ms sleep
+                            // up to ~2 ms).
+                            let _ =
+                                tokio::task::spawn_blocking(move || std::thread::sleep(work)).await;
+                        }
+                        seen.lock().push(d.id);
+                        Ok::<(), HandlerError>(())
+                    }
+                };
+                let options = SubscriberOptions::new(["coop"])
+                    .subconsumer(postbox::Member::new("bench", format!("m{m}"))?)
+                    .max_workers(if work.is_zero() { 16 } else { 1 })
+                    .prefetch(if work.is_zero() { 112 } else { 4 })
+                    .min_fetch_interval(Duration::from_millis(10))
+                    .max_fetch_interval(Duration::from_millis(100));
+                subs.push(Subscriber::new(backend.clone(), options, handler)?.spawn());
+            }
+            while subs.iter().map(|s| s.stats().acked).sum::<u64>() < N as u64 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let elapsed = start.elapsed();
+            for sub in subs {
+                sub.shutdown().await?;
+            }
+            let handled = seen.lock().clone();
+            let distinct: std::collections::HashSet<i64> = handled.iter().copied().collect();
+            let lost = published.iter().filter(|id| !distinct.contains(id)).count();
+            out.push(json!({
+                "handler_ms": work.as_secs_f64() * 1e3,
+                "members": members,
+                "events_per_s": (N as f64 / elapsed.as_secs_f64()).round(),
+                "duplicates": handled.len() - distinct.len(),
+                "lost": lost,
+            }));
+            eprintln!("bench: coop {members} member(s), {work:?} handler done");
+        }
+    }
+    db.close().await?;
+    Ok(json!({
+        "workload": "coop",
+        "events": N,
+        "settings": "one Subscriber per member (subconsumer mode); no-op: 16 workers, prefetch 112; 1 ms: 1 worker, prefetch 4",
+        "results": out,
+    }))
+}
+
 /// FakeBroker round trips: publish a batch, fetch it, ack it.
 async fn fake() -> anyhow::Result<Value> {
     const N: usize = 1_000_000;
@@ -311,7 +383,10 @@ async fn main() -> anyhow::Result<()> {
             "wakeup" => wakeup(args.rounds).await?,
             "drain" => drain().await?,
             "fake" => fake().await?,
-            other => anyhow::bail!("unknown workload {other}; known: wakeup, drain, fixture, fake"),
+            "coop" => coop().await?,
+            other => {
+                anyhow::bail!("unknown workload {other}; known: wakeup, drain, coop, fixture, fake")
+            }
         });
     }
     let doc = json!({

@@ -78,7 +78,11 @@ pub async fn recv_n<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, n: usiz
 }
 
 /// Publishes `n` messages with payloads "0".."n-1" on `queue`, committed, in one batch.
-pub async fn publish_n<B: postbox::Backend>(backend: &B, queue: &str, n: usize) -> Vec<i64> {
+pub async fn publish_n<B: postbox::Backend + ?Sized>(
+    backend: &B,
+    queue: &str,
+    n: usize,
+) -> Vec<i64> {
     let mut tx = backend.begin().await.expect("begin");
     let ids = backend
         .publish_batch(

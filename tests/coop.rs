@@ -1,0 +1,161 @@
+//! Cooperative subconsumers in the runtime, on the fake and on Postgres.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use postbox::fake::FakeBroker;
+use postbox::testkit::wait_for_event;
+use postbox::{
+    Backend, CoopReceive, Delivery, HandlerError, Member, Outcome, Subscriber, SubscriberEvent,
+    SubscriberOptions,
+};
+use support::publish_n;
+use tokio::sync::{mpsc, watch};
+
+fn member(name: &str) -> Member {
+    Member::new("workers", name).expect("valid")
+}
+
+/// Four members with 50 ms handlers and one worker each: the handlers must overlap (no shared
+/// lock serialises siblings), and every message is handled once.
+async fn siblings_run_in_parallel<B: Backend + Clone>(backend: B) {
+    let ids = publish_n(&backend, "q", 40).await;
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (tx, mut handled) = mpsc::unbounded_channel();
+    let mut subs = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let (running, peak, tx) = (Arc::clone(&running), Arc::clone(&peak), tx.clone());
+        let handler = move |d: Delivery| {
+            let (running, peak, tx) = (Arc::clone(&running), Arc::clone(&peak), tx.clone());
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await; // the work
+                running.fetch_sub(1, Ordering::SeqCst);
+                let _ = tx.send((name, d.id));
+                Ok::<(), HandlerError>(())
+            }
+        };
+        let options = SubscriberOptions::new(["q"])
+            .subconsumer(member(name))
+            .max_workers(1)
+            .prefetch(1)
+            .min_fetch_interval(Duration::from_millis(10))
+            .max_fetch_interval(Duration::from_millis(50));
+        subs.push(
+            Subscriber::new(backend.clone(), options, handler)
+                .expect("options")
+                .spawn(),
+        );
+    }
+    let got = support::recv_n(&mut handled, 40).await;
+    for sub in subs {
+        sub.shutdown().await.expect("shutdown");
+    }
+    let seen: HashSet<i64> = got.iter().map(|(_, id)| *id).collect();
+    assert_eq!(seen.len(), 40, "no message twice");
+    assert_eq!(seen, ids.into_iter().collect::<HashSet<_>>());
+    let members: HashSet<&str> = got.iter().map(|(m, _)| *m).collect();
+    assert_eq!(members.len(), 4, "every member worked: {members:?}");
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        4,
+        "the four siblings ran at the same time"
+    );
+}
+
+#[tokio::test]
+async fn siblings_run_in_parallel_on_the_fake() {
+    siblings_run_in_parallel(FakeBroker::new()).await;
+}
+
+#[tokio::test]
+async fn siblings_run_in_parallel_on_postgres() {
+    let db = postbox::testkit::postgres().await.expect("fixture");
+    siblings_run_in_parallel(db.backend()).await;
+    db.close().await.expect("close");
+}
+
+/// A member whose handler runs past the dead interval keeps its rows: the runtime touches it.
+async fn the_runtime_heartbeat_keeps_a_slow_member<B: Backend + Clone>(backend: B) {
+    publish_n(&backend, "q", 1).await;
+    let (open, gate) = watch::channel(false);
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let handler = move |d: Delivery| {
+        let _ = tx.send(d.id);
+        let mut gate = gate.clone();
+        async move {
+            let _ = gate.wait_for(|open| *open).await;
+            Ok::<(), HandlerError>(())
+        }
+    };
+    let dead = Duration::from_millis(300);
+    let options = SubscriberOptions::new(["q"])
+        .subconsumer(member("slow"))
+        .dead_interval(dead)
+        .lease_ttl(Duration::from_millis(600));
+    let sub = Subscriber::new(backend.clone(), options, handler)
+        .expect("options")
+        .spawn();
+    let mut events = sub.events();
+    support::recv_n(&mut started, 1).await;
+    // Three renewals mean at least 600 ms since the fetch: twice the dead interval.
+    for _ in 0..3 {
+        wait_for_event(&mut events, "renewal", |e| {
+            matches!(e, SubscriberEvent::LeasesRenewed { .. })
+        })
+        .await;
+    }
+    let thief = backend
+        .coop_receive(&CoopReceive::new(member("thief"), ["q"], 10).dead_interval(dead))
+        .await
+        .expect("receive");
+    assert!(thief.is_empty(), "a touched member is not robbed");
+    let _ = open.send(true);
+    wait_for_event(&mut events, "ack", |e| {
+        matches!(
+            e,
+            SubscriberEvent::Handled {
+                outcome: Outcome::Acked,
+                ..
+            }
+        )
+    })
+    .await;
+    sub.shutdown().await.expect("shutdown");
+    let members = backend.coop_members("workers").await.expect("members");
+    assert!(members.iter().any(|m| m.name == "slow" && m.held == 0));
+}
+
+#[tokio::test]
+async fn the_runtime_heartbeat_keeps_a_slow_member_on_the_fake() {
+    the_runtime_heartbeat_keeps_a_slow_member(FakeBroker::new()).await;
+}
+
+#[tokio::test]
+async fn the_runtime_heartbeat_keeps_a_slow_member_on_postgres() {
+    let db = postbox::testkit::postgres().await.expect("fixture");
+    the_runtime_heartbeat_keeps_a_slow_member(db.backend()).await;
+    db.close().await.expect("close");
+}
+
+#[test]
+fn a_dead_interval_without_a_subconsumer_is_a_configuration_error() {
+    let handler = |_d: Delivery| std::future::ready(Ok::<(), HandlerError>(()));
+    let err = Subscriber::new(
+        FakeBroker::new(),
+        SubscriberOptions::new(["q"]).dead_interval(Duration::from_secs(30)),
+        handler,
+    )
+    .expect_err("configuration error");
+    assert!(
+        err.to_string()
+            .contains("dead_interval needs a subconsumer"),
+        "{err}"
+    );
+}
