@@ -167,15 +167,15 @@ fn candidates(
         if let Some(set) = state.unleased.get(queue) {
             picked.extend(set.iter().take_while(|(at, _)| *at <= now).take(limit));
         }
-        if !dead.is_empty() {
-            if let Some(set) = state.leased.get(queue) {
-                picked.extend(
-                    set.iter()
-                        .filter_map(|(_, id)| state.rows.get(id))
-                        .filter(|r| r.acquired_by.as_ref().is_some_and(|h| dead.contains(h)))
-                        .map(|r| (r.next_attempt_at, r.id)),
-                );
-            }
+        if !dead.is_empty()
+            && let Some(set) = state.leased.get(queue)
+        {
+            picked.extend(
+                set.iter()
+                    .filter_map(|(_, id)| state.rows.get(id))
+                    .filter(|r| r.acquired_by.as_ref().is_some_and(|h| dead.contains(h)))
+                    .map(|r| (r.next_attempt_at, r.id)),
+            );
         }
     }
     picked.sort_unstable();
