@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use crate::coop::{CoopReceive, Member, MemberInfo, Registration, Unregister};
 use crate::error::{Error, Result};
 use crate::inspect::{DeadLetter, StoredMessage};
+use crate::journal::{JournalEvent, LiveEvents};
 use crate::message::{Delivery, Lease, Message, MessageId, validate_queue};
 use crate::pg::Engine;
 use crate::retry::{HandlerError, RetryDecision, RetryPolicy};
@@ -231,6 +232,47 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// [`Error::Database`].
     async fn coop_members(&self, group: &str) -> Result<Vec<MemberInfo>>;
+
+    /// Writes `events` durably in one transaction (one multi-row insert).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SeqConflict`] if a `(stream, seq)` is taken (nothing is written);
+    /// [`Error::Database`].
+    async fn journal_append(&self, events: &[JournalEvent]) -> Result<()>;
+
+    /// The highest seq written in `stream`, if any.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn journal_latest_seq(&self, stream: &str) -> Result<Option<i64>>;
+
+    /// Up to `limit` committed events of `stream` with `seq > after`, in seq order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn journal_read_after(
+        &self,
+        stream: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<JournalEvent>>;
+
+    /// Publishes `event` on the stream's live channel (not durable).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn journal_publish(&self, event: &JournalEvent) -> Result<()>;
+
+    /// Subscribes to `stream`'s live channel.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the channel cannot be listened to.
+    async fn journal_subscribe(&self, stream: &str) -> Result<LiveEvents>;
 
     /// Settles a failed delivery through `policy`: retry after the policy's delay, or
     /// dead-letter when the error is a rejection or retries are exhausted.

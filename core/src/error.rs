@@ -99,6 +99,24 @@ pub enum Error {
         held: i64,
     },
 
+    /// A journal event's seq is taken in its stream.
+    #[error(
+        "a seq of journal stream {stream:?} is taken (seq {seq:?}); read journal_latest_seq and write after it"
+    )]
+    SeqConflict {
+        /// The stream.
+        stream: String,
+        /// The first colliding seq, when known.
+        seq: Option<i64>,
+    },
+
+    /// A journal writer was used after `close()`.
+    #[error("journal writer of stream {stream:?} is closed; create a new writer")]
+    WriterClosed {
+        /// The stream.
+        stream: String,
+    },
+
     /// The subscriber runtime failed (its task panicked or was already shut down).
     #[error("subscriber runtime: {0}")]
     Runtime(String),

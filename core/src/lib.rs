@@ -9,6 +9,7 @@
 //! - [`PgBackend`]: the Postgres implementation; [`Engine`]: its dedicated connections.
 //! - [`RetryPolicy`] and [`HandlerError`]: how failures become delays or dead letters.
 //! - [`Member`] and [`CoopReceive`]: cooperative subconsumers sharing queues.
+//! - [`BatchedJournalWriter`], [`record_event`], [`snapshot_and_tail`]: journal streams.
 //! - [`Subscriber`]: the runtime that consumes queues with a [`Handler`].
 //! - [`TableName`]: a validated outbox table name and every identifier derived from it.
 //! - [`Error`]: everything that can go wrong.
@@ -24,6 +25,7 @@ mod backend;
 mod coop;
 mod error;
 mod inspect;
+mod journal;
 mod message;
 mod pg;
 mod retry;
@@ -36,6 +38,10 @@ pub use backend::{
 pub use coop::{CoopReceive, MAX_MEMBER_NAME_LEN, Member, MemberInfo, Registration, Unregister};
 pub use error::{Error, Result, SchemaProblems};
 pub use inspect::{DeadLetter, MessageState, StoredMessage};
+pub use journal::{
+    BatchedJournalWriter, EventPayload, JournalEvent, JournalTail, LiveEvent, LiveEvents,
+    TailOptions, WriterOptions, WriterStats, record_event, snapshot_and_tail,
+};
 pub use message::{
     Availability, Delivery, Headers, Lease, MAX_QUEUE_LEN, Message, MessageId, validate_queue,
 };

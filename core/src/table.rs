@@ -31,12 +31,19 @@ const SUFFIXES: &[&str] = &[
 /// Prefix of the LISTEN/NOTIFY channel.
 const CHANNEL_PREFIX: &str = "postbox_";
 
+/// Prefix of the journal's live channel.
+const JOURNAL_CHANNEL_PREFIX: &str = "postbox_ev_";
+
 /// The longest table name whose derived identifiers all fit.
 const MAX_TABLE_LEN: usize = MAX_IDENTIFIER_LEN - longest_suffix();
 
 const fn longest_suffix() -> usize {
     let mut i = 0;
-    let mut max = CHANNEL_PREFIX.len();
+    let mut max = if CHANNEL_PREFIX.len() > JOURNAL_CHANNEL_PREFIX.len() {
+        CHANNEL_PREFIX.len()
+    } else {
+        JOURNAL_CHANNEL_PREFIX.len()
+    };
     while i < SUFFIXES.len() {
         if SUFFIXES[i].len() > max {
             max = SUFFIXES[i].len();
@@ -154,6 +161,16 @@ impl TableName {
         format!("{CHANNEL_PREFIX}{}", self.0)
     }
 
+    /// The journal table, `T_events`.
+    pub fn events(&self) -> String {
+        format!("{}_events", self.0)
+    }
+
+    /// The journal's live channel, `postbox_ev_T`.
+    pub fn journal_channel(&self) -> String {
+        format!("{JOURNAL_CHANNEL_PREFIX}{}", self.0)
+    }
+
     /// `name` quoted as an SQL identifier. Safe because validation admits only `[a-z0-9_]`.
     pub(crate) fn quoted(name: &str) -> String {
         debug_assert!(
@@ -166,6 +183,7 @@ impl TableName {
     fn derived_names(&self) -> Vec<String> {
         let mut names: Vec<String> = SUFFIXES.iter().map(|s| format!("{}{s}", self.0)).collect();
         names.push(self.channel());
+        names.push(self.journal_channel());
         names.push(self.0.clone());
         names
     }

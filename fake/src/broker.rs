@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use postbox_core::{
-    Availability, Backend, CoopReceive, DeadLetter, Delivery, Engine, FetchParams, Lease, Member,
-    MemberInfo, Message, MessageId, Registration, Result, RetryParams, StoredMessage, TableName,
-    Unregister, validate_queue,
+    Availability, Backend, CoopReceive, DeadLetter, Delivery, Engine, FetchParams, JournalEvent,
+    Lease, LiveEvents, Member, MemberInfo, Message, MessageId, Registration, Result, RetryParams,
+    StoredMessage, TableName, Unregister, validate_queue,
 };
 use uuid::Uuid;
 
@@ -56,6 +56,7 @@ pub struct FakeBroker {
 }
 
 pub(crate) struct Shared {
+    pub(crate) live: tokio::sync::broadcast::Sender<JournalEvent>,
     pub(crate) table: TableName,
     pub(crate) clock: Clock,
     pub(crate) state: Mutex<State>,
@@ -77,6 +78,7 @@ impl FakeBroker {
     pub fn with_table(table: TableName) -> Self {
         FakeBroker {
             shared: Arc::new(Shared {
+                live: tokio::sync::broadcast::channel(4096).0,
                 table,
                 clock: Clock::new(),
                 state: Mutex::new(State::default()),
@@ -456,6 +458,32 @@ impl Backend for FakeBroker {
 
     async fn coop_members(&self, group: &str) -> Result<Vec<MemberInfo>> {
         Ok(self.coop_members_now(group))
+    }
+
+    async fn journal_append(&self, events: &[JournalEvent]) -> Result<()> {
+        self.journal_append_now(events)
+    }
+
+    async fn journal_latest_seq(&self, stream: &str) -> Result<Option<i64>> {
+        Ok(self.journal_latest_now(stream))
+    }
+
+    async fn journal_read_after(
+        &self,
+        stream: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<JournalEvent>> {
+        Ok(self.journal_read_now(stream, after, limit))
+    }
+
+    async fn journal_publish(&self, event: &JournalEvent) -> Result<()> {
+        self.journal_publish_now(event);
+        Ok(())
+    }
+
+    async fn journal_subscribe(&self, stream: &str) -> Result<LiveEvents> {
+        Ok(self.journal_subscribe_now(stream))
     }
 
     async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>> {

@@ -33,6 +33,7 @@ pub(crate) struct Faults {
     pub(crate) fetch: Option<(u32, Fault)>,
     pub(crate) outcome: Option<(u32, Fault)>,
     pub(crate) publish: Option<(u32, Fault)>,
+    pub(crate) journal: Option<(u32, Fault)>,
 }
 
 /// Consumes one failure from `slot`, if any.

@@ -17,6 +17,7 @@ mod broker;
 mod clock;
 mod coop;
 mod faults;
+mod journal;
 mod state;
 mod tx;
 

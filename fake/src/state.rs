@@ -119,6 +119,8 @@ pub(crate) struct State {
     /// Leased rows per queue, by lease time.
     pub(crate) leased: HashMap<String, BTreeSet<(DateTime<Utc>, MessageId)>>,
     pub(crate) dead: BTreeMap<MessageId, DeadLetter>,
+    /// Journal events by (stream, seq).
+    pub(crate) journal: BTreeMap<(String, i64), postbox_core::JournalEvent>,
     pub(crate) faults: Faults,
     pub(crate) counters: FakeCounters,
 }

@@ -2,8 +2,9 @@
 
 use postbox::sqlx::{PgConnection, Postgres, Transaction};
 use postbox::{
-    Backend, CoopReceive, DeadLetter, Delivery, Engine, FetchParams, Lease, Member, MemberInfo,
-    Message, MessageId, PgBackend, Registration, RetryParams, StoredMessage, TableName, Unregister,
+    Backend, CoopReceive, DeadLetter, Delivery, Engine, FetchParams, JournalEvent, Lease,
+    LiveEvents, Member, MemberInfo, Message, MessageId, PgBackend, Registration, RetryParams,
+    StoredMessage, TableName, Unregister,
 };
 
 /// `PgBackend` without an engine.
@@ -80,5 +81,25 @@ impl Backend for NoEngine {
     }
     async fn coop_members(&self, g: &str) -> postbox::Result<Vec<MemberInfo>> {
         self.0.coop_members(g).await
+    }
+    async fn journal_append(&self, e: &[JournalEvent]) -> postbox::Result<()> {
+        self.0.journal_append(e).await
+    }
+    async fn journal_latest_seq(&self, s: &str) -> postbox::Result<Option<i64>> {
+        self.0.journal_latest_seq(s).await
+    }
+    async fn journal_read_after(
+        &self,
+        s: &str,
+        a: i64,
+        l: u32,
+    ) -> postbox::Result<Vec<JournalEvent>> {
+        self.0.journal_read_after(s, a, l).await
+    }
+    async fn journal_publish(&self, e: &JournalEvent) -> postbox::Result<()> {
+        self.0.journal_publish(e).await
+    }
+    async fn journal_subscribe(&self, s: &str) -> postbox::Result<LiveEvents> {
+        self.0.journal_subscribe(s).await
     }
 }

@@ -12,6 +12,7 @@ mod coop;
 mod engine;
 mod fetch;
 mod inspect;
+mod journal;
 mod outcome;
 mod publish;
 mod schema;
@@ -32,6 +33,7 @@ use crate::backend::{Backend, FetchParams, RetryParams};
 use crate::coop::{CoopReceive, Member, MemberInfo, Registration, Unregister};
 use crate::error::Result;
 use crate::inspect::{DeadLetter, StoredMessage};
+use crate::journal::{JournalEvent, LiveEvents};
 use crate::message::{Delivery, Lease, Message, MessageId};
 use crate::table::TableName;
 
@@ -284,6 +286,31 @@ impl Backend for PgBackend {
 
     async fn coop_members(&self, group: &str) -> Result<Vec<MemberInfo>> {
         self.coop_members_of(group).await
+    }
+
+    async fn journal_append(&self, events: &[JournalEvent]) -> Result<()> {
+        self.journal_append_rows(events).await
+    }
+
+    async fn journal_latest_seq(&self, stream: &str) -> Result<Option<i64>> {
+        self.journal_latest(stream).await
+    }
+
+    async fn journal_read_after(
+        &self,
+        stream: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<JournalEvent>> {
+        self.journal_read(stream, after, limit).await
+    }
+
+    async fn journal_publish(&self, event: &JournalEvent) -> Result<()> {
+        self.journal_notify(event).await
+    }
+
+    async fn journal_subscribe(&self, stream: &str) -> Result<LiveEvents> {
+        self.journal_listen(stream).await
     }
 
     async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>> {

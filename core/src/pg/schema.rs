@@ -29,6 +29,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "cooperative members registry and holder index",
         sql: V2,
     },
+    Migration {
+        version: 3,
+        description: "journal events table",
+        sql: V3,
+    },
 ];
 
 const V1: &str = r#"
@@ -91,6 +96,17 @@ CREATE TABLE IF NOT EXISTS {members} (
 CREATE INDEX IF NOT EXISTS {member_idx}
     ON {table} (acquired_by)
     WHERE acquired_by IS NOT NULL;
+"#;
+
+const V3: &str = r#"
+CREATE TABLE IF NOT EXISTS {events} (
+    stream_id  text        NOT NULL,
+    seq        bigint      NOT NULL,
+    event_type text        NOT NULL,
+    payload    jsonb       NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream_id, seq)
+);
 "#;
 
 pub(crate) const CREATE_MIGRATIONS: &str = r#"
@@ -208,6 +224,7 @@ const DEAD_COLUMNS: &[&str] = &[
     "reason",
 ];
 
+const EVENT_COLUMNS: &[&str] = &["stream_id", "seq", "event_type", "payload", "created_at"];
 const MEMBER_COLUMNS: &[&str] = &["grp", "member", "queues", "registered_at", "last_active"];
 
 // $1 relation name
@@ -231,6 +248,7 @@ pub(crate) async fn problems(
         ("table", table.to_string(), COLUMNS),
         ("dead-letter table", table.dead_letter(), DEAD_COLUMNS),
         ("members table", table.members(), MEMBER_COLUMNS),
+        ("journal table", table.events(), EVENT_COLUMNS),
     ];
     for (kind, name, expected) in relations {
         let exists: bool = sqlx::query_scalar(RELATION_EXISTS)

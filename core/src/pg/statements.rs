@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
-use super::{coop, fetch, inspect, outcome, publish, schema};
+use super::{coop, fetch, inspect, journal, outcome, publish, schema};
 use crate::table::TableName;
 
 /// Substitutes the identifier placeholders of `template` for `table`.
@@ -24,6 +24,7 @@ pub(crate) fn render(template: &str, table: &TableName) -> String {
         .replace("{lease_check}", &TableName::quoted(&table.lease_check()))
         .replace("{members}", &TableName::quoted(&table.members()))
         .replace("{member_idx}", &TableName::quoted(&table.member_index()))
+        .replace("{events}", &TableName::quoted(&table.events()))
 }
 
 /// Rendered statement text, cheap to clone (shared).
@@ -54,6 +55,9 @@ pub(crate) struct Statements {
     pub(crate) coop_requeue: SqlStr,
     pub(crate) coop_delete_member: SqlStr,
     pub(crate) coop_members: SqlStr,
+    pub(crate) journal_append: SqlStr,
+    pub(crate) journal_latest: SqlStr,
+    pub(crate) journal_read_after: SqlStr,
     pub(crate) create_migrations: SqlStr,
     pub(crate) applied_migrations: SqlStr,
     pub(crate) record_migration: SqlStr,
@@ -83,6 +87,9 @@ impl Statements {
             coop_requeue: sql(coop::REQUEUE, table),
             coop_delete_member: sql(coop::DELETE_MEMBER, table),
             coop_members: sql(coop::MEMBERS, table),
+            journal_append: sql(journal::APPEND, table),
+            journal_latest: sql(journal::LATEST, table),
+            journal_read_after: sql(journal::READ_AFTER, table),
             create_migrations: sql(schema::CREATE_MIGRATIONS, table),
             applied_migrations: sql(schema::APPLIED_MIGRATIONS, table),
             record_migration: sql(schema::RECORD_MIGRATION, table),

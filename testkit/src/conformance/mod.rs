@@ -19,6 +19,7 @@ mod dead;
 mod fencing;
 mod fetch;
 mod inspect;
+mod journal;
 mod leases;
 mod retries;
 mod runtime;
@@ -33,6 +34,7 @@ pub use dead::*;
 pub use fencing::*;
 pub use fetch::*;
 pub use inspect::*;
+pub use journal::*;
 pub use leases::*;
 pub use retries::*;
 pub use runtime::*;
@@ -199,6 +201,15 @@ macro_rules! conformance_tests {
             coop_registration_is_idempotent_and_automatic,
             coop_concurrent_first_registrations_yield_one_new,
             coop_acks_cover_exactly_the_delivered_rows,
+            journal_record_event_writes_and_publishes,
+            journal_record_event_retries_a_taken_seq_at_latest_plus_one,
+            journal_append_is_all_or_nothing,
+            journal_writer_flushes_on_size,
+            journal_writer_close_flushes_and_rejects_later_records,
+            journal_writer_flushes_a_quiet_stream_on_time,
+            journal_writer_collision_falls_back_per_row,
+            journal_snapshot_then_tail_has_no_gap_and_no_duplicate,
+            journal_non_object_payloads_are_refused,
         }
     };
 }

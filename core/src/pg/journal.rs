@@ -1,0 +1,182 @@
+//! Journal streams on Postgres: the events table and the live channel (`NOTIFY`).
+//!
+//! Live notifications carry the whole event as JSON when it fits well under the 8000-byte
+//! NOTIFY limit, and a pointer (stream and seq) otherwise; the reader then fetches the row.
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::postgres::PgListener;
+use tokio::sync::mpsc;
+
+use super::PgBackend;
+use crate::error::{Error, Result};
+use crate::journal::{JournalEvent, LiveEvent, LiveEvents};
+
+// $1 streams, $2 seqs, $3 types, $4 payloads, $5 pinned now
+pub(crate) const APPEND: &str = r#"
+INSERT INTO {events} (stream_id, seq, event_type, payload, created_at)
+SELECT e.stream_id, e.seq, e.event_type, e.payload, coalesce($5::timestamptz, now())
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[])
+     AS e(stream_id, seq, event_type, payload)"#;
+
+// $1 stream
+pub(crate) const LATEST: &str = "SELECT max(seq) FROM {events} WHERE stream_id = $1";
+
+// $1 stream, $2 after seq, $3 limit
+pub(crate) const READ_AFTER: &str = r#"
+SELECT stream_id, seq, event_type, payload, created_at
+FROM {events}
+WHERE stream_id = $1 AND seq > $2
+ORDER BY seq
+LIMIT $3"#;
+
+/// Notifications above this size travel as a pointer (Postgres refuses 8000 bytes and more).
+const MAX_INLINE: usize = 7_900;
+
+/// The NOTIFY payload.
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    s: String,
+    q: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    t: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl PgBackend {
+    pub(crate) async fn journal_append_rows(&self, events: &[JournalEvent]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let streams: Vec<&str> = events.iter().map(|e| e.stream.as_str()).collect();
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let payloads: Vec<serde_json::Value> = events
+            .iter()
+            .map(|e| serde_json::Value::Object(e.payload.clone()))
+            .collect();
+        let result = sqlx::query(self.shared().sql.journal_append.clone())
+            .bind(&streams)
+            .bind(&seqs)
+            .bind(&types)
+            .bind(&payloads)
+            .bind(self.shared().now())
+            .execute(&self.shared().pool)
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Err(Error::SeqConflict {
+                stream: events[0].stream.clone(),
+                seq: (events.len() == 1).then_some(events[0].seq),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(crate) async fn journal_latest(&self, stream: &str) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(self.shared().sql.journal_latest.clone())
+            .bind(stream)
+            .fetch_one(&self.shared().pool)
+            .await?)
+    }
+
+    pub(crate) async fn journal_read(
+        &self,
+        stream: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<JournalEvent>> {
+        let rows = sqlx::query(self.shared().sql.journal_read_after.clone())
+            .bind(stream)
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(&self.shared().pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let payload = match r.try_get::<serde_json::Value, _>("payload")? {
+                    serde_json::Value::Object(map) => map,
+                    _ => serde_json::Map::new(),
+                };
+                let mut event = JournalEvent::new(
+                    r.try_get::<String, _>("stream_id")?,
+                    r.try_get("seq")?,
+                    r.try_get::<String, _>("event_type")?,
+                    payload,
+                );
+                event.created_at = Some(r.try_get("created_at")?);
+                Ok(event)
+            })
+            .collect()
+    }
+
+    pub(crate) async fn journal_notify(&self, event: &JournalEvent) -> Result<()> {
+        let mut wire = Wire {
+            s: event.stream.clone(),
+            q: event.seq,
+            t: Some(event.event_type.clone()),
+            p: Some(event.payload.clone()),
+        };
+        let mut text = serde_json::to_string(&wire)?;
+        if text.len() > MAX_INLINE {
+            wire.t = None;
+            wire.p = None;
+            text = serde_json::to_string(&wire)?;
+        }
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(self.shared().table.journal_channel())
+            .bind(text)
+            .execute(&self.shared().pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn journal_listen(&self, stream: &str) -> Result<LiveEvents> {
+        // A private one-connection pool: a reader never holds one of the application's.
+        let options = (*self.shared().pool.connect_options())
+            .clone()
+            .application_name("postbox.journal");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(options);
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener
+            .listen(&self.shared().table.journal_channel())
+            .await?;
+        let (tx, rx) = mpsc::channel(1024);
+        let task = tokio::spawn(forward(listener, stream.to_owned(), tx));
+        Ok(LiveEvents::from_channel(rx, task))
+    }
+}
+
+/// Forwards the stream's notifications; reports a lost connection or a full buffer as
+/// [`LiveEvent::Lagged`] so the reader re-reads the journal.
+async fn forward(mut listener: PgListener, stream: String, tx: mpsc::Sender<LiveEvent>) {
+    let mut lagged = false;
+    loop {
+        let event = match listener.try_recv().await {
+            Ok(Some(n)) => match serde_json::from_str::<Wire>(n.payload()) {
+                Ok(w) if w.s == stream => match (w.t, w.p) {
+                    (Some(t), Some(p)) => LiveEvent::Event(JournalEvent::new(w.s, w.q, t, p)),
+                    _ => LiveEvent::Pointer { seq: w.q },
+                },
+                _ => continue,
+            },
+            // The connection dropped (and was re-established): notifications may be lost.
+            Ok(None) => LiveEvent::Lagged,
+            Err(_) => return,
+        };
+        if lagged {
+            if tx.send(LiveEvent::Lagged).await.is_err() {
+                return;
+            }
+            lagged = false;
+        }
+        match tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => lagged = true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
+    }
+}

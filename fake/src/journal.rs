@@ -1,0 +1,74 @@
+//! Journal streams in memory, mirroring `postbox_core`'s `pg/journal.rs`: a table keyed by
+//! `(stream, seq)` and an in-process broadcast as the live channel.
+
+use postbox_core::{Error, JournalEvent, LiveEvents, Result};
+
+use crate::broker::FakeBroker;
+use crate::faults;
+
+impl FakeBroker {
+    pub(crate) fn journal_append_now(&self, events: &[JournalEvent]) -> Result<()> {
+        let now = self.now();
+        let mut state = self.shared.state.lock();
+        if let Some(error) = faults::take(&mut state.faults.journal) {
+            return Err(error);
+        }
+        // All or nothing, like one INSERT: check every key first.
+        let mut seen = std::collections::HashSet::new();
+        if let Some(taken) = events.iter().find(|e| {
+            state.journal.contains_key(&(e.stream.clone(), e.seq))
+                || !seen.insert((e.stream.clone(), e.seq))
+        }) {
+            return Err(Error::SeqConflict {
+                stream: taken.stream.clone(),
+                seq: (events.len() == 1).then_some(taken.seq),
+            });
+        }
+        for event in events {
+            let mut stored = event.clone();
+            stored.created_at = Some(now);
+            state
+                .journal
+                .insert((event.stream.clone(), event.seq), stored);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn journal_latest_now(&self, stream: &str) -> Option<i64> {
+        let state = self.shared.state.lock();
+        state
+            .journal
+            .range((stream.to_owned(), i64::MIN)..=(stream.to_owned(), i64::MAX))
+            .next_back()
+            .map(|((_, seq), _)| *seq)
+    }
+
+    pub(crate) fn journal_read_now(
+        &self,
+        stream: &str,
+        after: i64,
+        limit: u32,
+    ) -> Vec<JournalEvent> {
+        let state = self.shared.state.lock();
+        state
+            .journal
+            .range((stream.to_owned(), after.saturating_add(1))..=(stream.to_owned(), i64::MAX))
+            .take(limit as usize)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    pub(crate) fn journal_publish_now(&self, event: &JournalEvent) {
+        // No subscriber is fine: live events are not durable.
+        let _ = self.shared.live.send(event.clone());
+    }
+
+    pub(crate) fn journal_subscribe_now(&self, stream: &str) -> LiveEvents {
+        LiveEvents::from_broadcast(self.shared.live.subscribe(), stream)
+    }
+
+    /// Makes the next `n` journal writes fail with `fault`.
+    pub fn fail_next_journal_writes(&self, n: u32, fault: crate::Fault) {
+        self.shared.state.lock().faults.journal = (n > 0).then_some((n, fault));
+    }
+}
