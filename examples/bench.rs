@@ -10,6 +10,8 @@
 //!   messages per second; default settings, tuned settings, and per-row versus batched acks.
 //! - `coop`: 20,000 events shared by N = 1, 2, 4, 8 cooperative members (one worker each),
 //!   with a no-op and with a 1 ms handler; events per second, duplicates and losses.
+//! - `journal`: 20 streams of 100 events each, written by `BatchedJournalWriter` and by
+//!   `record_event` per row; events per second and commits per stream.
 //! - `fake`: `FakeBroker` publish (batches of 1,000) + fetch 1,000 + `ack_batch`, 1,000,000
 //!   messages, messages per second (publish, fetch and ack each count once per message).
 //! - `fixture`: a fresh test database cloned from the migrated template
@@ -332,6 +334,71 @@ async fn coop() -> anyhow::Result<Value> {
     }))
 }
 
+/// Journal streams: the batched writer against one `record_event` per event.
+async fn journal() -> anyhow::Result<Value> {
+    const STREAMS: usize = 20;
+    const EVENTS: i64 = 100;
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let payload = |seq: i64| {
+        let mut map = serde_json::Map::new();
+        map.insert("token".into(), format!("t{seq} ").into());
+        map
+    };
+    let mut out = serde_json::Map::new();
+    for round in 0..3 {
+        let start = Instant::now();
+        let mut commits = 0;
+        for s in 0..STREAMS {
+            let writer = postbox::BatchedJournalWriter::new(
+                backend.clone(),
+                format!("batched-{round}-{s}"),
+                postbox::WriterOptions::default(),
+            );
+            for seq in 1..=EVENTS {
+                let kind = if seq == EVENTS { "done" } else { "delta" };
+                writer.record(seq, kind, payload(seq)).await?;
+            }
+            commits += writer.close().await?.commits;
+        }
+        let batched = (STREAMS as f64 * EVENTS as f64) / start.elapsed().as_secs_f64();
+
+        let start = Instant::now();
+        for s in 0..STREAMS {
+            for seq in 1..=EVENTS {
+                let kind = if seq == EVENTS { "done" } else { "delta" };
+                postbox::record_event(
+                    &backend,
+                    &format!("per-row-{round}-{s}"),
+                    seq,
+                    kind,
+                    payload(seq),
+                )
+                .await?;
+            }
+        }
+        let per_row = (STREAMS as f64 * EVENTS as f64) / start.elapsed().as_secs_f64();
+        out.insert(
+            format!("round_{round}"),
+            json!({
+                "batched_events_per_s": batched.round(),
+                "batched_commits_per_stream": commits as f64 / STREAMS as f64,
+                "per_row_events_per_s": per_row.round(),
+                "per_row_commits_per_stream": EVENTS,
+                "speedup": (batched / per_row * 10.0).round() / 10.0,
+            }),
+        );
+    }
+    db.close().await?;
+    Ok(json!({
+        "workload": "journal",
+        "streams": STREAMS,
+        "events_per_stream": EVENTS,
+        "settings": "WriterOptions::default(): 16 events or 100 ms; events recorded back to back",
+        "rounds": out,
+    }))
+}
+
 /// FakeBroker round trips: publish a batch, fetch it, ack it.
 async fn fake() -> anyhow::Result<Value> {
     const N: usize = 1_000_000;
@@ -384,8 +451,11 @@ async fn main() -> anyhow::Result<()> {
             "drain" => drain().await?,
             "fake" => fake().await?,
             "coop" => coop().await?,
+            "journal" => journal().await?,
             other => {
-                anyhow::bail!("unknown workload {other}; known: wakeup, drain, coop, fixture, fake")
+                anyhow::bail!(
+                    "unknown workload {other}; known: wakeup, drain, coop, journal, fixture, fake"
+                )
             }
         });
     }

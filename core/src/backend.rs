@@ -267,6 +267,19 @@ pub trait Backend: Send + Sync + 'static {
     /// [`Error::Database`].
     async fn journal_publish(&self, event: &JournalEvent) -> Result<()>;
 
+    /// Publishes several events live, in order; backends may send them in one round trip.
+    /// Defaults to one [`journal_publish`](Self::journal_publish) per event.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn journal_publish_batch(&self, events: &[JournalEvent]) -> Result<()> {
+        for event in events {
+            self.journal_publish(event).await?;
+        }
+        Ok(())
+    }
+
     /// Subscribes to `stream`'s live channel.
     ///
     /// # Errors

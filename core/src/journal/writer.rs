@@ -1,9 +1,10 @@
 //! [`BatchedJournalWriter`]: live at once, durable in batches.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -74,6 +75,7 @@ struct Inner<B: Backend> {
     stream: String,
     options: WriterOptions,
     state: Mutex<State>,
+    live_failures: AtomicU64,
 }
 
 /// Writes one journal stream: each event is published live at once and buffered; the buffer
@@ -104,6 +106,10 @@ struct Inner<B: Backend> {
 pub struct BatchedJournalWriter<B: Backend> {
     inner: Arc<Inner<B>>,
     timer: JoinHandle<()>,
+    /// Events for the live channel, sent in order by the notifier task without making
+    /// `record` wait for a round trip; a backlog goes out in one statement.
+    live: parking_lot::Mutex<Option<mpsc::UnboundedSender<JournalEvent>>>,
+    notifier: parking_lot::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl<B: Backend> BatchedJournalWriter<B> {
@@ -123,9 +129,17 @@ impl<B: Backend> BatchedJournalWriter<B> {
                 closed: false,
                 stats: WriterStats::default(),
             }),
+            live_failures: AtomicU64::new(0),
         });
         let timer = tokio::spawn(flush_timer(Arc::downgrade(&inner)));
-        BatchedJournalWriter { inner, timer }
+        let (live, events) = mpsc::unbounded_channel();
+        let notifier = tokio::spawn(notify_live(Arc::clone(&inner), events));
+        BatchedJournalWriter {
+            inner,
+            timer,
+            live: parking_lot::Mutex::new(Some(live)),
+            notifier: parking_lot::Mutex::new(Some(notifier)),
+        }
     }
 
     /// The stream this writer writes.
@@ -148,9 +162,8 @@ impl<B: Backend> BatchedJournalWriter<B> {
                 stream: self.inner.stream.clone(),
             });
         }
-        if let Err(e) = self.inner.backend.journal_publish(&event).await {
-            state.stats.live_failures += 1;
-            tracing::warn!(target: "postbox", stream = %event.stream, seq, error = %e, "postbox.journal: live publish failed");
+        if let Some(live) = self.live.lock().as_ref() {
+            let _ = live.send(event.clone());
         }
         state.stats.recorded += 1;
         state.buffer.push(event);
@@ -177,7 +190,7 @@ impl<B: Backend> BatchedJournalWriter<B> {
     }
 
     /// Flushes and closes; idempotent. Once it returns, every recorded event is durable (or
-    /// counted as dropped).
+    /// counted as dropped) and has been published live.
     ///
     /// # Errors
     ///
@@ -188,19 +201,28 @@ impl<B: Backend> BatchedJournalWriter<B> {
             state.closed = true;
             self.inner.flush(&mut state).await;
             self.timer.abort();
+            // Let the notifier send what is queued, then end.
+            self.live.lock().take();
+            let notifier = self.notifier.lock().take();
+            if let Some(notifier) = notifier {
+                let _ = notifier.await;
+            }
         }
-        Ok(state.stats)
+        Ok(self.inner.with_live_failures(state.stats))
     }
 
     /// The counters so far.
     pub async fn stats(&self) -> WriterStats {
-        self.inner.state.lock().await.stats
+        let stats = self.inner.state.lock().await.stats;
+        self.inner.with_live_failures(stats)
     }
 }
 
 impl<B: Backend> Drop for BatchedJournalWriter<B> {
     fn drop(&mut self) {
         self.timer.abort();
+        // The notifier ends by itself once the sender is gone and its queue is sent.
+        self.live.lock().take();
         if let Ok(state) = self.inner.state.try_lock()
             && !state.closed
             && !state.buffer.is_empty()
@@ -239,7 +261,36 @@ async fn flush_timer<B: Backend>(inner: Weak<Inner<B>>) {
     }
 }
 
+/// Sends live events in order; whatever queued up while a statement ran goes out together.
+async fn notify_live<B: Backend>(
+    inner: Arc<Inner<B>>,
+    mut events: mpsc::UnboundedReceiver<JournalEvent>,
+) {
+    let mut batch = Vec::new();
+    while let Some(first) = events.recv().await {
+        batch.push(first);
+        while batch.len() < 256 {
+            match events.try_recv() {
+                Ok(event) => batch.push(event),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = inner.backend.journal_publish_batch(&batch).await {
+            inner
+                .live_failures
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            tracing::warn!(target: "postbox", stream = %inner.stream, events = batch.len(), error = %e, "postbox.journal: live publish failed");
+        }
+        batch.clear();
+    }
+}
+
 impl<B: Backend> Inner<B> {
+    fn with_live_failures(&self, mut stats: WriterStats) -> WriterStats {
+        stats.live_failures = self.live_failures.load(Ordering::Relaxed);
+        stats
+    }
+
     async fn flush(&self, state: &mut State) {
         state.last_flush = Instant::now();
         let batch = std::mem::take(&mut state.buffer);

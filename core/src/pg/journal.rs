@@ -30,6 +30,27 @@ WHERE stream_id = $1 AND seq > $2
 ORDER BY seq
 LIMIT $3"#;
 
+// $1 channel, $2 payloads (in order)
+const NOTIFY_MANY: &str =
+    "SELECT count(pg_notify($1, p)) FROM unnest($2::text[]) WITH ORDINALITY AS n(p, i)";
+
+/// The notification text of `event`: the whole event, or a pointer when too large.
+fn wire_text(event: &JournalEvent) -> Result<String> {
+    let mut wire = Wire {
+        s: event.stream.clone(),
+        q: event.seq,
+        t: Some(event.event_type.clone()),
+        p: Some(event.payload.clone()),
+    };
+    let mut text = serde_json::to_string(&wire)?;
+    if text.len() > MAX_INLINE {
+        wire.t = None;
+        wire.p = None;
+        text = serde_json::to_string(&wire)?;
+    }
+    Ok(text)
+}
+
 /// Notifications above this size travel as a pointer (Postgres refuses 8000 bytes and more).
 const MAX_INLINE: usize = 7_900;
 
@@ -112,21 +133,18 @@ impl PgBackend {
     }
 
     pub(crate) async fn journal_notify(&self, event: &JournalEvent) -> Result<()> {
-        let mut wire = Wire {
-            s: event.stream.clone(),
-            q: event.seq,
-            t: Some(event.event_type.clone()),
-            p: Some(event.payload.clone()),
-        };
-        let mut text = serde_json::to_string(&wire)?;
-        if text.len() > MAX_INLINE {
-            wire.t = None;
-            wire.p = None;
-            text = serde_json::to_string(&wire)?;
+        self.journal_notify_many(std::slice::from_ref(event)).await
+    }
+
+    /// One statement for all of `events`, notified in order.
+    pub(crate) async fn journal_notify_many(&self, events: &[JournalEvent]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
         }
-        sqlx::query("SELECT pg_notify($1, $2)")
+        let texts = events.iter().map(wire_text).collect::<Result<Vec<_>>>()?;
+        sqlx::query(NOTIFY_MANY)
             .bind(self.shared().table.journal_channel())
-            .bind(text)
+            .bind(&texts)
             .execute(&self.shared().pool)
             .await?;
         Ok(())

@@ -309,6 +309,10 @@ impl Backend for PgBackend {
         self.journal_notify(event).await
     }
 
+    async fn journal_publish_batch(&self, events: &[JournalEvent]) -> Result<()> {
+        self.journal_notify_many(events).await
+    }
+
     async fn journal_subscribe(&self, stream: &str) -> Result<LiveEvents> {
         self.journal_listen(stream).await
     }
