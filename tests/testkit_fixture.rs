@@ -86,3 +86,32 @@ async fn the_fixture_url_reaches_the_same_database() -> Result<()> {
     db.close().await?;
     Ok(())
 }
+
+/// Under the Docker provider (CI runs the suite once with `POSTBOX_TEST_PG=docker`), the
+/// container publishes Postgres on 127.0.0.1 only. Other providers have no container to check.
+#[tokio::test]
+async fn a_docker_fixture_listens_on_loopback_only() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    if db.provider() != postbox::testkit::Provider::Docker {
+        db.close().await?;
+        return Ok(());
+    }
+    assert!(db.url().contains("@127.0.0.1:"), "{}", db.url());
+    let out = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "--filter",
+            &format!("label=postbox.testkit.pid={}", std::process::id()),
+            "--format",
+            "{{.Ports}}",
+        ])
+        .output()?;
+    let ports = String::from_utf8(out.stdout)?;
+    assert!(ports.contains("127.0.0.1:"), "published ports: {ports:?}");
+    assert!(
+        !ports.contains("0.0.0.0") && !ports.contains(":::"),
+        "published ports: {ports:?}"
+    );
+    db.close().await?;
+    Ok(())
+}

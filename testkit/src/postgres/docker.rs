@@ -6,11 +6,15 @@
 //! Readiness: the official image prints "ready to accept connections" twice (its init phase
 //! runs a temporary server on a unix socket only), a pre-initialised image once. The wait
 //! condition accepts the first line and the testkit then connects over TCP until a query
-//! succeeds, which works for both.
+//! succeeds, which works for both. The port is published on 127.0.0.1 only.
+//!
+//! Offline (no registry), build an image from the machine's own Postgres binaries with
+//! `testkit/docker/build-local-image.sh` and set `POSTBOX_TEST_PG_IMAGE=postbox/postgres-local:15`.
 
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
+use testcontainers_modules::testcontainers::bollard::models::{HostConfig, PortBinding};
 use testcontainers_modules::testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers_modules::testcontainers::runners::AsyncRunner;
 use testcontainers_modules::testcontainers::{GenericImage, ImageExt};
@@ -62,6 +66,7 @@ pub(crate) fn start(image: &(String, String)) -> Result<DockerServer, String> {
                     .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
                     .with_env_var("POSTGRES_PASSWORD", "postgres")
                     .with_label("postbox.testkit.pid", std::process::id().to_string())
+                    .with_host_config_modifier(loopback_only)
                     .with_startup_timeout(Duration::from_secs(120));
                 let container = match request.start().await {
                     Ok(c) => c,
@@ -89,6 +94,21 @@ pub(crate) fn start(image: &(String, String)) -> Result<DockerServer, String> {
         })
         .map_err(|e| format!("cannot spawn the docker thread: {e}"))?;
     rx.recv().map_err(|_| "the docker thread died".to_owned())?
+}
+
+/// Publishes 5432 on 127.0.0.1 only (a random port), never on every interface.
+fn loopback_only(host: &mut HostConfig) {
+    host.publish_all_ports = Some(false);
+    host.port_bindings = Some(
+        [(
+            "5432/tcp".to_owned(),
+            Some(vec![PortBinding {
+                host_ip: Some("127.0.0.1".to_owned()),
+                host_port: Some(String::new()),
+            }]),
+        )]
+        .into(),
+    );
 }
 
 async fn wait_for_queries(url: &str) -> Result<(), String> {
