@@ -44,8 +44,13 @@ impl PgFixture {
         execute(
             &mut admin,
             format!(
-                "CREATE DATABASE \"{database}\" TEMPLATE \"{}\"",
-                server.template
+                "CREATE DATABASE \"{database}\" TEMPLATE \"{}\"{}",
+                server.template,
+                if server.file_copy {
+                    " STRATEGY FILE_COPY"
+                } else {
+                    ""
+                }
             ),
         )
         .await?;

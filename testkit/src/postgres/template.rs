@@ -23,9 +23,10 @@ const CREATE_REGISTRY: &str = "CREATE SCHEMA IF NOT EXISTS postbox_testkit; \
 /// runs; one still in use cannot be dropped and is skipped.
 const SWEEP_AGE: &str = "10 minutes";
 
-/// Builds the template if needed and returns its name. Runs on its own thread and runtime:
-/// the caller may be inside a test's runtime.
-pub(crate) fn prepare(url: &str, shared: bool) -> Result<String, String> {
+/// Builds the template if needed and returns its name and the server's version number
+/// (`server_version_num`). Runs on its own thread and runtime: the caller may be inside a
+/// test's runtime.
+pub(crate) fn prepare(url: &str, shared: bool) -> Result<(String, i32), String> {
     std::thread::scope(|s| {
         s.spawn(|| {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -44,9 +45,13 @@ pub(crate) fn prepare(url: &str, shared: bool) -> Result<String, String> {
     })
 }
 
-async fn prepare_async(url: &str, shared: bool) -> Result<String, postbox_core::Error> {
+async fn prepare_async(url: &str, shared: bool) -> Result<(String, i32), postbox_core::Error> {
     let name = template_name();
     let mut admin = PgConnection::connect(url).await?;
+    let version: String = sqlx::query_scalar("SHOW server_version_num")
+        .fetch_one(&mut admin)
+        .await?;
+    let version = version.trim().parse().unwrap_or(0);
     sqlx::query("SELECT pg_advisory_lock(hashtextextended('postbox:testkit:template', 0))")
         .execute(&mut admin)
         .await?;
@@ -85,7 +90,7 @@ async fn prepare_async(url: &str, shared: bool) -> Result<String, postbox_core::
         .execute(&mut admin)
         .await?;
     admin.close().await?;
-    Ok(name)
+    Ok((name, version))
 }
 
 /// Drops registered fixture databases older than [`SWEEP_AGE`] that nobody uses.
