@@ -9,42 +9,32 @@
 use sqlx::{Connection, PgConnection, Row};
 use uuid::Uuid;
 
-use super::fetch::delivery;
+use super::fetch::{delivery, lease_or_bury, ready_branch};
 use super::{Inner, PgBackend};
 use crate::coop::{CoopReceive, Member, MemberInfo, Registration, Unregister};
 use crate::error::{Error, Result};
 use crate::message::Delivery;
 
-// $1 queues, $2 limit, $3 token, $4 member key, $5 group, $6 member name,
-// $7 dead interval in ms (NULL: never take over), $8 max deliveries, $9 pinned now
-pub(crate) const COOP_RECEIVE: &str = r#"
+// $1 queues, $2 limit, $3 dead interval in ms (NULL: never take over), $4 new token,
+// $5 member key (`group/name`), $6 max deliveries, $7 pinned now, $8 group, $9 member name
+pub(crate) const COOP_RECEIVE: &str = concat!(
+    r#"
 WITH me AS (
     INSERT INTO {members} (grp, member, queues, registered_at, last_active)
-    VALUES ($5, $6, $1, coalesce($9::timestamptz, now()), coalesce($9::timestamptz, now()))
+    VALUES ($8, $9, $1, coalesce($7::timestamptz, now()), coalesce($7::timestamptz, now()))
     ON CONFLICT (grp, member) DO UPDATE SET last_active = excluded.last_active
     RETURNING 1
 ),
 dead AS (
     SELECT grp || '/' || member AS holder
     FROM {members}
-    WHERE grp = $5 AND member <> $6
-      AND $7::float8 IS NOT NULL
-      AND last_active < coalesce($9::timestamptz, now()) - $7::float8 * interval '1 millisecond'
+    WHERE grp = $8 AND member <> $9
+      AND $3::float8 IS NOT NULL
+      AND last_active < coalesce($7::timestamptz, now()) - $3::float8 * interval '1 millisecond'
 ),
-ready AS (
-    SELECT r.id, r.next_attempt_at, r.deliveries
-    FROM unnest($1::text[]) AS q(name)
-    CROSS JOIN LATERAL (
-        SELECT id, next_attempt_at, deliveries
-        FROM {table}
-        WHERE queue = q.name
-          AND acquired_token IS NULL
-          AND next_attempt_at <= coalesce($9::timestamptz, now())
-        ORDER BY queue, next_attempt_at, id
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
-    ) AS r
-),
+"#,
+    ready_branch!(),
+    r#",
 stale AS (
     SELECT s.id, s.next_attempt_at, s.deliveries
     FROM {table} AS s
@@ -61,39 +51,9 @@ picked AS (
     ORDER BY next_attempt_at, id
     LIMIT $2
 ),
-leased AS (
-    UPDATE {table} AS t
-    SET acquired_token   = $3,
-        acquired_at      = coalesce($9::timestamptz, now()),
-        acquired_by      = $4,
-        deliveries       = t.deliveries + 1,
-        first_attempt_at = coalesce(t.first_attempt_at, coalesce($9::timestamptz, now())),
-        last_attempt_at  = coalesce($9::timestamptz, now())
-    FROM picked
-    WHERE t.id = picked.id
-      AND picked.deliveries < coalesce($8::integer, 2147483647)
-    RETURNING t.id, t.queue, t.payload, t.headers, t.correlation_id, t.attempts, t.deliveries,
-              t.created_at, t.next_attempt_at, t.first_attempt_at, t.acquired_at,
-              t.acquired_token, t.acquired_by, t.last_error
-),
-exhausted AS (
-    DELETE FROM {table} AS t
-    USING picked
-    WHERE t.id = picked.id
-      AND picked.deliveries >= coalesce($8::integer, 2147483647)
-    RETURNING t.*
-),
-buried AS (
-    INSERT INTO {dead} (id, queue, payload, headers, correlation_id, attempts, deliveries,
-                        created_at, next_attempt_at, first_attempt_at, last_attempt_at,
-                        acquired_by, last_error, dead_at, reason)
-    SELECT id, queue, payload, headers, correlation_id, attempts, deliveries,
-           created_at, next_attempt_at, first_attempt_at, last_attempt_at,
-           acquired_by, last_error, coalesce($9::timestamptz, now()),
-           'max_deliveries exceeded: leased ' || deliveries || ' times without an outcome'
-    FROM exhausted
-)
-SELECT * FROM leased ORDER BY next_attempt_at, id"#;
+"#,
+    lease_or_bury!()
+);
 
 // $1 group, $2 member, $3 queues, $4 pinned now
 pub(crate) const COOP_REGISTER: &str = r#"
@@ -166,17 +126,17 @@ impl Inner {
         let rows = sqlx::query(self.sql.coop_receive.clone())
             .bind(params.queues())
             .bind(i64::from(params.max_messages()))
+            .bind(params.dead_after().map(|d| d.as_secs_f64() * 1000.0))
             .bind(Uuid::new_v4())
             .bind(member.key())
-            .bind(member.group())
-            .bind(member.name())
-            .bind(params.dead_after().map(|d| d.as_secs_f64() * 1000.0))
             .bind(
                 params
                     .delivery_limit()
                     .map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
             )
             .bind(self.now())
+            .bind(member.group())
+            .bind(member.name())
             .fetch_all(conn)
             .await?;
         Ok(rows.iter().map(delivery).collect::<Result<_, _>>()?)

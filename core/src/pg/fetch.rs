@@ -24,10 +24,11 @@ use crate::backend::FetchParams;
 use crate::error::Result;
 use crate::message::Delivery;
 
-// $1 queues, $2 limit, $3 lease ttl in ms, $4 new token, $5 acquired_by,
-// $6 max deliveries (NULL: none), $7 pinned now (NULL: the database clock)
-pub(crate) const FETCH: &str = r#"
-WITH ready AS (
+/// The ready branch shared by the fetch and the cooperative receive: per queue, the first
+/// `limit` unleased rows that are due, locked. Uses $1 queues, $2 limit, $7 pinned now.
+macro_rules! ready_branch {
+    () => {
+        r#"ready AS (
     SELECT r.id, r.next_attempt_at, r.deliveries
     FROM unnest($1::text[]) AS q(name)
     CROSS JOIN LATERAL (
@@ -40,28 +41,16 @@ WITH ready AS (
         LIMIT $2
         FOR UPDATE SKIP LOCKED
     ) AS r
-),
-expired AS (
-    SELECT e.id, e.next_attempt_at, e.deliveries
-    FROM unnest($1::text[]) AS q(name)
-    CROSS JOIN LATERAL (
-        SELECT id, next_attempt_at, deliveries
-        FROM {table}
-        WHERE queue = q.name
-          AND acquired_token IS NOT NULL
-          AND acquired_at < coalesce($7::timestamptz, now()) - $3::float8 * interval '1 millisecond'
-        ORDER BY next_attempt_at, id
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
-    ) AS e
-),
-picked AS (
-    SELECT id, deliveries
-    FROM (SELECT * FROM ready UNION ALL SELECT * FROM expired) AS c
-    ORDER BY next_attempt_at, id
-    LIMIT $2
-),
-leased AS (
+)"#
+    };
+}
+
+/// The end shared by the fetch and the cooperative receive: lease the `picked` rows under one
+/// token, or move those already delivered `max_deliveries` times to the dead-letter table.
+/// Uses $4 token, $5 acquired_by, $6 max deliveries (NULL: none), $7 pinned now.
+macro_rules! lease_or_bury {
+    () => {
+        r#"leased AS (
     UPDATE {table} AS t
     SET acquired_token   = $4,
         acquired_at      = coalesce($7::timestamptz, now()),
@@ -93,7 +82,41 @@ buried AS (
            'max_deliveries exceeded: leased ' || deliveries || ' times without an outcome'
     FROM exhausted
 )
-SELECT * FROM leased ORDER BY next_attempt_at, id"#;
+SELECT * FROM leased ORDER BY next_attempt_at, id"#
+    };
+}
+
+pub(crate) use {lease_or_bury, ready_branch};
+
+// $1 queues, $2 limit, $3 lease ttl in ms, $4 new token, $5 acquired_by,
+// $6 max deliveries (NULL: none), $7 pinned now (NULL: the database clock)
+pub(crate) const FETCH: &str = concat!(
+    "\nWITH ",
+    ready_branch!(),
+    r#",
+expired AS (
+    SELECT e.id, e.next_attempt_at, e.deliveries
+    FROM unnest($1::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT id, next_attempt_at, deliveries
+        FROM {table}
+        WHERE queue = q.name
+          AND acquired_token IS NOT NULL
+          AND acquired_at < coalesce($7::timestamptz, now()) - $3::float8 * interval '1 millisecond'
+        ORDER BY next_attempt_at, id
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ) AS e
+),
+picked AS (
+    SELECT id, deliveries
+    FROM (SELECT * FROM ready UNION ALL SELECT * FROM expired) AS c
+    ORDER BY next_attempt_at, id
+    LIMIT $2
+),
+"#,
+    lease_or_bury!()
+);
 
 /// Binds the fetch parameters to `sql` (the fetch statement, or its EXPLAIN).
 fn bind_fetch<'q>(
