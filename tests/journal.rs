@@ -137,12 +137,12 @@ async fn attach_and_read<B: Backend + Clone>(
         .expect("join")
 }
 
-async fn collect<B: Backend>(mut tail: postbox::JournalTail<B>) -> Vec<i64> {
-    let mut seen = Vec::new();
-    while let Some(event) = tail.next().await {
-        seen.push(event.expect("event").seq);
-    }
-    seen
+async fn collect<B: Backend>(tail: postbox::JournalTail<B>) -> Vec<i64> {
+    use futures_util::StreamExt;
+    tail.into_stream()
+        .map(|event| event.expect("event").seq)
+        .collect()
+        .await
 }
 
 fn runtime() -> tokio::runtime::Runtime {

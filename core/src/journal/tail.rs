@@ -93,6 +93,14 @@ pub async fn snapshot_and_tail<B: Backend>(
 }
 
 impl<B: Backend> JournalTail<B> {
+    /// The tail as a [`Stream`](futures_util::Stream) of events, for `StreamExt` combinators
+    /// or an SSE response body.
+    pub fn into_stream(self) -> impl futures_util::Stream<Item = Result<JournalEvent>> {
+        futures_util::stream::unfold(self, |mut tail| async move {
+            tail.next().await.map(|item| (item, tail))
+        })
+    }
+
     /// The seq of the last event yielded (or the `after_seq` it started from).
     pub fn last_seq(&self) -> i64 {
         self.last
