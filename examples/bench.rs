@@ -300,6 +300,7 @@ async fn coop() -> anyhow::Result<Value> {
                 let options = SubscriberOptions::new(["coop"])
                     .subconsumer(postbox::Member::new("bench", format!("m{m}"))?)
                     .max_workers(if work.is_zero() { 16 } else { 1 })
+                    .ack_delay(Duration::from_millis(2))
                     .prefetch(if work.is_zero() { 112 } else { 4 })
                     .min_fetch_interval(Duration::from_millis(10))
                     .max_fetch_interval(Duration::from_millis(100));
@@ -329,7 +330,7 @@ async fn coop() -> anyhow::Result<Value> {
     Ok(json!({
         "workload": "coop",
         "events": N,
-        "settings": "one Subscriber per member (subconsumer mode); no-op: 16 workers, prefetch 112; 1 ms: 1 worker, prefetch 4",
+        "settings": "one Subscriber per member (subconsumer mode), ack_delay 2 ms; no-op: 16 workers, prefetch 112; 1 ms (blocking sleep): 1 worker, prefetch 4",
         "results": out,
     }))
 }

@@ -250,3 +250,60 @@ async fn the_same_paused_schedule_gives_the_same_history_twice() {
     assert_eq!(first, run().await);
     assert_eq!(first.iter().filter(|(_, acked)| *acked == 1).count(), 6);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_ack_delay_groups_acks_of_handlers_that_finish_one_by_one() {
+    let b = FakeBroker::new();
+    publish(&b, 20).await;
+    let handler = |_d: Delivery| std::future::ready(Ok::<(), HandlerError>(()));
+    let options = SubscriberOptions::new(["q"])
+        .max_workers(1)
+        .prefetch(19)
+        .ack_delay(Duration::from_millis(50));
+    let sub = Subscriber::new(b.clone(), options, handler)
+        .expect("options")
+        .spawn();
+    let mut events = sub.events();
+    for _ in 0..20 {
+        wait_for_event_within(&mut events, "ack", HOUR, |e| {
+            matches!(
+                e,
+                SubscriberEvent::Handled {
+                    outcome: Outcome::Acked,
+                    ..
+                }
+            )
+        })
+        .await;
+    }
+    let stats = sub.shutdown().await.expect("shutdown").stats;
+    assert_eq!(stats.acked, 20);
+    assert!(
+        stats.ack_statements <= 3,
+        "one-by-one completions shared statements: {stats:?}"
+    );
+    assert!(b.snapshot(None).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_writes_acks_still_waiting_for_their_delay() {
+    let b = FakeBroker::new();
+    publish(&b, 3).await;
+    let handler = |_d: Delivery| std::future::ready(Ok::<(), HandlerError>(()));
+    let options = SubscriberOptions::new(["q"]).ack_delay(Duration::from_secs(3600));
+    let sub = Subscriber::new(b.clone(), options, handler)
+        .expect("options")
+        .spawn();
+    // Wait until every handler ran (the acks wait for their hour).
+    while b.counters().fetched < 3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::task::yield_now().await;
+    assert_eq!(sub.stats().acked, 0, "the acks are still waiting for their delay");
+    let stats = sub.shutdown().await.expect("shutdown").stats;
+    assert_eq!(stats.acked, 3);
+    assert!(
+        b.snapshot(None).is_empty(),
+        "nothing left leased or unacked"
+    );
+}

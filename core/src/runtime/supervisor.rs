@@ -45,6 +45,8 @@ pub(crate) struct Supervisor<B: Backend> {
     /// Every message this subscriber holds a lease on, with its last renewal.
     held: HashMap<MessageId, (Lease, Instant)>,
     pending_acks: Vec<Lease>,
+    /// When the oldest pending ack was queued (for `ack_delay`).
+    acks_since: Option<Instant>,
     pending_failures: Vec<(Delivery, HandlerError)>,
     idle: Backoff,
     errors: Backoff,
@@ -78,6 +80,7 @@ impl<B: Backend> Supervisor<B> {
             waiting: VecDeque::new(),
             held: HashMap::new(),
             pending_acks: Vec::new(),
+            acks_since: None,
             pending_failures: Vec::new(),
             next_fetch: now,
             backoff_until: now,
@@ -141,14 +144,16 @@ impl<B: Backend> Supervisor<B> {
                 tracing::warn!(target: "postbox", "postbox.subscriber: backend closed, stopping");
                 return;
             }
-            self.flush_outcomes().await;
+            self.flush_outcomes(false).await;
             let capacity = self.capacity();
-            if capacity > 0 && Instant::now() >= self.next_fetch {
+            let wants = self.wants_fetch(capacity);
+            if wants && Instant::now() >= self.next_fetch {
                 self.fetch(capacity).await;
                 self.dispatch();
                 continue;
             }
             let next_fetch = self.next_fetch;
+            let acks_deadline = self.acks_deadline();
             tokio::select! {
                 biased;
                 changed = self.stop.changed() => {
@@ -166,7 +171,8 @@ impl<B: Backend> Supervisor<B> {
                     self.idle.reset();
                     self.next_fetch = self.backoff_until.max(Instant::now());
                 }
-                _ = tokio::time::sleep_until(next_fetch), if capacity > 0 => {}
+                _ = tokio::time::sleep_until(next_fetch), if wants => {}
+                _ = sleep_until_opt(acks_deadline), if acks_deadline.is_some() => {}
             }
         }
     }
@@ -177,6 +183,15 @@ impl<B: Backend> Supervisor<B> {
         self.options
             .capacity()
             .saturating_sub(self.running.len() + self.waiting.len())
+    }
+
+    /// Whether to fetch now that `capacity` rows fit: always when a worker is idle; while all
+    /// are busy, only once the prefetch buffer is half empty, so a busy subscriber refills in
+    /// batches instead of fetching one row per completed handler.
+    fn wants_fetch(&self, capacity: usize) -> bool {
+        capacity > 0
+            && (self.running.len() < self.options.max_workers
+                || self.waiting.len() * 2 <= self.options.prefetch)
     }
 
     async fn fetch(&mut self, capacity: usize) {
@@ -314,7 +329,10 @@ impl<B: Backend> Supervisor<B> {
                     return;
                 };
                 match result {
-                    Ok(()) => self.pending_acks.push(delivery.lease()),
+                    Ok(()) => {
+                        self.acks_since.get_or_insert_with(Instant::now);
+                        self.pending_acks.push(delivery.lease());
+                    }
                     Err(error) => self.pending_failures.push((delivery, error)),
                 }
             }
@@ -339,12 +357,14 @@ impl<B: Backend> Supervisor<B> {
     /// Writes the outcomes collected so far. On a database error they stay pending and are
     /// retried at the next turn; if that never succeeds, their leases expire and the messages
     /// are delivered again (at least once).
-    async fn flush_outcomes(&mut self) {
-        if !self.pending_acks.is_empty() {
+    async fn flush_outcomes(&mut self, force: bool) {
+        if self.acks_due(force) {
+            self.acks_since = None;
             let leases = std::mem::take(&mut self.pending_acks);
             if let Err((error, unwritten)) = self.write_acks(leases).await {
                 self.shared.record_error(&error);
                 self.pending_acks = unwritten;
+                self.acks_since = Some(Instant::now());
             }
         }
         while let Some((delivery, error)) = self.pending_failures.pop() {
@@ -382,6 +402,26 @@ impl<B: Backend> Supervisor<B> {
                 }
             }
         }
+    }
+
+    /// Whether the pending acks should be written now: there are some, and the delay is zero,
+    /// or has passed, or 64 are waiting, or `force` (shutdown).
+    fn acks_due(&self, force: bool) -> bool {
+        !self.pending_acks.is_empty()
+            && (force
+                || self.options.ack_delay.is_zero()
+                || self.pending_acks.len() >= 64
+                || self
+                    .acks_since
+                    .is_some_and(|t| t.elapsed() >= self.options.ack_delay))
+    }
+
+    /// When pending acks become due by time, if they are waiting for `ack_delay`.
+    fn acks_deadline(&self) -> Option<Instant> {
+        if self.pending_acks.is_empty() || self.options.ack_delay.is_zero() {
+            return None;
+        }
+        self.acks_since.map(|t| t + self.options.ack_delay)
     }
 
     /// Acks `leases`, in one statement or one per message. On error, returns the leases not
@@ -503,7 +543,7 @@ impl<B: Backend> Supervisor<B> {
             tokio::select! {
                 Some(done) = self.workers.join_next_with_id() => {
                     self.completed(done);
-                    self.flush_outcomes().await;
+                    self.flush_outcomes(true).await;
                 }
                 _ = tokio::time::sleep_until(deadline) => break,
             }
@@ -516,7 +556,7 @@ impl<B: Backend> Supervisor<B> {
         while let Some(done) = self.workers.join_next_with_id().await {
             self.take_done(done);
         }
-        self.flush_outcomes().await;
+        self.flush_outcomes(true).await;
         if let Some(conn) = self.conn.take() {
             let _ = sqlx::Connection::close(conn).await;
         }
@@ -525,6 +565,14 @@ impl<B: Backend> Supervisor<B> {
             abandoned,
             stats: self.shared.counters.snapshot(),
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one (the branch is disabled then anyway).
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
