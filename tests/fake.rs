@@ -299,7 +299,11 @@ async fn shutdown_writes_acks_still_waiting_for_their_delay() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     tokio::task::yield_now().await;
-    assert_eq!(sub.stats().acked, 0, "the acks are still waiting for their delay");
+    assert_eq!(
+        sub.stats().acked,
+        0,
+        "the acks are still waiting for their delay"
+    );
     let stats = sub.shutdown().await.expect("shutdown").stats;
     assert_eq!(stats.acked, 3);
     assert!(
