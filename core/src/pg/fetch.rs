@@ -193,10 +193,7 @@ pub(crate) fn delivery(row: &PgRow) -> Result<Delivery, sqlx::Error> {
         id: row.try_get("id")?,
         queue: row.try_get("queue")?,
         payload: row.try_get("payload")?,
-        headers: match row.try_get::<Option<serde_json::Value>, _>("headers")? {
-            Some(serde_json::Value::Object(map)) => Some(map),
-            Some(_) | None => None,
-        },
+        headers: super::inspect::headers(row)?,
         correlation_id: row.try_get("correlation_id")?,
         attempts: row.try_get("attempts")?,
         deliveries: row.try_get("deliveries")?,

@@ -30,7 +30,8 @@ ORDER BY id"#;
 // $1 pinned now
 const NOW: &str = "SELECT coalesce($1::timestamptz, now())";
 
-fn headers(row: &PgRow) -> Result<Option<crate::Headers>, sqlx::Error> {
+/// Decodes the `headers` column (a JSON object, or NULL).
+pub(crate) fn headers(row: &PgRow) -> Result<Option<crate::Headers>, sqlx::Error> {
     Ok(
         match row.try_get::<Option<serde_json::Value>, _>("headers")? {
             Some(serde_json::Value::Object(map)) => Some(map),
