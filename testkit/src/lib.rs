@@ -7,6 +7,8 @@
 //! - [`run_one`] and [`drain`]: run a handler on one or all ready messages, step by step.
 //! - [`TimeControl`]: move a backend's clock (the fake's, or the one Postgres statements read).
 //! - [`wait_for_event`]: wait on a subscriber event with one deadline instead of sleeping.
+//! - [`props`]: proptest schedules, a reference model and the invariants, to run on any
+//!   backend (model vs fake, model vs Postgres, fake vs Postgres).
 //! - [`conformance`]: the behavioural suite every backend passes, and
 //!   [`conformance_tests!`] to run it.
 //!
@@ -26,6 +28,7 @@ pub mod conformance;
 mod drain;
 mod error;
 pub mod postgres;
+pub mod props;
 mod time;
 mod wait;
 

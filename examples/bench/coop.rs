@@ -1,0 +1,163 @@
+//! `coop`: cooperative members splitting one queue; events per second for N members, with
+//! duplicate and loss counts.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use postbox::{Backend, Delivery, HandlerError, Member, Subscriber, SubscriberOptions};
+use serde_json::{Value, json};
+
+use crate::Ctx;
+use crate::publish::batches;
+use crate::stats::{median, rate, round, spread};
+
+/// Member counts measured.
+pub(crate) const MEMBERS: [usize; 4] = [1, 2, 4, 8];
+
+/// One subscriber per member, each with one worker for the 1 ms handler (a member handles
+/// its events one at a time, so linear scaling is N × 1/handler time).
+pub(crate) async fn coop(ctx: &Ctx) -> anyhow::Result<Value> {
+    let n = ctx.size(20_000);
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let mut out = Vec::new();
+    for work in [Duration::ZERO, Duration::from_millis(1)] {
+        for members in MEMBERS {
+            let mut rates = Vec::new();
+            let (mut duplicates, mut lost, mut busy_ns) = (0, 0, 0);
+            for rep in 0..ctx.reps {
+                ctx.progress(format!(
+                    "coop: {members} member(s), {}ms handler, repetition {}",
+                    work.as_millis(),
+                    rep + 1
+                ));
+                let run = run(&backend, n, members, work).await?;
+                rates.push(rate(n, run.elapsed));
+                duplicates += run.duplicates;
+                lost += run.lost;
+                busy_ns += run.busy_ns;
+            }
+            let handler_mean_ms = busy_ns as f64 / (n * ctx.reps) as f64 / 1e6;
+            let events_per_s = spread(rates);
+            let ideal = (!work.is_zero()).then(|| members as f64 * 1e3 / handler_mean_ms);
+            out.push(json!({
+                "handler_ms": work.as_secs_f64() * 1e3,
+                "members": members,
+                "events_per_s": events_per_s,
+                "handler_measured_mean_ms": round(handler_mean_ms, 4),
+                "ideal_events_per_s": ideal.map(|x| round(x, 0)),
+                "efficiency_vs_measured_handler": ideal.map(|x| round(median(&events_per_s) / x, 3)),
+                "efficiency_vs_nominal_1ms": (!work.is_zero()).then(|| round(median(&events_per_s) / (members as f64 * 1e3), 3)),
+                "duplicates": duplicates,
+                "lost": lost,
+            }));
+        }
+    }
+    db.close().await?;
+    Ok(json!({
+        "workload": "coop",
+        "events": n,
+        "settings": "one Subscriber per member (subconsumer mode). no-op: 16 workers, prefetch 112, ack_delay 2 ms; \
+                     1 ms: 1 worker, prefetch 32, ack_delay 10 ms, handler = 1 ms thread sleep on the blocking pool",
+        "results": out,
+    }))
+}
+
+struct Run {
+    elapsed: Duration,
+    duplicates: usize,
+    lost: usize,
+    busy_ns: u64,
+}
+
+async fn run(
+    backend: &postbox::PgBackend,
+    n: usize,
+    members: usize,
+    work: Duration,
+) -> anyhow::Result<Run> {
+    batches(backend, "coop", n, 1_000).await?;
+    let published: Vec<i64> = backend
+        .messages(Some("coop"))
+        .await?
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::with_capacity(n)));
+    let busy = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut subs = Vec::new();
+    for m in 0..members {
+        let (seen, busy) = (Arc::clone(&seen), Arc::clone(&busy));
+        let handler = move |d: Delivery| {
+            let (seen, busy) = (Arc::clone(&seen), Arc::clone(&busy));
+            async move {
+                if !work.is_zero() {
+                    let took = tokio::task::spawn_blocking(move || block_for(work))
+                        .await
+                        .unwrap_or_default();
+                    busy.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+                }
+                seen.lock().push(d.id);
+                Ok::<(), HandlerError>(())
+            }
+        };
+        let options = if work.is_zero() {
+            SubscriberOptions::new(["coop"])
+                .max_workers(16)
+                .prefetch(112)
+                .ack_delay(Duration::from_millis(2))
+        } else {
+            SubscriberOptions::new(["coop"])
+                .max_workers(1)
+                .prefetch(32)
+                .ack_delay(Duration::from_millis(10))
+        };
+        let options = options
+            .subconsumer(Member::new("bench", format!("m{m}"))?)
+            .min_fetch_interval(Duration::from_millis(10))
+            .max_fetch_interval(Duration::from_millis(100));
+        subs.push(Subscriber::new(backend.clone(), options, handler)?.spawn());
+    }
+    while subs.iter().map(|s| s.stats().acked).sum::<u64>() < n as u64 {
+        anyhow::ensure!(
+            subs.iter().all(|s| s.is_running()),
+            "a member stopped: {:?}",
+            subs.iter().find_map(|s| s.last_error())
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = start.elapsed();
+    for sub in subs {
+        sub.shutdown().await?;
+    }
+    let handled = seen.lock().clone();
+    let distinct: HashSet<i64> = handled.iter().copied().collect();
+    Ok(Run {
+        elapsed,
+        duplicates: handled.len() - distinct.len(),
+        lost: published.iter().filter(|id| !distinct.contains(id)).count(),
+        busy_ns: busy.load(Ordering::Relaxed),
+    })
+}
+
+/// A handler's blocking work: sleeps `work` on the calling (blocking-pool) thread and
+/// returns how long it really took.
+///
+/// tokio's timer has a 1 ms resolution, so `tokio::time::sleep(1 ms)` lasts 1-2 ms; a thread
+/// sleep with the kernel's timer slack lowered to 1 µs lasts 1.00-1.06 ms.
+fn block_for(work: Duration) -> Duration {
+    thread_local!(static SLACK_SET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    SLACK_SET.with(|set| {
+        if !set.get() {
+            // SAFETY: PR_SET_TIMERSLACK only changes the calling thread's timer slack.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64) };
+            set.set(true);
+        }
+    });
+    let start = Instant::now();
+    std::thread::sleep(work);
+    start.elapsed()
+}

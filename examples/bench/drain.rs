@@ -1,0 +1,69 @@
+//! `drain`: messages per second one subscriber with a no-op handler drains from a full queue.
+
+use std::time::{Duration, Instant};
+
+use postbox::{Delivery, HandlerError, Subscriber, SubscriberOptions};
+use serde_json::{Value, json};
+
+use crate::Ctx;
+use crate::publish::{batches, median_of};
+use crate::server::{Wal, table_bytes};
+use crate::stats::{rate, round, spread};
+
+/// Drains `n` pre-published messages with default settings, with the best documented settings
+/// (batched acks), and with the same but one ack statement per message.
+pub(crate) async fn drain(ctx: &Ctx) -> anyhow::Result<Value> {
+    let n = ctx.size(20_000);
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let tuned = SubscriberOptions::new(["drain"])
+        .max_workers(64)
+        .prefetch(448);
+    let variants = [
+        ("default_settings", SubscriberOptions::new(["drain"])),
+        ("tuned_batched_acks", tuned.clone()),
+        ("tuned_per_row_acks", tuned.batch_acks(false)),
+    ];
+    let mut out = serde_json::Map::new();
+    for (name, options) in variants {
+        let mut rates = Vec::new();
+        let mut wal = Vec::new();
+        let mut stats = None;
+        let mut bytes_after = 0;
+        for rep in 0..ctx.reps {
+            ctx.progress(format!("drain {name}: repetition {}", rep + 1));
+            batches(&backend, "drain", n, 1_000).await?;
+            let handler = |_d: Delivery| std::future::ready(Ok::<(), HandlerError>(()));
+            let before = Wal::now(db.pool()).await?;
+            let start = Instant::now();
+            let sub = Subscriber::new(backend.clone(), options.clone(), handler)?.spawn();
+            while sub.stats().acked < n as u64 {
+                anyhow::ensure!(
+                    sub.is_running(),
+                    "subscriber stopped: {:?}",
+                    sub.last_error()
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let elapsed = start.elapsed();
+            stats = Some(sub.shutdown().await?.stats);
+            rates.push(rate(n, elapsed));
+            wal.push(before.bytes_since(db.pool()).await? / n as f64);
+            bytes_after = table_bytes(db.pool()).await?;
+        }
+        let stats = stats.unwrap_or_default();
+        out.insert(
+            name.into(),
+            json!({
+                "msgs_per_s": spread(rates),
+                "wal_bytes_per_msg": round(median_of(wal), 1),
+                "table_bytes_after_last_drain": bytes_after,
+                "ack_statements_last_run": stats.ack_statements,
+                "fetches_last_run": stats.fetches,
+                "settings": format!("{options:?}"),
+            }),
+        );
+    }
+    db.close().await?;
+    Ok(json!({ "workload": "drain", "messages": n, "results": out }))
+}

@@ -1,0 +1,234 @@
+//! Benchmarks that print JSON (and draw PNG charts), comparing alternatives within one run.
+//!
+//! ```text
+//! cargo run --release --example bench -- [WORKLOAD...] [--database-url URL] [--json FILE]
+//!     [--charts DIR] [--rounds N] [--reps N] [--smoke] [--quiet]
+//! ```
+//!
+//! Workloads (all by default; each repeated `--reps` times, default 3, reporting median, min
+//! and max):
+//! - `publish_batch`: 20,000 messages, 1,000 per transaction; msg/s and WAL bytes per message.
+//! - `publish_single`: 2,000 messages, one commit each; msg/s and WAL bytes per message.
+//! - `drain`: 20,000 messages published beforehand, one subscriber with a no-op handler; msg/s
+//!   with default settings, tuned settings, and per-row versus batched acks; WAL per message and
+//!   the table's size after the drain.
+//! - `wakeup`: per round, a subscriber idle for 2 s, then one message published and committed;
+//!   commit-to-handler latency in ms, with LISTEN (`--rounds`, default 50) and polling only
+//!   (at most 10 rounds).
+//! - `coop`: 20,000 events shared by N = 1, 2, 4, 8 cooperative members, with a no-op and a
+//!   1 ms handler; events/s, duplicates and losses (both must be 0).
+//! - `journal`: 20 streams of 100 events, `BatchedJournalWriter` against `record_event` per
+//!   row; events/s and commits per stream.
+//! - `fixture`: a fresh test database from the migrated template against create + migrate;
+//!   ms p50/p95 over `--rounds` of each.
+//! - `fake`: `FakeBroker` publish (batches of 1,000) + fetch + `ack_batch`, 1,000,000 messages.
+//!
+//! Without `--database-url` the server is the testkit's (`POSTBOX_TEST_DATABASE_URL`, Docker,
+//! or the local Postgres binaries, started and stopped by the bench). With it, every workload
+//! runs in its own database created on that server (the user needs CREATEDB), so one server
+//! can be shared with other systems' benchmarks. `--smoke` runs tiny sizes (CI uses it so the
+//! harness cannot rot; its figures mean nothing). Progress goes to stderr unless `--quiet`.
+
+mod charts;
+mod coop;
+mod drain;
+mod fake;
+mod fixture;
+mod journal;
+mod publish;
+mod server;
+mod stats;
+mod wakeup;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+const WORKLOADS: [&str; 8] = [
+    "publish_batch",
+    "publish_single",
+    "drain",
+    "wakeup",
+    "coop",
+    "journal",
+    "fixture",
+    "fake",
+];
+
+struct Args {
+    workloads: Vec<String>,
+    database_url: Option<String>,
+    json: Option<PathBuf>,
+    charts: Option<PathBuf>,
+    rounds: Option<usize>,
+    reps: usize,
+    smoke: bool,
+    quiet: bool,
+}
+
+const USAGE: &str = "usage: bench [publish_batch] [publish_single] [drain] [wakeup] [coop] \
+[journal] [fixture] [fake] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
+[--reps N] [--smoke] [--quiet]";
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        workloads: Vec::new(),
+        database_url: None,
+        json: None,
+        charts: None,
+        rounds: None,
+        reps: 3,
+        smoke: false,
+        quiet: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |what: &str| it.next().with_context(|| format!("{arg} needs {what}"));
+        match arg.as_str() {
+            "--database-url" => args.database_url = Some(value("a URL")?),
+            "--json" => args.json = Some(value("a file")?.into()),
+            "--charts" => args.charts = Some(value("a directory")?.into()),
+            "--rounds" => args.rounds = Some(value("a number")?.parse()?),
+            "--reps" => args.reps = value("a number")?.parse()?,
+            "--smoke" => args.smoke = true,
+            "--quiet" => args.quiet = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            w if WORKLOADS.contains(&w) => args.workloads.push(w.to_owned()),
+            other => anyhow::bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    anyhow::ensure!(args.reps > 0, "--reps must be at least 1");
+    if args.workloads.is_empty() {
+        args.workloads = WORKLOADS.map(String::from).to_vec();
+    }
+    Ok(args)
+}
+
+/// What every workload needs: sizes, repetitions, and the progress line.
+pub(crate) struct Ctx {
+    /// Tiny sizes: the harness runs end to end, the figures mean nothing.
+    pub(crate) smoke: bool,
+    /// Repetitions of each measurement.
+    pub(crate) reps: usize,
+    /// Rounds of the latency workloads (wakeup, fixture).
+    pub(crate) rounds: usize,
+    bar: ProgressBar,
+}
+
+impl Ctx {
+    /// `full` in a real run, a fortieth of it (at least 1) in smoke mode.
+    pub(crate) fn size(&self, full: usize) -> usize {
+        if self.smoke { (full / 40).max(1) } else { full }
+    }
+
+    /// Shows what is running now.
+    pub(crate) fn progress(&self, message: String) {
+        self.bar.set_message(message);
+    }
+}
+
+/// Machine and server facts printed with the figures.
+async fn machine() -> anyhow::Result<Value> {
+    let db = postbox::testkit::postgres().await?;
+    let settings = server::settings(db.pool()).await?;
+    let provider = db.provider().to_string();
+    db.close().await?;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        });
+    Ok(json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "os": std::env::consts::OS,
+        "postgres_provider": provider,
+        "postgres": settings,
+    }))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")?);
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    };
+    let ctx = Ctx {
+        smoke: args.smoke,
+        reps: args.reps,
+        rounds: args.rounds.unwrap_or(if args.smoke { 3 } else { 50 }),
+        bar,
+    };
+    ctx.progress("starting the server".into());
+    let machine = machine().await?;
+    let mut results = Vec::new();
+    for workload in &args.workloads {
+        ctx.progress(format!("{workload}..."));
+        let result = match workload.as_str() {
+            "publish_batch" => publish::publish_batch(&ctx).await,
+            "publish_single" => publish::publish_single(&ctx).await,
+            "drain" => drain::drain(&ctx).await,
+            "wakeup" => wakeup::wakeup(&ctx).await,
+            "coop" => coop::coop(&ctx).await,
+            "journal" => journal::journal(&ctx).await,
+            "fixture" => fixture::fixture(&ctx).await,
+            "fake" => fake::fake(&ctx).await,
+            other => unreachable!("parse_args accepts only known workloads, not {other}"),
+        }
+        .with_context(|| format!("workload {workload}"))?;
+        if !args.quiet {
+            ctx.bar.println(format!("bench: {workload} done"));
+        }
+        results.push(result);
+    }
+    ctx.bar.finish_and_clear();
+    let mut doc = json!({
+        "smoke": args.smoke,
+        "machine": machine,
+        "results": results,
+    });
+    if let Some(dir) = &args.charts {
+        let files = charts::render(&results_of(&doc), dir)?;
+        doc["charts"] = json!(files);
+    }
+    let text = serde_json::to_string_pretty(&doc)?;
+    match &args.json {
+        Some(path) => {
+            std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => println!("{text}"),
+    }
+    Ok(())
+}
+
+fn results_of(doc: &Value) -> Vec<Value> {
+    doc["results"].as_array().cloned().unwrap_or_default()
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    if let Some(url) = &args.database_url {
+        // SAFETY: no other thread exists yet (the runtime is built below), so nothing reads
+        // the environment concurrently.
+        unsafe {
+            std::env::set_var("POSTBOX_TEST_PG", "url");
+            std::env::set_var("POSTBOX_TEST_DATABASE_URL", url);
+        }
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
