@@ -47,6 +47,30 @@ impl LocalCluster {
     }
 }
 
+/// Restarts `cluster` in place (same directory and port): a fast shutdown (SIGINT: clients
+/// are disconnected, in-flight transactions roll back), then a new postmaster.
+pub(crate) fn restart(cluster: &mut LocalCluster) -> Result<(), String> {
+    // SAFETY: plain syscall on the pid we started.
+    unsafe {
+        libc::kill(cluster.pid, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(cluster.pid) {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "postgres (pid {}) did not stop within 30 s",
+                cluster.pid
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let bin = find_bin_dir()?;
+    let user = run_as()?;
+    let data = cluster.dir.join("data");
+    cluster.pid = spawn_server(&bin, &cluster.dir, &data, cluster.port, user)?;
+    Ok(())
+}
+
 /// Starts a cluster, or says why it cannot.
 pub(crate) fn start() -> Result<LocalCluster, String> {
     sweep();

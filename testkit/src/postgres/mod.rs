@@ -9,12 +9,14 @@
 mod docker;
 mod fixture;
 mod local;
+mod private;
 mod provider;
 mod template;
 
 use std::sync::OnceLock;
 
 pub use fixture::PgFixture;
+pub use private::LocalServer;
 pub use provider::{DEFAULT_IMAGE, Provider};
 
 use crate::error::TestkitError;
