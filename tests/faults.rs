@@ -299,7 +299,11 @@ async fn listen_connection_killed() {
         while tally.finished_count() < target {
             assert!(
                 Instant::now() < deadline,
-                "round {round}: wake-ups did not resume"
+                "round {round}: wake-ups did not resume: {} of {target} handled; subscribers: {:?}",
+                tally.finished_count(),
+                subs.iter()
+                    .map(|s| (s.is_running(), s.last_error(), s.stats()))
+                    .collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -414,8 +418,25 @@ async fn outcome_write_fails_then_redelivered_after_expiry() {
                 .expect("pool");
             let doomed = PgBackend::new(one.clone());
             doomed.set_now(Some(backend.database_now().await.expect("now")));
-            sqlx::query("SELECT 1").execute(&one).await.expect("warm");
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&one)
+                .await
+                .expect("pid");
             kill(&killer, None).await;
+            // pg_terminate_backend only signals: wait until that backend is gone.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+            )
+            .bind(pid)
+            .fetch_one(&killer)
+            .await
+            .expect("pg_stat_activity")
+                > 0
+            {
+                assert!(Instant::now() < deadline, "backend {pid} did not exit");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             assert!(
                 doomed.ack_batch(&leases).await.is_err(),
                 "the ack must fail"

@@ -78,6 +78,8 @@ async fn run(
     members: usize,
     work: Duration,
 ) -> anyhow::Result<Run> {
+    // Every run starts from the same table state, not from the dead rows of the last one.
+    crate::server::vacuum(backend.pool()).await?;
     batches(backend, "coop", n, 1_000).await?;
     let published: Vec<i64> = backend
         .messages(Some("coop"))

@@ -32,6 +32,7 @@ pub(crate) async fn drain(ctx: &Ctx) -> anyhow::Result<Value> {
         let mut bytes_after = 0;
         for rep in 0..ctx.reps {
             ctx.progress(format!("drain {name}: repetition {}", rep + 1));
+            crate::server::vacuum(db.pool()).await?;
             batches(&backend, "drain", n, 1_000).await?;
             let handler = |_d: Delivery| std::future::ready(Ok::<(), HandlerError>(()));
             let before = Wal::now(db.pool()).await?;

@@ -1,14 +1,13 @@
 //! The fetch loop: fetch, dispatch to workers, record outcomes, renew leases, back off,
 //! shut down. One task per subscriber owns all of this state, so nothing here needs a lock.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::panic::AssertUnwindSafe;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgConnection;
 use tokio::sync::{Notify, watch};
-use tokio::task::{Id, JoinError, JoinSet};
+use tokio::task::JoinError;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
 
@@ -18,18 +17,16 @@ use super::handler::Handler;
 use super::listener::ListenTask;
 use super::options::SubscriberOptions;
 use super::subscriber::{Shared, ShutdownReport};
+use super::workers::{Finished, Workers};
 use crate::backend::{Backend, FailOutcome, FetchParams};
 use crate::coop::CoopReceive;
 use crate::error::{Error, Result};
 use crate::message::{Delivery, Lease, MessageId};
 use crate::retry::HandlerError;
 
-type Done = std::result::Result<(Id, std::result::Result<(), HandlerError>), JoinError>;
-
 pub(crate) struct Supervisor<B: Backend> {
     backend: Arc<B>,
     options: SubscriberOptions,
-    handler: Arc<dyn Handler>,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
     stopping: bool,
@@ -39,9 +36,7 @@ pub(crate) struct Supervisor<B: Backend> {
     reset_listener: Arc<Notify>,
     /// The persistent fetch connection (engine only).
     conn: Option<PgConnection>,
-    workers: JoinSet<std::result::Result<(), HandlerError>>,
-    running: HashMap<Id, Delivery>,
-    waiting: VecDeque<Delivery>,
+    workers: Workers,
     /// Every message this subscriber holds a lease on, with its last renewal.
     held: HashMap<MessageId, (Lease, Instant)>,
     pending_acks: Vec<Lease>,
@@ -66,18 +61,15 @@ impl<B: Backend> Supervisor<B> {
         Supervisor {
             idle: Backoff::new(options.min_fetch_interval, options.max_fetch_interval),
             errors: Backoff::new(options.error_backoff_min, options.error_backoff_max),
+            workers: Workers::new(handler, options.max_workers),
             backend,
             options,
-            handler,
             shared,
             stop,
             stopping: false,
             wake: Arc::new(Notify::new()),
             reset_listener: Arc::new(Notify::new()),
             conn: None,
-            workers: JoinSet::new(),
-            running: HashMap::new(),
-            waiting: VecDeque::new(),
             held: HashMap::new(),
             pending_acks: Vec::new(),
             acks_since: None,
@@ -144,12 +136,20 @@ impl<B: Backend> Supervisor<B> {
                 tracing::warn!(target: "postbox", "postbox.subscriber: backend closed, stopping");
                 return;
             }
+            // Handlers reaped outside the select below (during a fetch or an ack write, or
+            // just now) must have their outcomes recorded and their slots refilled here:
+            // nothing else would wake the loop for them.
+            self.record_finished();
+            self.workers.dispatch();
             self.flush_outcomes(false).await;
             let capacity = self.capacity();
             let wants = self.wants_fetch(capacity);
             if wants && Instant::now() >= self.next_fetch {
                 self.fetch(capacity).await;
-                self.dispatch();
+                self.workers.dispatch();
+                continue;
+            }
+            if self.workers.has_finished() {
                 continue;
             }
             let next_fetch = self.next_fetch;
@@ -163,9 +163,9 @@ impl<B: Backend> Supervisor<B> {
                 }
                 _ = renew.tick() => self.renew(renew_every).await,
                 _ = touch.tick(), if self.options.subconsumer.is_some() => self.touch().await,
-                Some(done) = self.workers.join_next_with_id(), if !self.workers.is_empty() => {
-                    self.completed(done);
-                    self.dispatch();
+                Some(()) = self.workers.join_next(), if !self.workers.is_idle() => {
+                    self.record_finished();
+                    self.workers.dispatch();
                 }
                 _ = self.wake.notified() => {
                     self.idle.reset();
@@ -182,7 +182,7 @@ impl<B: Backend> Supervisor<B> {
     fn capacity(&self) -> usize {
         self.options
             .capacity()
-            .saturating_sub(self.running.len() + self.waiting.len())
+            .saturating_sub(self.workers.running.len() + self.workers.waiting.len())
     }
 
     /// Whether to fetch now that `capacity` rows fit: always when a worker is idle; while all
@@ -190,8 +190,8 @@ impl<B: Backend> Supervisor<B> {
     /// batches instead of fetching one row per completed handler.
     fn wants_fetch(&self, capacity: usize) -> bool {
         capacity > 0
-            && (self.running.len() < self.options.max_workers
-                || self.waiting.len() * 2 <= self.options.prefetch)
+            && (self.workers.running.len() < self.options.max_workers
+                || self.workers.waiting.len() * 2 <= self.options.prefetch)
     }
 
     async fn fetch(&mut self, capacity: usize) {
@@ -204,7 +204,15 @@ impl<B: Backend> Supervisor<B> {
             params = params.max_deliveries(n);
         }
         let started = std::time::Instant::now();
-        let result = self.fetch_once(&params).await;
+        // Handlers that end during the round trip are replaced at once (see `Workers::drive`).
+        let fetching = Self::fetch_once(
+            &self.backend,
+            &self.options,
+            &mut self.conn,
+            &self.shared,
+            &params,
+        );
+        let result = self.workers.drive(fetching).await;
         Counters::add(&self.shared.counters.fetches, 1);
         match result {
             Ok(deliveries) => {
@@ -229,18 +237,24 @@ impl<B: Backend> Supervisor<B> {
                 };
                 for d in deliveries {
                     self.held.insert(d.id, (d.lease(), now));
-                    self.waiting.push_back(d);
+                    self.workers.waiting.push_back(d);
                 }
             }
             Err(error) => self.database_error(&error),
         }
     }
 
-    async fn fetch_once(&mut self, params: &FetchParams) -> Result<Vec<Delivery>> {
-        let coop = self.options.subconsumer.clone().map(|member| {
+    async fn fetch_once(
+        backend: &B,
+        options: &SubscriberOptions,
+        conn_slot: &mut Option<PgConnection>,
+        shared: &Shared,
+        params: &FetchParams,
+    ) -> Result<Vec<Delivery>> {
+        let coop = options.subconsumer.clone().map(|member| {
             let mut receive =
                 CoopReceive::new(member, params.queues().iter().cloned(), params.limit());
-            if let Some(d) = self.options.dead_interval {
+            if let Some(d) = options.dead_interval {
                 receive = receive.dead_interval(d);
             }
             if let Some(n) = params.delivery_limit() {
@@ -248,23 +262,22 @@ impl<B: Backend> Supervisor<B> {
             }
             receive
         });
-        let Some(engine) = self.backend.engine() else {
+        let Some(engine) = backend.engine() else {
             return match &coop {
-                Some(receive) => self.backend.coop_receive(receive).await,
-                None => self.backend.fetch(params).await,
+                Some(receive) => backend.coop_receive(receive).await,
+                None => backend.fetch(params).await,
             };
         };
-        if self.conn.is_none() {
+        if conn_slot.is_none() {
             let mut conn = engine.connect().await?;
             let backend_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
                 .fetch_one(&mut conn)
                 .await?;
             tracing::debug!(target: "postbox", backend_pid, "postbox.fetch: connected");
-            self.shared
-                .emit(SubscriberEvent::FetchConnected { backend_pid });
-            self.conn = Some(conn);
+            shared.emit(SubscriberEvent::FetchConnected { backend_pid });
+            *conn_slot = Some(conn);
         }
-        match (self.conn.as_mut(), &coop) {
+        match (conn_slot.as_mut(), &coop) {
             (Some(conn), Some(receive)) => engine.coop_receive(conn, receive).await,
             (Some(conn), None) => engine.fetch(conn, params).await,
             (None, _) => Err(Error::Runtime("fetch connection missing".into())),
@@ -287,69 +300,31 @@ impl<B: Backend> Supervisor<B> {
         });
     }
 
-    /// Starts waiting messages while workers are free.
-    fn dispatch(&mut self) {
-        while self.running.len() < self.options.max_workers {
-            let Some(delivery) = self.waiting.pop_front() else {
-                return;
-            };
-            let span = tracing::debug_span!(
-                "postbox.handle",
-                queue = %delivery.queue,
-                message_id = delivery.id,
-                attempt = delivery.attempts + 1,
-            );
-            let handler = Arc::clone(&self.handler);
-            let input = delivery.clone();
-            // A handler that panics while building its future is caught like one that panics
-            // while running it.
-            let future = async move {
-                match std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(input))) {
-                    Ok(future) => future.await,
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
-            };
-            let task = self.workers.spawn(future.instrument(span));
-            self.running.insert(task.id(), delivery);
+    /// Records the outcomes of every handler that has finished.
+    fn record_finished(&mut self) {
+        self.workers.reap_ready();
+        for (delivery, finished) in self.workers.take_finished() {
+            self.take_done(delivery, finished);
         }
     }
 
-    /// Records a finished handler, and every other one already finished, for one flush.
-    fn completed(&mut self, first: Done) {
-        self.take_done(first);
-        while let Some(done) = self.workers.try_join_next_with_id() {
-            self.take_done(done);
-        }
-    }
-
-    fn take_done(&mut self, done: Done) {
-        match done {
-            Ok((id, result)) => {
-                let Some(delivery) = self.running.remove(&id) else {
-                    return;
-                };
-                match result {
-                    Ok(()) => {
-                        self.acks_since.get_or_insert_with(Instant::now);
-                        self.pending_acks.push(delivery.lease());
-                    }
-                    Err(error) => self.pending_failures.push((delivery, error)),
-                }
+    fn take_done(&mut self, delivery: Delivery, finished: Finished) {
+        match finished {
+            Ok(Ok(())) => {
+                self.acks_since.get_or_insert_with(Instant::now);
+                self.pending_acks.push(delivery.lease());
             }
-            Err(join) => {
-                let Some(delivery) = self.running.remove(&join.id()) else {
-                    return;
-                };
-                if join.is_panic() {
-                    Counters::add(&self.shared.counters.panics, 1);
-                    let message = panic_message(join);
-                    tracing::warn!(target: "postbox", message_id = delivery.id, %message, "postbox.handle: handler panicked");
-                    let error = HandlerError::retry(format!("handler panicked: {message}"));
-                    self.pending_failures.push((delivery, error));
-                } else {
-                    // Cancelled (abandoned at shutdown): the lease stays and expires.
-                    self.held.remove(&delivery.id);
-                }
+            Ok(Err(error)) => self.pending_failures.push((delivery, error)),
+            Err(join) if join.is_panic() => {
+                Counters::add(&self.shared.counters.panics, 1);
+                let message = panic_message(join);
+                tracing::warn!(target: "postbox", message_id = delivery.id, %message, "postbox.handle: handler panicked");
+                let error = HandlerError::retry(format!("handler panicked: {message}"));
+                self.pending_failures.push((delivery, error));
+            }
+            Err(_) => {
+                // Cancelled (abandoned at shutdown): the lease stays and expires.
+                self.held.remove(&delivery.id);
             }
         }
     }
@@ -432,7 +407,8 @@ impl<B: Backend> Supervisor<B> {
     ) -> std::result::Result<(), (Error, Vec<Lease>)> {
         let acked: HashSet<MessageId> = if self.options.batch_acks {
             Counters::add(&self.shared.counters.ack_statements, 1);
-            match self.backend.ack_batch(&leases).await {
+            // Handlers that end during the round trip are replaced at once.
+            match self.workers.drive(self.backend.ack_batch(&leases)).await {
                 Ok(ids) => ids.into_iter().collect(),
                 Err(e) => return Err((e, leases)),
             }
@@ -496,7 +472,7 @@ impl<B: Backend> Supervisor<B> {
                 Ok(false) => {
                     Counters::add(&self.shared.counters.lease_lost, 1);
                     self.held.remove(&lease.id);
-                    self.waiting.retain(|d| d.id != lease.id);
+                    self.workers.waiting.retain(|d| d.id != lease.id);
                     tracing::warn!(target: "postbox", message_id = lease.id, "postbox.subscriber: lease lost before renewal");
                 }
                 Err(error) => {
@@ -525,8 +501,9 @@ impl<B: Backend> Supervisor<B> {
     /// Gives back unstarted messages, waits for running handlers up to the timeout, records
     /// their outcomes, closes the fetch connection.
     async fn shut_down(&mut self) -> ShutdownReport {
+        self.record_finished();
         let mut released = 0;
-        for delivery in std::mem::take(&mut self.waiting) {
+        for delivery in std::mem::take(&mut self.workers.waiting) {
             self.held.remove(&delivery.id);
             match self.backend.release(delivery.lease()).await {
                 Ok(true) => released += 1,
@@ -539,23 +516,22 @@ impl<B: Backend> Supervisor<B> {
         self.shared.emit(SubscriberEvent::Released { n: released });
 
         let deadline = Instant::now() + self.options.shutdown_timeout;
-        while !self.workers.is_empty() {
+        while !self.workers.is_idle() {
             tokio::select! {
-                Some(done) = self.workers.join_next_with_id() => {
-                    self.completed(done);
+                Some(()) = self.workers.join_next() => {
+                    self.record_finished();
                     self.flush_outcomes(true).await;
                 }
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        let abandoned = self.workers.len();
+        let abandoned = self.workers.busy();
         if abandoned > 0 {
             tracing::warn!(target: "postbox", abandoned, "postbox.subscriber: handlers still running at the shutdown timeout; their messages stay leased");
         }
         self.workers.abort_all();
-        while let Some(done) = self.workers.join_next_with_id().await {
-            self.take_done(done);
-        }
+        while self.workers.join_next().await.is_some() {}
+        self.record_finished();
         self.flush_outcomes(true).await;
         if let Some(conn) = self.conn.take() {
             let _ = sqlx::Connection::close(conn).await;
