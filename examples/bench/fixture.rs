@@ -1,4 +1,5 @@
-//! `fixture`: a fresh test database from the migrated template, against create + migrate.
+//! `fixture`: a fresh test database from the migrated template, against create + migrate,
+//! and the `CREATE DATABASE` statement alone (the floor both pay).
 
 use std::time::Instant;
 
@@ -30,6 +31,23 @@ pub(crate) async fn fixture(ctx: &Ctx) -> anyhow::Result<Value> {
         db.close().await?;
     }
 
+    // The floor both approaches share: CREATE DATABASE alone (default template, no migrations).
+    let mut create_only = Vec::with_capacity(ctx.rounds);
+    for i in 0..ctx.rounds {
+        ctx.progress(format!("fixture: create only {}/{}", i + 1, ctx.rounds));
+        let name = format!("postbox_bench_empty_{}_{i}", std::process::id());
+        let mut admin = PgConnection::connect(&format!("{admin_url}/postgres")).await?;
+        let start = Instant::now();
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await?;
+        create_only.push(start.elapsed());
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await?;
+        admin.close().await?;
+    }
+
     let mut migrate = Vec::with_capacity(ctx.rounds);
     for i in 0..ctx.rounds {
         ctx.progress(format!(
@@ -59,8 +77,9 @@ pub(crate) async fn fixture(ctx: &Ctx) -> anyhow::Result<Value> {
 
     let mut template = latency(&mut template);
     let mut migrate = latency(&mut migrate);
+    let mut create_only = latency(&mut create_only);
     let ratio = migrate["p50"].as_f64().unwrap_or(0.0) / template["p50"].as_f64().unwrap_or(1.0);
-    for summary in [&mut template, &mut migrate] {
+    for summary in [&mut template, &mut migrate, &mut create_only] {
         if let Some(map) = summary.as_object_mut() {
             map.remove("samples_ms");
         }
@@ -70,6 +89,7 @@ pub(crate) async fn fixture(ctx: &Ctx) -> anyhow::Result<Value> {
         "rounds": ctx.rounds,
         "fresh_fixture_from_template_ms": template,
         "create_empty_db_and_migrate_ms": migrate,
+        "create_database_statement_only_ms": create_only,
         "p50_ratio_migrate_over_template": round(ratio, 2),
     }))
 }
