@@ -219,9 +219,10 @@ fn bar_chart(bars: &[(String, f64)], file: &Path) -> anyhow::Result<()> {
         )
     }))?;
     chart.draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
+        // Text hangs below its anchor: anchor it a label's height above the bar.
         Text::new(
             format!("{v:.0}"),
-            (i as f64 + 0.3, *v * 1.02),
+            (i as f64 + 0.3, *v + top * 0.06),
             ("sans-serif", 14),
         )
     }))?;

@@ -59,7 +59,7 @@ pub(crate) async fn coop(ctx: &Ctx) -> anyhow::Result<Value> {
     Ok(json!({
         "workload": "coop",
         "events": n,
-        "settings": "one Subscriber per member (subconsumer mode). no-op: 16 workers, prefetch 112, ack_delay 2 ms; \
+        "settings": "one Subscriber per member (subconsumer mode). no-op: 32 workers, prefetch 480, ack_delay 2 ms; \
                      1 ms: 1 worker, prefetch 32, ack_delay 10 ms, handler = 1 ms thread sleep on the blocking pool",
         "results": out,
     }))
@@ -108,8 +108,8 @@ async fn run(
         };
         let options = if work.is_zero() {
             SubscriberOptions::new(["coop"])
-                .max_workers(16)
-                .prefetch(112)
+                .max_workers(32)
+                .prefetch(480)
                 .ack_delay(Duration::from_millis(2))
         } else {
             SubscriberOptions::new(["coop"])

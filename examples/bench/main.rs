@@ -28,6 +28,7 @@
 //! runs in its own database created on that server (the user needs CREATEDB), so one server
 //! can be shared with other systems' benchmarks. `--smoke` runs tiny sizes (CI uses it so the
 //! harness cannot rot; its figures mean nothing). Progress goes to stderr unless `--quiet`.
+//! `--render FILE --charts DIR` redraws the charts of an earlier run's JSON.
 
 mod charts;
 mod coop;
@@ -63,6 +64,7 @@ struct Args {
     database_url: Option<String>,
     json: Option<PathBuf>,
     charts: Option<PathBuf>,
+    render: Option<PathBuf>,
     rounds: Option<usize>,
     reps: usize,
     smoke: bool,
@@ -71,7 +73,7 @@ struct Args {
 
 const USAGE: &str = "usage: bench [publish_batch] [publish_single] [drain] [wakeup] [coop] \
 [journal] [fixture] [fake] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
-[--reps N] [--smoke] [--quiet]";
+[--reps N] [--smoke] [--quiet]\n   or: bench --render FILE --charts DIR";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
@@ -79,6 +81,7 @@ fn parse_args() -> anyhow::Result<Args> {
         database_url: None,
         json: None,
         charts: None,
+        render: None,
         rounds: None,
         reps: 3,
         smoke: false,
@@ -91,6 +94,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--database-url" => args.database_url = Some(value("a URL")?),
             "--json" => args.json = Some(value("a file")?.into()),
             "--charts" => args.charts = Some(value("a directory")?.into()),
+            "--render" => args.render = Some(value("a JSON file")?.into()),
             "--rounds" => args.rounds = Some(value("a number")?.parse()?),
             "--reps" => args.reps = value("a number")?.parse()?,
             "--smoke" => args.smoke = true,
@@ -219,6 +223,20 @@ fn results_of(doc: &Value) -> Vec<Value> {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    if let Some(file) = &args.render {
+        // Redraw the charts of an earlier run without measuring anything.
+        let dir = args
+            .charts
+            .as_deref()
+            .context("--render needs --charts DIR")?;
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let doc: Value = serde_json::from_str(&text)?;
+        for chart in charts::render(&results_of(&doc), dir)? {
+            println!("{chart}");
+        }
+        return Ok(());
+    }
     if let Some(url) = &args.database_url {
         // SAFETY: no other thread exists yet (the runtime is built below), so nothing reads
         // the environment concurrently.

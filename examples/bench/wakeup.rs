@@ -41,6 +41,8 @@ pub(crate) async fn wakeup(ctx: &Ctx) -> anyhow::Result<Value> {
         let sub = Subscriber::new(backend.clone(), options, handler)?.spawn();
         let mut events = sub.events();
         let mut samples = Vec::with_capacity(rounds);
+        let mut after_return = Vec::with_capacity(rounds);
+        let mut commit_rtt = Vec::with_capacity(rounds);
         for round in 0..rounds {
             ctx.progress(format!("wakeup {name}: round {}/{rounds}", round + 1));
             tokio::time::sleep(idle).await;
@@ -51,8 +53,11 @@ pub(crate) async fn wakeup(ctx: &Ctx) -> anyhow::Result<Value> {
             // the return would under-count. This includes the commit's own round trip.
             let committing = Instant::now();
             backend.commit(tx).await?;
+            let committed = Instant::now();
             let handled = rx.recv().await.context("handler gone")?;
             samples.push(handled.saturating_duration_since(committing));
+            after_return.push(handled.saturating_duration_since(committed));
+            commit_rtt.push(committed - committing);
             // Let the ack land before the next round.
             while !matches!(events.recv().await?, SubscriberEvent::Handled { .. }) {}
         }
@@ -60,6 +65,19 @@ pub(crate) async fn wakeup(ctx: &Ctx) -> anyhow::Result<Value> {
         let mut summary = latency(&mut samples);
         summary["settings"] = Value::String(settings);
         summary["idle_before_publish_ms"] = (idle.as_millis() as u64).into();
+        // The same latency timed from `commit` returning (it can be 0: the handler may run
+        // before the commit's reply reaches us), and the commit round trip itself: the true
+        // commit instant lies between the two.
+        for (key, mut values) in [
+            ("from_commit_return", after_return),
+            ("commit_round_trip", commit_rtt),
+        ] {
+            let mut s = latency(&mut values);
+            if let Some(map) = s.as_object_mut() {
+                map.remove("samples_ms");
+            }
+            summary[key] = s;
+        }
         out.insert(name.into(), summary);
     }
     db.close().await?;
