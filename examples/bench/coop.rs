@@ -6,11 +6,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use postbox::{Backend, Delivery, HandlerError, Member, Subscriber, SubscriberOptions};
+use anyhow::Context;
+use postbox::{
+    Backend, Delivery, HandlerError, Member, Message, Subscriber, SubscriberEvent,
+    SubscriberOptions,
+};
 use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
 
 use crate::Ctx;
-use crate::publish::batches;
 use crate::stats::{median, rate, round, spread};
 
 /// Member counts measured.
@@ -59,7 +63,7 @@ pub(crate) async fn coop(ctx: &Ctx) -> anyhow::Result<Value> {
     Ok(json!({
         "workload": "coop",
         "events": n,
-        "settings": "one Subscriber per member (subconsumer mode). no-op: 32 workers, prefetch 480, ack_delay 2 ms; \
+        "settings": "one Subscriber per member (subconsumer mode), started and idle before the events are committed in one transaction; timed from that commit to the last ack. no-op: 32 workers, prefetch 480, ack_delay 2 ms; \
                      1 ms: 1 worker, prefetch 32, ack_delay 10 ms, handler = 1 ms thread sleep on the blocking pool",
         "results": out,
     }))
@@ -80,17 +84,10 @@ async fn run(
 ) -> anyhow::Result<Run> {
     // Every run starts from the same table state, not from the dead rows of the last one.
     crate::server::vacuum(backend.pool()).await?;
-    batches(backend, "coop", n, 1_000).await?;
-    let published: Vec<i64> = backend
-        .messages(Some("coop"))
-        .await?
-        .iter()
-        .map(|m| m.id)
-        .collect();
     let seen = Arc::new(parking_lot::Mutex::new(Vec::with_capacity(n)));
     let busy = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
     let mut subs = Vec::new();
+    let mut ready = Vec::new();
     for m in 0..members {
         let (seen, busy) = (Arc::clone(&seen), Arc::clone(&busy));
         let handler = move |d: Delivery| {
@@ -121,8 +118,37 @@ async fn run(
             .subconsumer(Member::new("bench", format!("m{m}"))?)
             .min_fetch_interval(Duration::from_millis(10))
             .max_fetch_interval(Duration::from_millis(100));
-        subs.push(Subscriber::new(backend.clone(), options, handler)?.spawn());
+        let sub = Subscriber::new(backend.clone(), options, handler)?.spawn();
+        ready.push(sub.events());
+        subs.push(sub);
     }
+    // Members start (connect, register, LISTEN) before the clock does: connection set-up is
+    // a one-time cost, 2 connections per member, not part of consumption throughput.
+    for events in &mut ready {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match events.recv().await {
+                    Ok(SubscriberEvent::Idle) => return Ok(()),
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => anyhow::bail!("a member stopped before it was ready"),
+                }
+            }
+        })
+        .await
+        .context("a member was not ready within 30 s")??;
+    }
+    // Then the whole backlog appears at once, in one commit that wakes every member.
+    let mut tx = backend.begin().await?;
+    let mut published = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1_000) {
+        let messages = chunk
+            .iter()
+            .map(|i| Message::new("coop", i.to_string()))
+            .collect();
+        published.extend(backend.publish_batch(&mut tx, messages).await?);
+    }
+    let start = Instant::now();
+    backend.commit(tx).await?;
     while subs.iter().map(|s| s.stats().acked).sum::<u64>() < n as u64 {
         anyhow::ensure!(
             subs.iter().all(|s| s.is_running()),
