@@ -111,7 +111,7 @@ fn model_keeps_the_invariants_and_schedules_cover_every_case() {
     use std::collections::BTreeMap;
 
     let coverage = std::cell::RefCell::new(BTreeMap::<&str, u32>::new());
-    let mut runner = proptest::test_runner::TestRunner::new(cases(256));
+    let mut runner = proptest::test_runner::TestRunner::new(cases(1024));
     runner
         .run(&props::any_schedule(), |schedule| {
             let trace = runtime()
@@ -163,7 +163,7 @@ fn model_keeps_the_invariants_and_schedules_cover_every_case() {
         })
         .expect("model invariants");
     let coverage = coverage.into_inner();
-    eprintln!("schedule coverage over 256 cases: {coverage:?}");
+    eprintln!("schedule coverage over 1024 cases: {coverage:?}");
     for what in [
         "rolled back publish",
         "fetch re-delivered a row",
