@@ -9,7 +9,8 @@
 //! Every run is also checked against the invariants (`props::check`). Time never passes by
 //! itself: the fake's clock and Postgres' `test-util` clock are pinned and moved by the
 //! schedule's `advance` steps. Failing cases are shrunk to a minimal schedule, printed one
-//! operation per line, and their seeds saved under `proptest-regressions/` (committed).
+//! operation per line, and their seeds saved in `tests/props.proptest-regressions`
+//! (committed). `POSTBOX_PROP_CASES=N` overrides every case count here (e.g. 5000 for a soak).
 
 use postbox::fake::FakeBroker;
 use postbox::testkit::props::{self, BackendExec, Model, Schedule, Trace};
