@@ -212,6 +212,22 @@ fn options(queue: &str) -> SubscriberOptions {
         .max_fetch_interval(Duration::from_millis(200))
 }
 
+/// `n` subscribers on `backend`, each with `options` and the handler `handler()` makes.
+fn spawn_subscribers<H: postbox::Handler>(
+    n: usize,
+    backend: &PgBackend,
+    options: &SubscriberOptions,
+    handler: impl Fn() -> H,
+) -> Vec<SubscriberHandle> {
+    (0..n)
+        .map(|_| {
+            Subscriber::new(backend.clone(), options.clone(), handler())
+                .expect("subscriber")
+                .spawn()
+        })
+        .collect()
+}
+
 /// 1. The fetch connection killed again and again during a drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_connection_killed_repeatedly() {
@@ -221,17 +237,9 @@ async fn fetch_connection_killed_repeatedly() {
     let ids = publish(&backend, "kill-fetch", N).await;
     let tally = Arc::new(Tally::default());
     let opts = options("kill-fetch").lease_ttl(Duration::from_secs(2));
-    let subs: Vec<_> = (0..2)
-        .map(|_| {
-            Subscriber::new(
-                backend.clone(),
-                opts.clone(),
-                recording(&tally, Duration::from_micros(200)),
-            )
-            .expect("subscriber")
-            .spawn()
-        })
-        .collect();
+    let subs = spawn_subscribers(2, &backend, &opts, || {
+        recording(&tally, Duration::from_micros(200))
+    });
     let mut kills = 0;
     while tally.finished_count() < N && kills < 20 {
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -268,17 +276,7 @@ async fn listen_connection_killed() {
         .max_fetch_interval(Duration::from_secs(60))
         .listen_retry_interval(Duration::from_millis(100))
         .listener_check_interval(Duration::from_millis(200));
-    let subs: Vec<_> = (0..2)
-        .map(|_| {
-            Subscriber::new(
-                backend.clone(),
-                opts.clone(),
-                recording(&tally, Duration::ZERO),
-            )
-            .expect("subscriber")
-            .spawn()
-        })
-        .collect();
+    let subs = spawn_subscribers(2, &backend, &opts, || recording(&tally, Duration::ZERO));
     let mut events: Vec<_> = subs.iter().map(|s| s.events()).collect();
     for ev in &mut events {
         postbox::testkit::wait_for_event(ev, "listening", |e| {
@@ -365,13 +363,7 @@ async fn outcome_write_fails_in_the_runtime() {
         }
     };
     let opts = options("kill-ack").lease_ttl(Duration::from_secs(2));
-    let subs: Vec<_> = (0..2)
-        .map(|_| {
-            Subscriber::new(backend.clone(), opts.clone(), handler.clone())
-                .expect("subscriber")
-                .spawn()
-        })
-        .collect();
+    let subs = spawn_subscribers(2, &backend, &opts, || handler.clone());
     wait_drained(&backend, "kill-ack", &subs).await;
     let kills = kills.load(Ordering::SeqCst);
     assert!(kills >= 20, "only {kills} connections killed");
@@ -502,17 +494,9 @@ async fn server_restarted_mid_drain() {
     let ids = publish(&backend, "restart", N).await;
     let tally = Arc::new(Tally::default());
     let opts = options("restart");
-    let subs: Vec<_> = (0..2)
-        .map(|_| {
-            Subscriber::new(
-                backend.clone(),
-                opts.clone(),
-                recording(&tally, Duration::from_millis(1)),
-            )
-            .expect("subscriber")
-            .spawn()
-        })
-        .collect();
+    let subs = spawn_subscribers(2, &backend, &opts, || {
+        recording(&tally, Duration::from_millis(1))
+    });
     let deadline = Instant::now() + DEADLINE;
     while tally.finished_count() < N / 4 {
         assert!(Instant::now() < deadline, "no progress before the restart");
@@ -586,13 +570,7 @@ async fn handler_panics() {
     };
     let opts =
         options("panics").retry_policy(RetryPolicy::constant(Duration::ZERO).max_attempts(3));
-    let subs: Vec<_> = (0..2)
-        .map(|_| {
-            Subscriber::new(backend.clone(), opts.clone(), handler.clone())
-                .expect("subscriber")
-                .spawn()
-        })
-        .collect();
+    let subs = spawn_subscribers(2, &backend, &opts, || handler.clone());
     wait_drained(&backend, "panics", &subs).await;
     let panics: u64 = subs.iter().map(|s| s.stats().panics).sum();
     let dead = backend.dead_letters(Some("panics")).await.expect("dead");
@@ -934,17 +912,9 @@ async fn load_with_random_connection_kills() {
     let backend = db.backend();
     let killer = killer_pool(db.url()).await;
     let tally = Arc::new(Tally::default());
-    let subs: Vec<_> = (0..4)
-        .map(|_| {
-            Subscriber::new(
-                backend.clone(),
-                options("load").prefetch(32),
-                recording(&tally, Duration::ZERO),
-            )
-            .expect("subscriber")
-            .spawn()
-        })
-        .collect();
+    let subs = spawn_subscribers(4, &backend, &options("load").prefetch(32), || {
+        recording(&tally, Duration::ZERO)
+    });
     let publishers: Vec<_> = (0..20)
         .map(|p| {
             let backend = backend.clone();

@@ -96,15 +96,7 @@ impl Model {
             };
             if m.deliveries >= max {
                 let (attempts, deliveries) = (m.attempts, m.deliveries);
-                self.msgs.remove(&label);
-                self.dead.insert(
-                    label,
-                    Dead {
-                        label,
-                        attempts,
-                        deliveries,
-                    },
-                );
+                self.bury(label, attempts, deliveries);
                 continue;
             }
             m.deliveries += 1;
@@ -132,6 +124,19 @@ impl Model {
             self.batches.len() - 1
         });
         Seen::Delivered { by, batch, rows }
+    }
+
+    /// Moves `label` to the dead-letter table with these counts.
+    fn bury(&mut self, label: Label, attempts: i32, deliveries: i32) {
+        self.msgs.remove(&label);
+        self.dead.insert(
+            label,
+            Dead {
+                label,
+                attempts,
+                deliveries,
+            },
+        );
     }
 
     /// The message `lease` still holds, if its token is current.
@@ -168,15 +173,7 @@ impl Model {
             }
             OutcomeKind::DeadLetter => {
                 let (attempts, deliveries) = (m.attempts + 1, m.deliveries);
-                self.msgs.remove(&label);
-                self.dead.insert(
-                    label,
-                    Dead {
-                        label,
-                        attempts,
-                        deliveries,
-                    },
-                );
+                self.bury(label, attempts, deliveries);
             }
             OutcomeKind::Release => {
                 m.held = None;
@@ -217,15 +214,7 @@ impl Model {
                     };
                     if m.attempts + 1 >= max {
                         let (attempts, deliveries) = (m.attempts + 1, m.deliveries);
-                        self.msgs.remove(&label);
-                        self.dead.insert(
-                            label,
-                            Dead {
-                                label,
-                                attempts,
-                                deliveries,
-                            },
-                        );
+                        self.bury(label, attempts, deliveries);
                     } else {
                         m.attempts += 1;
                         m.next_ms = self.now_ms;
