@@ -52,6 +52,35 @@ impl Tally {
     fn finished_count(&self) -> usize {
         self.finished.lock().len()
     }
+
+    /// Published messages no handler finished.
+    fn lost(&self, published: &[i64]) -> usize {
+        let finished: HashSet<i64> = self.finished.lock().iter().copied().collect();
+        published.iter().filter(|id| !finished.contains(id)).count()
+    }
+
+    /// Waits until handlers have finished `n` messages, failing with `what` and the
+    /// subscribers' state after `within`.
+    async fn wait_finished(
+        &self,
+        n: usize,
+        within: Duration,
+        subs: &[SubscriberHandle],
+        what: &str,
+    ) {
+        let deadline = Instant::now() + within;
+        while self.finished_count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {} of {n} handled after {within:?}; subscribers: {:?}",
+                self.finished_count(),
+                subs.iter()
+                    .map(|s| (s.is_running(), s.last_error(), s.stats()))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 /// A handler that records, optionally waits `work`, and succeeds.
@@ -153,15 +182,8 @@ struct Verdict {
     fenced: u64,
 }
 
-/// Nothing lost, every duplicate handler run matched by a refused (fenced) outcome, no two
-/// live holders at once, every subscriber still running; then shuts them down.
-async fn verify(
-    scenario: &str,
-    faults: &str,
-    published: &[i64],
-    tally: &Tally,
-    subs: Vec<SubscriberHandle>,
-) -> Verdict {
+/// Checks every subscriber is still running, then shuts them down; returns their final stats.
+async fn stop_all(scenario: &str, subs: Vec<SubscriberHandle>) -> Vec<Stats> {
     for sub in &subs {
         assert!(
             sub.is_running(),
@@ -173,11 +195,23 @@ async fn verify(
     for sub in subs {
         stats.push(sub.shutdown().await.expect("shutdown").stats);
     }
-    let finished: HashSet<i64> = tally.finished.lock().iter().copied().collect();
+    stats
+}
+
+/// Nothing lost, every duplicate handler run matched by a refused (fenced) outcome, no two
+/// live holders at once, every subscriber still running; then shuts them down.
+async fn verify(
+    scenario: &str,
+    faults: &str,
+    published: &[i64],
+    tally: &Tally,
+    subs: Vec<SubscriberHandle>,
+) -> Verdict {
+    let stats = stop_all(scenario, subs).await;
     let started = tally.started.lock().len();
     let distinct: HashSet<i64> = tally.started.lock().iter().copied().collect();
     let verdict = Verdict {
-        lost: published.iter().filter(|id| !finished.contains(id)).count(),
+        lost: tally.lost(published),
         duplicates: started - distinct.len(),
         fenced: stats.iter().map(|s: &Stats| s.lease_lost).sum(),
     };
@@ -292,19 +326,10 @@ async fn listen_connection_killed() {
         }
         // Published right after the kill: must still be delivered.
         ids.extend(publish(&backend, "kill-listen", N / 20).await);
-        let target = ids.len();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tally.finished_count() < target {
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: wake-ups did not resume: {} of {target} handled; subscribers: {:?}",
-                tally.finished_count(),
-                subs.iter()
-                    .map(|s| (s.is_running(), s.last_error(), s.stats()))
-                    .collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let what = format!("round {round}: wake-ups did not resume");
+        tally
+            .wait_finished(ids.len(), Duration::from_secs(30), &subs, &what)
+            .await;
     }
     assert!(kills >= 5, "only {kills} listener connections were killed");
     let restored = events
@@ -497,11 +522,9 @@ async fn server_restarted_mid_drain() {
     let subs = spawn_subscribers(2, &backend, &opts, || {
         recording(&tally, Duration::from_millis(1))
     });
-    let deadline = Instant::now() + DEADLINE;
-    while tally.finished_count() < N / 4 {
-        assert!(Instant::now() < deadline, "no progress before the restart");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    tally
+        .wait_finished(N / 4, DEADLINE, &subs, "no progress before the restart")
+        .await;
     let before = tally.finished_count();
     let restarted = Instant::now();
     tokio::task::spawn_blocking({
@@ -596,15 +619,8 @@ async fn handler_panics() {
         N + always * 2 + always,
         "runs: 1 each, +2 for always, +1 for once"
     );
-    for sub in &subs {
-        assert!(sub.is_running());
-    }
-    for sub in subs {
-        sub.shutdown().await.expect("shutdown");
-    }
-    let finished: HashSet<i64> = tally.finished.lock().iter().copied().collect();
-    let lost = ids.iter().filter(|id| !finished.contains(id)).count();
-    assert_eq!(lost, 0);
+    stop_all("5 handler panics", subs).await;
+    assert_eq!(tally.lost(&ids), 0);
     eprintln!(
         "| 5 handler panics | {N} | {panics} panics ({always} always, {always} once) | 0 | 0 ({always} dead-lettered after 3 attempts) |"
     );
@@ -628,11 +644,9 @@ async fn shutdown_releases_prefetched_rows() {
     )
     .expect("subscriber")
     .spawn();
-    let deadline = Instant::now() + DEADLINE;
-    while tally.finished_count() < 200 {
-        assert!(Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    tally
+        .wait_finished(200, DEADLINE, std::slice::from_ref(&first), "no progress")
+        .await;
     let report = first.shutdown().await.expect("shutdown");
     assert!(report.released > 0, "prefetched rows released: {report:?}");
     assert_eq!(report.abandoned, 0);
@@ -968,15 +982,9 @@ async fn load_with_random_connection_kills() {
         ids.extend(p.await.expect("publisher"));
     }
     assert_eq!(ids.len(), 20_000);
-    let deadline = Instant::now() + DEADLINE;
-    while tally.finished_count() < ids.len() {
-        assert!(
-            Instant::now() < deadline,
-            "drain stalled at {}",
-            tally.finished_count()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tally
+        .wait_finished(ids.len(), DEADLINE, &subs, "drain stalled")
+        .await;
     stop.store(true, Ordering::SeqCst);
     chaos.await.expect("chaos");
     wait_drained(&backend, "load", &subs).await;
