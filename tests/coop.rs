@@ -159,3 +159,49 @@ fn a_dead_interval_without_a_subconsumer_is_a_configuration_error() {
         "{err}"
     );
 }
+
+/// Four members whose fetches share one permit (`max_concurrent_fetches(1)`) still split the
+/// queue: each gets some, none starves or stalls, nothing is delivered twice.
+#[tokio::test]
+async fn members_sharing_one_fetch_permit_split_the_queue() {
+    let db = postbox::testkit::postgres().await.expect("fixture");
+    let backend = db
+        .backend()
+        .max_concurrent_fetches(std::num::NonZeroUsize::MIN);
+    let ids = publish_n(&backend, "q", 400).await;
+    let (tx, mut handled) = mpsc::unbounded_channel();
+    let mut subs = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let tx = tx.clone();
+        let handler = move |d: Delivery| {
+            let tx = tx.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(1)).await; // the work
+                let _ = tx.send((name, d.id));
+                Ok::<(), HandlerError>(())
+            }
+        };
+        let options = SubscriberOptions::new(["q"])
+            .subconsumer(member(name))
+            .max_workers(2)
+            .prefetch(8)
+            .min_fetch_interval(Duration::from_millis(10))
+            .max_fetch_interval(Duration::from_millis(50));
+        subs.push(
+            Subscriber::new(backend.clone(), options, handler)
+                .expect("options")
+                .spawn(),
+        );
+    }
+    let got = support::recv_n(&mut handled, 400).await;
+    for sub in subs {
+        sub.shutdown().await.expect("shutdown");
+    }
+    let seen: HashSet<i64> = got.iter().map(|(_, id)| *id).collect();
+    assert_eq!(seen.len(), 400, "no message twice");
+    assert_eq!(seen, ids.into_iter().collect::<HashSet<_>>());
+    let members: HashSet<&str> = got.iter().map(|(m, _)| *m).collect();
+    assert_eq!(members.len(), 4, "every member worked: {members:?}");
+    assert_eq!(backend.fetches_waiting(), 0);
+    db.close().await.expect("close");
+}

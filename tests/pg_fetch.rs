@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use postbox::{Backend, Error, FetchParams, Message, PgBackend};
-use support::{count, db_now, exec};
+use support::{count, db_now, eventually, exec};
 
 async fn publish(backend: &PgBackend, messages: Vec<Message>) -> Result<Vec<i64>> {
     let mut tx = backend.begin().await?;
@@ -304,4 +304,92 @@ async fn both_fetch_branches_use_their_partial_index_on_a_large_table() -> Resul
     );
     db.close().await?;
     Ok(())
+}
+
+/// With `max_concurrent_fetches(1)`, a second fetch waits in the process while the first one
+/// is stuck in the database (on a member row the test holds locked), although nothing in the
+/// database would stop it; a cancelled wait is uncounted; both complete once the lock goes.
+#[tokio::test]
+async fn capped_fetches_beyond_the_cap_wait_in_the_process() -> Result<()> {
+    use postbox::{CoopReceive, Member};
+    let db = postbox::testkit::postgres().await?;
+    let backend = db
+        .backend()
+        .max_concurrent_fetches(std::num::NonZeroUsize::MIN);
+    assert_eq!(backend.fetches_waiting(), 0);
+    let published = publish(
+        &backend,
+        (0..10).map(|i| Message::new("q", format!("{i}"))).collect(),
+    )
+    .await?;
+    let stuck = Member::new("g", "stuck")?;
+    backend.coop_register(&stuck, &["q".to_owned()]).await?;
+
+    // The test holds the member's registry row: its receive (which stamps the row) blocks.
+    let mut lock = db.pool().begin().await?;
+    postbox::sqlx::query(
+        "SELECT 1 FROM postbox_members WHERE grp = 'g' AND member = 'stuck' FOR UPDATE",
+    )
+    .execute(&mut *lock)
+    .await?;
+    let first = tokio::spawn({
+        let backend = backend.clone();
+        async move {
+            backend
+                .coop_receive(&CoopReceive::new(stuck, ["q"], 5))
+                .await
+        }
+    });
+    eventually("the first fetch to wait on the row lock", || async {
+        count_lock_waits(&db).await == 1
+    })
+    .await;
+
+    let second = tokio::spawn({
+        let backend = backend.clone();
+        async move { backend.fetch(&FetchParams::new(["q"], 5)).await }
+    });
+    eventually("the second fetch to queue for a permit", || async {
+        backend.fetches_waiting() == 1
+    })
+    .await;
+    let third = tokio::spawn({
+        let backend = backend.clone();
+        async move { backend.fetch(&FetchParams::new(["q"], 5)).await }
+    });
+    eventually("a third waiter", || async {
+        backend.fetches_waiting() == 2
+    })
+    .await;
+    third.abort();
+    eventually("the cancelled waiter to be uncounted", || async {
+        backend.fetches_waiting() == 1
+    })
+    .await;
+    assert!(!second.is_finished(), "the second fetch ran past the cap");
+    assert_eq!(
+        count_lock_waits(&db).await,
+        1,
+        "only the first fetch reached the database"
+    );
+
+    lock.commit().await?;
+    let (first, second) = (first.await??, second.await??);
+    let mut got: Vec<i64> = ids(&first).into_iter().chain(ids(&second)).collect();
+    got.sort();
+    assert_eq!(got, published, "the two fetches split the ten rows");
+    assert_eq!(backend.fetches_waiting(), 0);
+    db.close().await?;
+    Ok(())
+}
+
+/// Statements of this database waiting on a heavyweight lock.
+async fn count_lock_waits(db: &postbox::testkit::PgFixture) -> i64 {
+    postbox::sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .expect("pg_stat_activity")
 }

@@ -52,12 +52,15 @@ pub(crate) fn render(results: &[Value], dir: &Path) -> anyhow::Result<Vec<String
     Ok(written)
 }
 
-fn coop_points(coop: &Value, handler_ms: f64, key: &str) -> Vec<(f64, f64)> {
+/// Points of one coop series: the capped (main) one, or with `uncapped` the one without a
+/// fetch cap.
+fn coop_points(coop: &Value, handler_ms: f64, uncapped: bool, key: &str) -> Vec<(f64, f64)> {
     coop["results"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|r| r["handler_ms"].as_f64() == Some(handler_ms))
+        .filter(|r| r["fetch_cap"].is_null() == uncapped)
         .filter_map(|r| {
             let y = match key {
                 "ideal" => r["ideal_events_per_s"].as_f64(),
@@ -77,10 +80,12 @@ fn coop_chart(coop: &Value, file: &Path) -> anyhow::Result<()> {
         (right, 1.0, "coop, 1 ms handler: events/s vs members"),
     ];
     for (area, handler_ms, title) in panels {
-        let measured = coop_points(coop, handler_ms, "median");
-        let ideal = coop_points(coop, handler_ms, "ideal");
+        let measured = coop_points(coop, handler_ms, false, "median");
+        let uncapped = coop_points(coop, handler_ms, true, "median");
+        let ideal = coop_points(coop, handler_ms, false, "ideal");
         let top = measured
             .iter()
+            .chain(&uncapped)
             .chain(&ideal)
             .map(|p| p.1)
             .fold(1.0, f64::max)
@@ -107,9 +112,17 @@ fn coop_chart(coop: &Value, file: &Path) -> anyhow::Result<()> {
             .draw()?;
         chart
             .draw_series(LineSeries::new(measured.clone(), BLUE.stroke_width(2)))?
-            .label("measured")
+            .label("measured (capped fetches)")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
         chart.draw_series(measured.iter().map(|p| Circle::new(*p, 4, BLUE.filled())))?;
+        if !uncapped.is_empty() {
+            let grey = RGBColor(128, 128, 128);
+            chart
+                .draw_series(LineSeries::new(uncapped.clone(), grey.stroke_width(2)))?
+                .label("no fetch cap, pool of 16")
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
+            chart.draw_series(uncapped.iter().map(|p| Circle::new(*p, 3, grey.filled())))?;
+        }
         if !ideal.is_empty() {
             chart
                 .draw_series(LineSeries::new(ideal, RED.stroke_width(1)))?

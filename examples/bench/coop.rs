@@ -2,6 +2,7 @@
 //! duplicate and loss counts.
 
 use std::collections::HashSet;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,60 +21,98 @@ use crate::stats::{median, rate, round, spread};
 /// Member counts measured.
 pub(crate) const MEMBERS: [usize; 4] = [1, 2, 4, 8];
 
+/// The fetch cap and pool of the main series, sized for the 2-core machine the figures in
+/// BENCHMARKS.md come from: fetch statements at most cores + 1, outcome writes at most
+/// 2 x cores (see `PgBackend::max_concurrent_fetches`).
+const FETCH_CAP: usize = 3;
+const POOL: u32 = 4;
+
+/// One measured configuration.
+struct Series {
+    work: Duration,
+    /// `None`: uncapped fetches with a 16-connection pool (the settings before the cap).
+    fetch_cap: Option<usize>,
+}
+
 /// One subscriber per member, each with one worker for the 1 ms handler (a member handles
-/// its events one at a time, so linear scaling is N × 1/handler time).
+/// its events one at a time, so linear scaling is N × 1/handler time). Repetitions go round
+/// the member counts (1, 2, 4, 8, 1, 2, ...) so a drift of the machine's speed during the run
+/// touches every N alike.
 pub(crate) async fn coop(ctx: &Ctx) -> anyhow::Result<Value> {
     let n = ctx.size(20_000);
     let db = postbox::testkit::postgres().await?;
-    // Outcome writes go through the pool: one connection per member at least, as the runtime
-    // docs advise (the fixture's own pool has 5, which 8 members would queue on).
-    let pool = postbox::sqlx::postgres::PgPoolOptions::new()
-        .max_connections(16)
-        .connect(db.url())
-        .await?;
-    let backend = postbox::PgBackend::new(pool);
+    let series = [
+        Series {
+            work: Duration::ZERO,
+            fetch_cap: Some(FETCH_CAP),
+        },
+        Series {
+            work: Duration::ZERO,
+            fetch_cap: None,
+        },
+        Series {
+            work: Duration::from_millis(1),
+            fetch_cap: Some(FETCH_CAP),
+        },
+    ];
     let mut out = Vec::new();
-    for work in [Duration::ZERO, Duration::from_millis(1)] {
-        for members in MEMBERS {
-            let mut rates = Vec::new();
-            let (mut duplicates, mut lost, mut busy_ns) = (0, 0, 0);
-            for rep in 0..ctx.reps {
+    for series in series {
+        let pool = postbox::sqlx::postgres::PgPoolOptions::new()
+            .max_connections(if series.fetch_cap.is_some() { POOL } else { 16 })
+            .connect(db.url())
+            .await?;
+        let mut backend = postbox::PgBackend::new(pool);
+        if let Some(cap) = series.fetch_cap.and_then(NonZeroUsize::new) {
+            backend = backend.max_concurrent_fetches(cap);
+        }
+        let mut runs: Vec<Vec<Run>> = MEMBERS.iter().map(|_| Vec::new()).collect();
+        for rep in 0..ctx.reps {
+            for (i, members) in MEMBERS.into_iter().enumerate() {
                 ctx.progress(format!(
-                    "coop: {members} member(s), {}ms handler, repetition {}",
-                    work.as_millis(),
+                    "coop: {members} member(s), {}ms handler, fetch cap {:?}, repetition {}",
+                    series.work.as_millis(),
+                    series.fetch_cap,
                     rep + 1
                 ));
-                let run = run(&backend, n, members, work).await?;
-                rates.push(rate(n, run.elapsed));
-                duplicates += run.duplicates;
-                lost += run.lost;
-                busy_ns += run.busy_ns;
+                runs[i].push(run(&backend, n, members, series.work).await?);
             }
-            let handler_mean_ms = busy_ns as f64 / (n * ctx.reps) as f64 / 1e6;
-            let events_per_s = spread(rates);
-            let ideal = (!work.is_zero()).then(|| members as f64 * 1e3 / handler_mean_ms);
-            out.push(json!({
-                "handler_ms": work.as_secs_f64() * 1e3,
-                "members": members,
-                "events_per_s": events_per_s,
-                "handler_measured_mean_ms": round(handler_mean_ms, 4),
-                "ideal_events_per_s": ideal.map(|x| round(x, 0)),
-                "efficiency_vs_measured_handler": ideal.map(|x| round(median(&events_per_s) / x, 3)),
-                "efficiency_vs_nominal_1ms": (!work.is_zero()).then(|| round(median(&events_per_s) / (members as f64 * 1e3), 3)),
-                "duplicates": duplicates,
-                "lost": lost,
-            }));
         }
+        for (members, runs) in MEMBERS.into_iter().zip(runs) {
+            out.push(summary(&series, members, n, &runs));
+        }
+        backend.pool().close().await;
     }
-    backend.pool().close().await;
     db.close().await?;
     Ok(json!({
         "workload": "coop",
         "events": n,
-        "settings": "one Subscriber per member (subconsumer mode), started and idle before the events are committed in one transaction; timed from that commit to the last ack. no-op: 32 workers, prefetch 480, ack_delay 2 ms; \
-                     1 ms: 1 worker, prefetch 32, ack_delay 10 ms, handler = 1 ms thread sleep on the blocking pool",
+        "settings": format!("one Subscriber per member (subconsumer mode), started and idle before the events are committed in one transaction; timed from that commit to the last ack; repetitions interleaved across N. \
+                     Main series: PgBackend::max_concurrent_fetches({FETCH_CAP}) and a pool of {POOL} (fetch_cap in each result); the uncapped series (fetch_cap null) uses a pool of 16. \
+                     no-op: 32 workers, prefetch 480, ack_delay 2 ms; 1 ms: 1 worker, prefetch 32, ack_delay 10 ms, handler = 1 ms thread sleep on the blocking pool"),
         "results": out,
     }))
+}
+
+/// The JSON entry of one (series, N).
+fn summary(series: &Series, members: usize, n: usize, runs: &[Run]) -> Value {
+    let rates: Vec<f64> = runs.iter().map(|r| rate(n, r.elapsed)).collect();
+    let busy_ns: u64 = runs.iter().map(|r| r.busy_ns).sum();
+    let handler_mean_ms = busy_ns as f64 / (n * runs.len()) as f64 / 1e6;
+    let events_per_s = spread(rates);
+    let work = series.work;
+    let ideal = (!work.is_zero()).then(|| members as f64 * 1e3 / handler_mean_ms);
+    json!({
+        "handler_ms": work.as_secs_f64() * 1e3,
+        "fetch_cap": series.fetch_cap,
+        "members": members,
+        "events_per_s": events_per_s,
+        "handler_measured_mean_ms": round(handler_mean_ms, 4),
+        "ideal_events_per_s": ideal.map(|x| round(x, 0)),
+        "efficiency_vs_measured_handler": ideal.map(|x| round(median(&events_per_s) / x, 3)),
+        "efficiency_vs_nominal_1ms": (!work.is_zero()).then(|| round(median(&events_per_s) / (members as f64 * 1e3), 3)),
+        "duplicates": runs.iter().map(|r| r.duplicates).sum::<usize>(),
+        "lost": runs.iter().map(|r| r.lost).sum::<usize>(),
+    })
 }
 
 struct Run {

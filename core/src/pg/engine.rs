@@ -8,6 +8,7 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection};
 
 use super::Inner;
+use super::limit::FetchLimit;
 use crate::backend::FetchParams;
 use crate::coop::CoopReceive;
 use crate::error::Result;
@@ -30,6 +31,7 @@ pub const LISTEN_APPLICATION_NAME: &str = "postbox.listen";
 #[derive(Clone)]
 pub struct Engine {
     pub(crate) inner: Arc<Inner>,
+    pub(crate) limit: Option<Arc<FetchLimit>>,
 }
 
 impl Engine {
@@ -92,6 +94,9 @@ impl Engine {
     /// Runs the fetch statement on `conn`, typically the connection from
     /// [`connect`](Self::connect). Same semantics as [`Backend::fetch`](crate::Backend::fetch).
     ///
+    /// Waits for a permit first when the backend caps concurrent fetches
+    /// ([`PgBackend::max_concurrent_fetches`](crate::PgBackend::max_concurrent_fetches)).
+    ///
     /// # Errors
     ///
     /// As [`Backend::fetch`](crate::Backend::fetch).
@@ -100,11 +105,14 @@ impl Engine {
         conn: &mut PgConnection,
         params: &FetchParams,
     ) -> Result<Vec<Delivery>> {
+        let _permit = self.permit().await;
         self.inner.fetch_on(conn, params).await
     }
 
     /// Runs the cooperative receive on `conn`. Same semantics as
     /// [`Backend::coop_receive`](crate::Backend::coop_receive).
+    ///
+    /// Waits for a permit first, like [`fetch`](Self::fetch).
     ///
     /// # Errors
     ///
@@ -114,7 +122,16 @@ impl Engine {
         conn: &mut PgConnection,
         params: &CoopReceive,
     ) -> Result<Vec<Delivery>> {
+        let _permit = self.permit().await;
         self.inner.coop_receive_on(conn, params).await
+    }
+
+    /// A fetch permit when fetches are capped (held while the statement runs), else `None`.
+    pub(crate) async fn permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match &self.limit {
+            Some(limit) => limit.acquire().await,
+            None => None,
+        }
     }
 }
 

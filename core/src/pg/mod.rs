@@ -13,12 +13,14 @@ mod engine;
 mod fetch;
 mod inspect;
 mod journal;
+mod limit;
 mod outcome;
 mod publish;
 mod schema;
 mod statements;
 
 use std::fmt;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -109,8 +111,50 @@ impl PgBackend {
                     #[cfg(feature = "test-util")]
                     listen_faults: std::sync::atomic::AtomicU32::new(0),
                 }),
+                limit: None,
             },
         }
+    }
+
+    /// Caps the fetch statements that run at once: those of every subscriber built from this
+    /// backend or its later clones, and direct [`fetch`](Backend::fetch) and
+    /// [`coop_receive`](Backend::coop_receive) calls. The rest wait in the process, in FIFO
+    /// order, and then run on their own connections. Unlimited by default.
+    ///
+    /// Every subscriber sends its fetches on its own connection, outside the pool, so without
+    /// a cap eight subscribers in one process (eight cooperative members, say) can run eight
+    /// fetch statements at once. On a server with fewer cores than that, concurrent
+    /// `SKIP LOCKED` scans of the same queue head cost more per row than queued ones (they
+    /// lock and skip each other's freshly leased rows and contend for the same pages), and
+    /// total throughput falls as subscribers are added. A cap near the server's core count
+    /// (plus one) keeps it flat: see `BENCHMARKS.md` (coop) for the figures. Outcome writes are
+    /// capped by the pool's size instead.
+    ///
+    /// Set it before cloning the backend for your subscribers: clones made earlier keep the
+    /// cap they were made with. The cap holds within one process; separate processes each
+    /// have their own.
+    ///
+    /// ```
+    /// # fn f(pool: sqlx::PgPool) {
+    /// use std::num::NonZeroUsize;
+    /// use postbox_core::PgBackend;
+    ///
+    /// let backend = PgBackend::new(pool).max_concurrent_fetches(NonZeroUsize::new(3).unwrap());
+    /// # }
+    /// ```
+    pub fn max_concurrent_fetches(mut self, max: NonZeroUsize) -> Self {
+        self.engine.limit = Some(Arc::new(limit::FetchLimit::new(max.get())));
+        self
+    }
+
+    /// How many fetches wait for a permit now (always 0 without
+    /// [`max_concurrent_fetches`](Self::max_concurrent_fetches)). A value that stays above 0
+    /// means the cap binds: subscribers spend time queued instead of in the database.
+    pub fn fetches_waiting(&self) -> usize {
+        self.engine
+            .limit
+            .as_ref()
+            .map_or(0, |limit| limit.waiting())
     }
 
     fn shared(&self) -> &Inner {
@@ -187,6 +231,10 @@ impl fmt::Debug for PgBackend {
         f.debug_struct("PgBackend")
             .field("table", &self.shared().table)
             .field("pool_size", &self.shared().pool.size())
+            .field(
+                "max_concurrent_fetches",
+                &self.engine.limit.as_ref().map(|l| l.max()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -234,8 +282,10 @@ impl Backend for PgBackend {
 
     async fn fetch(&self, params: &FetchParams) -> Result<Vec<Delivery>> {
         params.validate()?;
+        // The permit first: a fetch waiting for one must not hold a pool connection.
+        let _permit = self.engine.permit().await;
         let mut conn = self.shared().pool.acquire().await?;
-        self.engine.fetch(&mut conn, params).await
+        self.shared().fetch_on(&mut conn, params).await
     }
 
     async fn ack(&self, lease: Lease) -> Result<bool> {
@@ -272,6 +322,7 @@ impl Backend for PgBackend {
 
     async fn coop_receive(&self, params: &CoopReceive) -> Result<Vec<Delivery>> {
         params.validate()?;
+        let _permit = self.engine.permit().await;
         let mut conn = self.shared().pool.acquire().await?;
         self.shared().coop_receive_on(&mut conn, params).await
     }
