@@ -558,3 +558,88 @@ async fn with_listen_turned_off_it_polls_on_its_fetch_connection_only() -> Resul
     db.close().await?;
     Ok(())
 }
+
+/// A subscriber queued for a fetch permit (`max_concurrent_fetches(1)`, the permit held by a
+/// fetch stuck on a row lock) goes on acking what its handlers finish meanwhile: the queue
+/// delays its next fetch, not its outcomes.
+#[tokio::test]
+async fn a_subscriber_waiting_for_a_fetch_permit_still_writes_its_acks() -> Result<()> {
+    use postbox::{CoopReceive, Member};
+    let db = postbox::testkit::postgres().await?;
+    let backend = db
+        .backend()
+        .max_concurrent_fetches(std::num::NonZeroUsize::MIN);
+    publish_n(&backend, "q", 10).await;
+
+    let (release, gate) = watch::channel(false);
+    let handler = move |_: Delivery| {
+        let mut gate = gate.clone();
+        async move {
+            let _ = gate.wait_for(|open| *open).await;
+            Ok::<(), HandlerError>(())
+        }
+    };
+    let options = SubscriberOptions::new(["q"])
+        .max_workers(10)
+        .prefetch(10)
+        .min_fetch_interval(Duration::from_millis(10))
+        .max_fetch_interval(Duration::from_millis(20));
+    let sub = Subscriber::new(backend.clone(), options, handler)?.spawn();
+    let mut events = sub.events();
+    until(&mut events, "the ten rows fetched", |e| {
+        matches!(e, SubscriberEvent::Fetched { n: 10 })
+    })
+    .await;
+
+    // Take the only permit with a receive that blocks on a member row the test holds locked.
+    let stuck = Member::new("g", "stuck")?;
+    backend.coop_register(&stuck, &["other".to_owned()]).await?;
+    let mut lock = db.pool().begin().await?;
+    postbox::sqlx::query(
+        "SELECT 1 FROM postbox_members WHERE grp = 'g' AND member = 'stuck' FOR UPDATE",
+    )
+    .execute(&mut *lock)
+    .await?;
+    let blocker = tokio::spawn({
+        let backend = backend.clone();
+        async move {
+            backend
+                .coop_receive(&CoopReceive::new(stuck, ["other"], 1))
+                .await
+        }
+    });
+    support::eventually("the subscriber to queue for the permit", || async {
+        backend.fetches_waiting() == 1
+    })
+    .await;
+
+    release.send(true)?;
+    let mut acked = 0;
+    while acked < 10 {
+        if let SubscriberEvent::Handled { outcome, .. } = until(&mut events, "the ten acks", |e| {
+            matches!(e, SubscriberEvent::Handled { .. })
+        })
+        .await
+        {
+            assert_eq!(outcome, Outcome::Acked);
+            acked += 1;
+        }
+    }
+    assert_eq!(
+        count(db.pool(), "postbox", "true").await,
+        0,
+        "all ten deleted"
+    );
+    assert_eq!(
+        backend.fetches_waiting(),
+        1,
+        "acked while still queued for the permit"
+    );
+
+    lock.commit().await?;
+    assert!(blocker.await??.is_empty());
+    sub.shutdown().await?;
+    assert_eq!(backend.fetches_waiting(), 0);
+    db.close().await?;
+    Ok(())
+}

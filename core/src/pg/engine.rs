@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::Inner;
 use super::limit::FetchLimit;
@@ -127,13 +128,25 @@ impl Engine {
     }
 
     /// A fetch permit when fetches are capped (held while the statement runs), else `None`.
-    pub(crate) async fn permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    pub(crate) async fn permit(&self) -> Option<OwnedSemaphorePermit> {
         match &self.limit {
             Some(limit) => limit.acquire().await,
             None => None,
         }
     }
+
+    /// A place in the queue for a fetch permit, or `None` when fetches are not capped. The
+    /// runtime keeps it across loop turns (dropping it gives the place up) and meanwhile goes
+    /// on writing outcomes and starting handlers.
+    pub(crate) fn permit_wait(&self) -> Option<PermitWait> {
+        let limit = Arc::clone(self.limit.as_ref()?);
+        Some(Box::pin(async move { limit.acquire().await }))
+    }
 }
+
+/// A pending wait for a fetch permit ([`Engine::permit_wait`]).
+pub(crate) type PermitWait =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
 
 impl fmt::Debug for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

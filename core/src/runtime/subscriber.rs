@@ -57,9 +57,18 @@ impl Shared {
 ///
 /// Each running subscriber holds **two connections outside the pool** (fetch and LISTEN; only
 /// the fetch one without LISTEN) and uses the pool for outcome writes: one statement at a
-/// time per subscriber, plus lease renewals. A pool of 2-4 connections per subscriber in the
-/// process, on top of what your request handlers need, is plenty. Count the two dedicated
-/// connections per subscriber against the server's `max_connections`.
+/// time per subscriber, plus lease renewals. Count the two dedicated connections per
+/// subscriber against the server's `max_connections`.
+///
+/// Size for the server, not per subscriber: a database runs about as many statements at once
+/// as it has cores, and beyond that concurrent queue statements cost more per row (they lock
+/// and skip each other's rows and fight over the same pages). With many subscribers in one
+/// process (cooperative members, say) against a small server, cap the fetches with
+/// [`PgBackend::max_concurrent_fetches`](crate::PgBackend::max_concurrent_fetches) (about
+/// cores + 1) and keep the pool near 2 × cores: the excess then waits in the process, where
+/// it costs nothing, and a subscriber waiting for a fetch permit goes on writing its outcomes
+/// and starting handlers. On 2 cores, eight no-op members went from 16 % below four members
+/// to level with them that way (`BENCHMARKS.md`, coop).
 ///
 /// # Example
 ///

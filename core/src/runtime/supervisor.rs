@@ -5,8 +5,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use sqlx::PgConnection;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
 use tokio::task::JoinError;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
@@ -22,6 +23,7 @@ use crate::backend::{Backend, FailOutcome, FetchParams};
 use crate::coop::CoopReceive;
 use crate::error::{Error, Result};
 use crate::message::{Delivery, Lease, MessageId};
+use crate::pg::PermitWait;
 use crate::retry::HandlerError;
 
 pub(crate) struct Supervisor<B: Backend> {
@@ -36,6 +38,12 @@ pub(crate) struct Supervisor<B: Backend> {
     reset_listener: Arc<Notify>,
     /// The persistent fetch connection (engine only).
     conn: Option<PgConnection>,
+    /// Our place in the queue for a fetch permit when the backend caps concurrent fetches
+    /// (`PgBackend::max_concurrent_fetches`). Kept across loop turns, so the loop goes on
+    /// writing outcomes and starting handlers while it waits.
+    permit_wait: Option<PermitWait>,
+    /// The permit for the next fetch, once granted.
+    permit: Option<OwnedSemaphorePermit>,
     workers: Workers,
     /// Every message this subscriber holds a lease on, with its last renewal.
     held: HashMap<MessageId, (Lease, Instant)>,
@@ -70,6 +78,8 @@ impl<B: Backend> Supervisor<B> {
             wake: Arc::new(Notify::new()),
             reset_listener: Arc::new(Notify::new()),
             conn: None,
+            permit_wait: None,
+            permit: None,
             held: HashMap::new(),
             pending_acks: Vec::new(),
             acks_since: None,
@@ -86,6 +96,8 @@ impl<B: Backend> Supervisor<B> {
             let (stop_listener, listener_stopped) = watch::channel(false);
             let listener = self.spawn_listener(listener_stopped);
             self.fetch_loop().await;
+            self.permit = None;
+            self.permit_wait = None;
             let report = self.shut_down().await;
             // The loop may end without a shutdown request (backend closed): stop the
             // listener explicitly.
@@ -144,7 +156,14 @@ impl<B: Backend> Supervisor<B> {
             self.flush_outcomes(false).await;
             let capacity = self.capacity();
             let wants = self.wants_fetch(capacity);
-            if wants && Instant::now() >= self.next_fetch {
+            let due = wants && Instant::now() >= self.next_fetch;
+            if !due {
+                // A permit (or a place in its queue) is only held while a fetch is due: an
+                // idle or busy loop must not keep other subscribers waiting.
+                self.permit = None;
+                self.permit_wait = None;
+            }
+            if due && self.may_fetch() {
                 self.fetch(capacity).await;
                 self.workers.dispatch();
                 continue;
@@ -171,7 +190,11 @@ impl<B: Backend> Supervisor<B> {
                     self.idle.reset();
                     self.next_fetch = self.backoff_until.max(Instant::now());
                 }
-                _ = tokio::time::sleep_until(next_fetch), if wants => {}
+                permit = wait_for(&mut self.permit_wait), if self.permit_wait.is_some() => {
+                    self.permit_wait = None;
+                    self.permit = permit;
+                }
+                _ = tokio::time::sleep_until(next_fetch), if wants && self.permit_wait.is_none() => {}
                 _ = sleep_until_opt(acks_deadline), if acks_deadline.is_some() => {}
             }
         }
@@ -194,7 +217,41 @@ impl<B: Backend> Supervisor<B> {
                 || self.workers.waiting.len() * 2 <= self.options.prefetch)
     }
 
+    /// Whether a fetch may be sent now: always without a cap on concurrent fetches; with
+    /// one, once this loop holds a permit. Joins the queue for one on the first call.
+    fn may_fetch(&mut self) -> bool {
+        if self.permit.is_some() {
+            return true;
+        }
+        if self.permit_wait.is_none() {
+            match self
+                .backend
+                .engine()
+                .and_then(|engine| engine.permit_wait())
+            {
+                Some(wait) => self.permit_wait = Some(wait),
+                None => return true,
+            }
+        }
+        // Granted at once when nobody queues ahead; otherwise the select waits for it.
+        match self
+            .permit_wait
+            .as_mut()
+            .and_then(|wait| wait.now_or_never())
+        {
+            Some(permit) => {
+                self.permit_wait = None;
+                self.permit = permit;
+                // `None` only if the permits were closed, which never happens: fetch uncapped.
+                true
+            }
+            None => false,
+        }
+    }
+
     async fn fetch(&mut self, capacity: usize) {
+        // Held through the statement, released when this returns.
+        let _permit = self.permit.take();
         let mut params = FetchParams::new(
             self.options.queues.iter().cloned(),
             u32::try_from(capacity).unwrap_or(u32::MAX),
@@ -277,9 +334,11 @@ impl<B: Backend> Supervisor<B> {
             shared.emit(SubscriberEvent::FetchConnected { backend_pid });
             *conn_slot = Some(conn);
         }
+        // The loop already holds the permit, if fetches are capped (`may_fetch`): run the
+        // statements directly rather than through `Engine::fetch`, which would queue again.
         match (conn_slot.as_mut(), &coop) {
-            (Some(conn), Some(receive)) => engine.coop_receive(conn, receive).await,
-            (Some(conn), None) => engine.fetch(conn, params).await,
+            (Some(conn), Some(receive)) => engine.inner.coop_receive_on(conn, receive).await,
+            (Some(conn), None) => engine.inner.fetch_on(conn, params).await,
             (None, _) => Err(Error::Runtime("fetch connection missing".into())),
         }
     }
@@ -560,5 +619,13 @@ fn panic_message(join: JoinError) -> String {
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "non-string panic payload".into()),
         Err(e) => e.to_string(),
+    }
+}
+
+/// Waits for the permit `wait` holds a place for (the select's guard ensures there is one).
+async fn wait_for(wait: &mut Option<PermitWait>) -> Option<OwnedSemaphorePermit> {
+    match wait {
+        Some(wait) => wait.await,
+        None => std::future::pending().await,
     }
 }
