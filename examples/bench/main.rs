@@ -16,7 +16,9 @@
 //!   commit-to-handler latency in ms, with LISTEN (`--rounds`, default 50) and polling only
 //!   (at most 10 rounds).
 //! - `coop`: 20,000 events shared by N = 1, 2, 4, 8 cooperative members, with a no-op and a
-//!   1 ms handler; events/s, duplicates and losses (both must be 0).
+//!   1 ms handler, each with fetches capped at 3 and a pool of 4 and again uncapped with a
+//!   pool of 16; events/s, duplicates and losses (both must be 0). Repetitions go round the
+//!   series and member counts; no-op runs repeat at least 7 times.
 //! - `journal`: 20 streams of 100 events, `BatchedJournalWriter` against `record_event` per
 //!   row; events/s and commits per stream.
 //! - `fixture`: a fresh test database from the migrated template against create + migrate;
