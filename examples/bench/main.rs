@@ -16,7 +16,7 @@
 //!   commit-to-handler latency in ms, with LISTEN (`--rounds`, default 50) and polling only
 //!   (at most 10 rounds).
 //! - `coop`: 20,000 events shared by N = 1, 2, 4, 8 cooperative members, with a no-op and a
-//!   1 ms handler, each with fetches capped at 3 and a pool of 4 and again uncapped with a
+//!   1 ms handler, each with fetches capped at 2 and a pool of 2 and again uncapped with a
 //!   pool of 16; events/s, duplicates and losses (both must be 0). Repetitions go round the
 //!   series and member counts; no-op runs repeat at least 7 times.
 //! - `journal`: 20 streams of 100 events, `BatchedJournalWriter` against `record_event` per
@@ -162,6 +162,17 @@ async fn machine() -> anyhow::Result<Value> {
     }))
 }
 
+/// CPU time the hypervisor gave to other guests (`steal` in `/proc/stat`), in seconds since
+/// boot, summed over the cores; `None` off Linux. A workload during which this grows ran on a
+/// disturbed machine: its figures are reported with the amount, so a reader can tell.
+fn cpu_steal_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let steal: f64 = stat.lines().next()?.split_whitespace().nth(8)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks_per_s > 0).then(|| steal / ticks_per_s as f64)
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let bar = if args.quiet {
         ProgressBar::hidden()
@@ -182,7 +193,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for workload in &args.workloads {
         ctx.progress(format!("{workload}..."));
-        let result = match workload.as_str() {
+        let (started, steal_before) = (std::time::Instant::now(), cpu_steal_s());
+        let mut result = match workload.as_str() {
             "publish_batch" => publish::publish_batch(&ctx).await,
             "publish_single" => publish::publish_single(&ctx).await,
             "drain" => drain::drain(&ctx).await,
@@ -194,6 +206,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             other => unreachable!("parse_args accepts only known workloads, not {other}"),
         }
         .with_context(|| format!("workload {workload}"))?;
+        result["wall_s"] = json!(stats::round(started.elapsed().as_secs_f64(), 1));
+        if let (Some(before), Some(after)) = (steal_before, cpu_steal_s()) {
+            result["cpu_steal_s"] = json!(stats::round(after - before, 2));
+        }
         if !args.quiet {
             ctx.bar.println(format!("bench: {workload} done"));
         }

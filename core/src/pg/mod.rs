@@ -127,21 +127,26 @@ impl PgBackend {
     /// fetch statements at once. On a server with fewer cores than that, concurrent
     /// `SKIP LOCKED` scans of the same queue head cost more per row than queued ones (they
     /// lock and skip each other's freshly leased rows and contend for the same pages), and
-    /// total throughput falls as subscribers are added. A cap near the server's core count
-    /// (plus one) keeps it flat: see `BENCHMARKS.md` (coop) for the figures. Outcome writes are
-    /// capped by the pool's size instead.
+    /// total throughput falls as subscribers are added. A cap near the server's core count,
+    /// with a pool of about as many connections for the outcome writes, keeps it flat: see
+    /// `BENCHMARKS.md` (coop) for the figures.
     ///
     /// Set it before cloning the backend for your subscribers: clones made earlier keep the
     /// cap they were made with. The cap holds within one process; separate processes each
     /// have their own.
     ///
     /// ```
-    /// # fn f(pool: sqlx::PgPool) {
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), sqlx::Error> {
     /// use std::num::NonZeroUsize;
     /// use postbox_core::PgBackend;
     ///
-    /// let backend = PgBackend::new(pool).max_concurrent_fetches(NonZeroUsize::new(3).unwrap());
-    /// # }
+    /// // A 2-core server: two fetches at a time, and a pool of two for the outcome writes.
+    /// let pool = sqlx::postgres::PgPoolOptions::new()
+    ///     .max_connections(2)
+    ///     .connect_lazy("postgres://localhost/app")?;
+    /// let backend = PgBackend::new(pool).max_concurrent_fetches(NonZeroUsize::new(2).unwrap());
+    /// # Ok(()) }
     /// ```
     pub fn max_concurrent_fetches(mut self, max: NonZeroUsize) -> Self {
         self.engine.limit = Some(Arc::new(limit::FetchLimit::new(max.get())));

@@ -64,11 +64,12 @@ impl Shared {
 /// as it has cores, and beyond that concurrent queue statements cost more per row (they lock
 /// and skip each other's rows and fight over the same pages). With many subscribers in one
 /// process (cooperative members, say) against a small server, cap the fetches with
-/// [`PgBackend::max_concurrent_fetches`](crate::PgBackend::max_concurrent_fetches) (about
-/// cores + 1) and keep the pool near 2 × cores: the excess then waits in the process, where
-/// it costs nothing, and a subscriber waiting for a fetch permit goes on writing its outcomes
-/// and starting handlers. On 2 cores, eight no-op members went from 16 % below four members
-/// to level with them that way (`BENCHMARKS.md`, coop).
+/// [`PgBackend::max_concurrent_fetches`](crate::PgBackend::max_concurrent_fetches) and size
+/// the pool so that the two together stay near 2 × the server's cores (on 2 cores: 2
+/// fetches and a pool of 2). The excess then waits in the process, where it costs nothing,
+/// and a subscriber waiting for a fetch permit goes on writing its outcomes and starting
+/// handlers. Measured in `BENCHMARKS.md` (coop): eight no-op members on 2 cores fall 11 %
+/// below four without this, and stay level with them with it.
 ///
 /// # Example
 ///
