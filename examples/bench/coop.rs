@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::Ctx;
-use crate::stats::{median, rate, round, spread};
+use crate::stats::{compare, median, median_of, rate, round, spread};
 
 /// Member counts measured.
 pub(crate) const MEMBERS: [usize; 4] = [1, 2, 4, 8];
@@ -57,9 +57,9 @@ pub(crate) async fn coop(ctx: &Ctx) -> anyhow::Result<Value> {
             group.push((Series { work, fetch_cap }, backend));
         }
         // No-op runs last 0.2 s, so the VM's noise (±15 % run to run) would swamp a 5 %
-        // difference between N = 4 and N = 8 in a median of 3: take at least 7.
+        // difference between N = 4 and N = 8 in a median of 3: they have their own count.
         let reps = if work.is_zero() && !ctx.smoke {
-            ctx.reps.max(7)
+            ctx.coop_reps
         } else {
             ctx.reps
         };
@@ -81,8 +81,24 @@ pub(crate) async fn coop(ctx: &Ctx) -> anyhow::Result<Value> {
             }
         }
         for ((series, backend), runs) in group.into_iter().zip(runs) {
-            for (members, runs) in MEMBERS.into_iter().zip(runs) {
-                out.push(summary(&series, members, n, &runs));
+            let rates: Vec<Vec<f64>> = runs
+                .iter()
+                .map(|runs| runs.iter().map(|r| rate(n, r.elapsed)).collect())
+                .collect();
+            for (members, runs) in MEMBERS.into_iter().zip(&runs) {
+                out.push(summary(&series, members, n, runs));
+            }
+            // The no-op target: N = 8 against N = 4 and against the best N below 8.
+            if let Some(last) = out.last_mut().filter(|_| work.is_zero()) {
+                let at = |m: usize| &rates[MEMBERS.iter().position(|x| *x == m).unwrap_or(0)];
+                let peak = MEMBERS[..MEMBERS.len() - 1]
+                    .iter()
+                    .copied()
+                    .max_by(|x, y| median_of(at(*x)).total_cmp(&median_of(at(*y))))
+                    .unwrap_or(4);
+                last["vs_n4"] = compare(at(4), at(8));
+                last["vs_best_below_8"] =
+                    json!({ "members": peak, "comparison": compare(at(peak), at(8)) });
             }
             backend.pool().close().await;
         }
@@ -93,7 +109,7 @@ pub(crate) async fn coop(ctx: &Ctx) -> anyhow::Result<Value> {
         "events": n,
         "settings": format!("one Subscriber per member (subconsumer mode), started and idle before the events are committed in one transaction; timed from that commit to the last ack; repetitions interleaved across series and N. \
                      Capped series: PgBackend::max_concurrent_fetches({FETCH_CAP}) and a pool of {POOL} (fetch_cap in each result); uncapped series (fetch_cap null): a pool of 16. \
-                     no-op: 32 workers, prefetch 480, ack_delay 2 ms, at least 7 repetitions; 1 ms: 1 worker, prefetch 32, ack_delay 10 ms, handler = 1 ms thread sleep on the blocking pool"),
+                     no-op: 32 workers, prefetch 480, ack_delay 2 ms, --coop-reps repetitions; 1 ms: 1 worker, prefetch 32, ack_delay 10 ms, handler = 1 ms thread sleep on the blocking pool"),
         "results": out,
     }))
 }
@@ -101,6 +117,7 @@ pub(crate) async fn coop(ctx: &Ctx) -> anyhow::Result<Value> {
 /// The JSON entry of one (series, N).
 fn summary(series: &Series, members: usize, n: usize, runs: &[Run]) -> Value {
     let rates: Vec<f64> = runs.iter().map(|r| rate(n, r.elapsed)).collect();
+    let each: Vec<f64> = rates.iter().map(|r| round(*r, 0)).collect();
     let busy_ns: u64 = runs.iter().map(|r| r.busy_ns).sum();
     let handler_mean_ms = busy_ns as f64 / (n * runs.len()) as f64 / 1e6;
     let events_per_s = spread(rates);
@@ -111,6 +128,7 @@ fn summary(series: &Series, members: usize, n: usize, runs: &[Run]) -> Value {
         "fetch_cap": series.fetch_cap,
         "members": members,
         "events_per_s": events_per_s,
+        "events_per_s_each_run": each,
         "handler_measured_mean_ms": round(handler_mean_ms, 4),
         "ideal_events_per_s": ideal.map(|x| round(x, 0)),
         "efficiency_vs_measured_handler": ideal.map(|x| round(median(&events_per_s) / x, 3)),

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [WORKLOAD...] [--database-url URL] [--json FILE]
-//!     [--charts DIR] [--rounds N] [--reps N] [--smoke] [--quiet]
+//!     [--charts DIR] [--rounds N] [--reps N] [--coop-reps N] [--smoke] [--quiet]
 //! ```
 //!
 //! Workloads (all by default; each repeated `--reps` times, default 3, reporting median, min
@@ -18,7 +18,8 @@
 //! - `coop`: 20,000 events shared by N = 1, 2, 4, 8 cooperative members, with a no-op and a
 //!   1 ms handler, each with fetches capped at 2 and a pool of 2 and again uncapped with a
 //!   pool of 16; events/s, duplicates and losses (both must be 0). Repetitions go round the
-//!   series and member counts; no-op runs repeat at least 7 times.
+//!   series and member counts; no-op runs repeat `--coop-reps` times (default 15), and N = 8
+//!   is compared with N = 4 and with the best N below 8 (bootstrap 95 % interval).
 //! - `journal`: 20 streams of 100 events, `BatchedJournalWriter` against `record_event` per
 //!   row; events/s and commits per stream.
 //! - `fixture`: a fresh test database from the migrated template against create + migrate;
@@ -69,13 +70,14 @@ struct Args {
     render: Option<PathBuf>,
     rounds: Option<usize>,
     reps: usize,
+    coop_reps: usize,
     smoke: bool,
     quiet: bool,
 }
 
 const USAGE: &str = "usage: bench [publish_batch] [publish_single] [drain] [wakeup] [coop] \
 [journal] [fixture] [fake] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
-[--reps N] [--smoke] [--quiet]\n   or: bench --render FILE --charts DIR";
+[--reps N] [--coop-reps N] [--smoke] [--quiet]\n   or: bench --render FILE --charts DIR";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
@@ -86,6 +88,7 @@ fn parse_args() -> anyhow::Result<Args> {
         render: None,
         rounds: None,
         reps: 3,
+        coop_reps: 15,
         smoke: false,
         quiet: false,
     };
@@ -99,6 +102,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--render" => args.render = Some(value("a JSON file")?.into()),
             "--rounds" => args.rounds = Some(value("a number")?.parse()?),
             "--reps" => args.reps = value("a number")?.parse()?,
+            "--coop-reps" => args.coop_reps = value("a number")?.parse()?,
             "--smoke" => args.smoke = true,
             "--quiet" => args.quiet = true,
             "-h" | "--help" => {
@@ -110,6 +114,7 @@ fn parse_args() -> anyhow::Result<Args> {
         }
     }
     anyhow::ensure!(args.reps > 0, "--reps must be at least 1");
+    anyhow::ensure!(args.coop_reps > 0, "--coop-reps must be at least 1");
     if args.workloads.is_empty() {
         args.workloads = WORKLOADS.map(String::from).to_vec();
     }
@@ -122,6 +127,8 @@ pub(crate) struct Ctx {
     pub(crate) smoke: bool,
     /// Repetitions of each measurement.
     pub(crate) reps: usize,
+    /// Repetitions of the no-op coop runs (0.2 s each, so more are cheap and needed).
+    pub(crate) coop_reps: usize,
     /// Rounds of the latency workloads (wakeup, fixture).
     pub(crate) rounds: usize,
     bar: ProgressBar,
@@ -167,7 +174,13 @@ async fn machine() -> anyhow::Result<Value> {
 /// disturbed machine: its figures are reported with the amount, so a reader can tell.
 fn cpu_steal_s() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let steal: f64 = stat.lines().next()?.split_whitespace().nth(8)?.parse().ok()?;
+    let steal: f64 = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .nth(8)?
+        .parse()
+        .ok()?;
     // SAFETY: sysconf has no preconditions.
     let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (ticks_per_s > 0).then(|| steal / ticks_per_s as f64)
@@ -185,6 +198,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let ctx = Ctx {
         smoke: args.smoke,
         reps: args.reps,
+        coop_reps: args.coop_reps,
         rounds: args.rounds.unwrap_or(if args.smoke { 3 } else { 50 }),
         bar,
     };
