@@ -265,17 +265,45 @@ fn spawn_subscribers<H: postbox::Handler>(
 /// 1. The fetch connection killed again and again during a drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_connection_killed_repeatedly() {
+    fetch_connections_killed("kill-fetch", 2, None, "1 fetch connection killed").await;
+}
+
+/// 1b. The same with three subscribers sharing one fetch permit
+/// (`max_concurrent_fetches(1)`): a fetch killed while holding the permit must give it back,
+/// or the other two would wait forever and the drain would stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_connection_killed_under_a_fetch_cap() {
+    let cap = std::num::NonZeroUsize::MIN;
+    fetch_connections_killed("kill-capped", 3, Some(cap), "1b killed, fetch cap 1").await;
+}
+
+async fn fetch_connections_killed(
+    queue: &str,
+    subscribers: usize,
+    cap: Option<std::num::NonZeroUsize>,
+    scenario: &str,
+) {
     let db = postbox::testkit::postgres().await.expect("db");
-    let backend = db.backend();
+    let mut backend = db.backend();
+    if let Some(cap) = cap {
+        backend = backend.max_concurrent_fetches(cap);
+    }
     let killer = killer_pool(db.url()).await;
-    let ids = publish(&backend, "kill-fetch", N).await;
+    let ids = publish(&backend, queue, N).await;
     let tally = Arc::new(Tally::default());
-    let opts = options("kill-fetch").lease_ttl(Duration::from_secs(2));
-    let subs = spawn_subscribers(2, &backend, &opts, || {
+    let opts = options(queue).lease_ttl(Duration::from_secs(2));
+    let subs = spawn_subscribers(subscribers, &backend, &opts, || {
         recording(&tally, Duration::from_micros(200))
     });
     let mut kills = 0;
+    let deadline = Instant::now() + DEADLINE;
     while tally.finished_count() < N && kills < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "{scenario}: stalled after {kills} kills with {} of {N} handled; {} fetches waiting for a permit",
+            tally.finished_count(),
+            backend.fetches_waiting()
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
         kills += kill(&killer, Some("postbox.fetch")).await;
     }
@@ -283,16 +311,14 @@ async fn fetch_connection_killed_repeatedly() {
         kills >= 5,
         "only {kills} fetch connections were killed: the drain was too quick"
     );
-    wait_drained(&backend, "kill-fetch", &subs).await;
-    verify(
-        "1 fetch connection killed",
-        &format!("{kills} kills"),
-        &ids,
-        &tally,
-        subs,
-    )
-    .await;
+    wait_drained(&backend, queue, &subs).await;
+    verify(scenario, &format!("{kills} kills"), &ids, &tally, subs).await;
     assert!(backend.dead_letters(None).await.expect("dead").is_empty());
+    assert_eq!(
+        backend.fetches_waiting(),
+        0,
+        "no fetch left waiting for a permit"
+    );
     db.close().await.expect("close");
 }
 
