@@ -68,8 +68,8 @@ impl Shared {
 /// the pool so that the two together stay near 2 × the server's cores (on 2 cores: 2
 /// fetches and a pool of 2). The excess then waits in the process, where it costs nothing,
 /// and a subscriber waiting for a fetch permit goes on writing its outcomes and starting
-/// handlers. Measured in `BENCHMARKS.md` (coop): eight no-op members on 2 cores fall 11 %
-/// below four without this, and stay level with them with it.
+/// handlers. Measured in `BENCHMARKS.md` (coop): eight no-op members on 2 cores fell 11-12 %
+/// below four without this, and 1-5 % (within the run-to-run noise) with it.
 ///
 /// # Example
 ///
