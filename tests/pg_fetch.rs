@@ -311,7 +311,6 @@ async fn both_fetch_branches_use_their_partial_index_on_a_large_table() -> Resul
 /// database would stop it; a cancelled wait is uncounted; both complete once the lock goes.
 #[tokio::test]
 async fn capped_fetches_beyond_the_cap_wait_in_the_process() -> Result<()> {
-    use postbox::{CoopReceive, Member};
     let db = postbox::testkit::postgres().await?;
     let backend = db
         .backend()
@@ -322,41 +321,23 @@ async fn capped_fetches_beyond_the_cap_wait_in_the_process() -> Result<()> {
         (0..10).map(|i| Message::new("q", format!("{i}"))).collect(),
     )
     .await?;
-    let stuck = Member::new("g", "stuck")?;
-    backend.coop_register(&stuck, &["q".to_owned()]).await?;
 
-    // The test holds the member's registry row: its receive (which stamps the row) blocks.
-    let mut lock = db.pool().begin().await?;
-    postbox::sqlx::query(
-        "SELECT 1 FROM postbox_members WHERE grp = 'g' AND member = 'stuck' FOR UPDATE",
-    )
-    .execute(&mut *lock)
-    .await?;
-    let first = tokio::spawn({
-        let backend = backend.clone();
-        async move {
-            backend
-                .coop_receive(&CoopReceive::new(stuck, ["q"], 5))
-                .await
-        }
-    });
+    let first = support::stuck_receive(db.pool(), &backend, "q", 5).await;
     eventually("the first fetch to wait on the row lock", || async {
         count_lock_waits(&db).await == 1
     })
     .await;
 
-    let second = tokio::spawn({
+    let spawn_fetch = || {
         let backend = backend.clone();
-        async move { backend.fetch(&FetchParams::new(["q"], 5)).await }
-    });
+        tokio::spawn(async move { backend.fetch(&FetchParams::new(["q"], 5)).await })
+    };
+    let second = spawn_fetch();
     eventually("the second fetch to queue for a permit", || async {
         backend.fetches_waiting() == 1
     })
     .await;
-    let third = tokio::spawn({
-        let backend = backend.clone();
-        async move { backend.fetch(&FetchParams::new(["q"], 5)).await }
-    });
+    let third = spawn_fetch();
     eventually("a third waiter", || async {
         backend.fetches_waiting() == 2
     })
@@ -373,8 +354,8 @@ async fn capped_fetches_beyond_the_cap_wait_in_the_process() -> Result<()> {
         "only the first fetch reached the database"
     );
 
-    lock.commit().await?;
-    let (first, second) = (first.await??, second.await??);
+    first.lock.commit().await?;
+    let (first, second) = (first.task.await??, second.await??);
     let mut got: Vec<i64> = ids(&first).into_iter().chain(ids(&second)).collect();
     got.sort();
     assert_eq!(got, published, "the two fetches split the ten rows");

@@ -564,7 +564,6 @@ async fn with_listen_turned_off_it_polls_on_its_fetch_connection_only() -> Resul
 /// delays its next fetch, not its outcomes.
 #[tokio::test]
 async fn a_subscriber_waiting_for_a_fetch_permit_still_writes_its_acks() -> Result<()> {
-    use postbox::{CoopReceive, Member};
     let db = postbox::testkit::postgres().await?;
     let backend = db
         .backend()
@@ -592,22 +591,7 @@ async fn a_subscriber_waiting_for_a_fetch_permit_still_writes_its_acks() -> Resu
     .await;
 
     // Take the only permit with a receive that blocks on a member row the test holds locked.
-    let stuck = Member::new("g", "stuck")?;
-    backend.coop_register(&stuck, &["other".to_owned()]).await?;
-    let mut lock = db.pool().begin().await?;
-    postbox::sqlx::query(
-        "SELECT 1 FROM postbox_members WHERE grp = 'g' AND member = 'stuck' FOR UPDATE",
-    )
-    .execute(&mut *lock)
-    .await?;
-    let blocker = tokio::spawn({
-        let backend = backend.clone();
-        async move {
-            backend
-                .coop_receive(&CoopReceive::new(stuck, ["other"], 1))
-                .await
-        }
-    });
+    let blocker = support::stuck_receive(db.pool(), &backend, "other", 1).await;
     support::eventually("the subscriber to queue for the permit", || async {
         backend.fetches_waiting() == 1
     })
@@ -636,8 +620,8 @@ async fn a_subscriber_waiting_for_a_fetch_permit_still_writes_its_acks() -> Resu
         "acked while still queued for the permit"
     );
 
-    lock.commit().await?;
-    assert!(blocker.await??.is_empty());
+    blocker.lock.commit().await?;
+    assert!(blocker.task.await??.is_empty());
     sub.shutdown().await?;
     assert_eq!(backend.fetches_waiting(), 0);
     db.close().await?;

@@ -80,6 +80,38 @@ where
     }
 }
 
+/// A cooperative receive stuck in the database: the test holds the member's registry row
+/// locked (the receive stamps that row, so it waits), and the receive holds its fetch permit
+/// meanwhile. Commit the returned transaction to let it finish.
+pub struct StuckReceive {
+    pub lock: sqlx::Transaction<'static, sqlx::Postgres>,
+    pub task: tokio::task::JoinHandle<postbox::Result<Vec<postbox::Delivery>>>,
+}
+
+/// Starts a [`StuckReceive`] of member `g/stuck` on `queue`, taking up to `limit` rows.
+pub async fn stuck_receive(
+    pool: &PgPool,
+    backend: &postbox::PgBackend,
+    queue: &str,
+    limit: u32,
+) -> StuckReceive {
+    use postbox::Backend;
+    let stuck = postbox::Member::new("g", "stuck").expect("member name");
+    backend
+        .coop_register(&stuck, &[queue.to_owned()])
+        .await
+        .expect("register");
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM postbox_members WHERE grp = 'g' AND member = 'stuck' FOR UPDATE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock the member row");
+    let receive = postbox::CoopReceive::new(stuck, [queue], limit);
+    let backend = backend.clone();
+    let task = tokio::spawn(async move { backend.coop_receive(&receive).await });
+    StuckReceive { lock, task }
+}
+
 /// Receives `n` items from `rx`, failing after [`wait()`].
 pub async fn recv_n<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, n: usize) -> Vec<T> {
     let deadline = tokio::time::Instant::now() + wait();
