@@ -20,48 +20,69 @@ fn member(name: &str) -> Member {
     Member::new("workers", name).expect("valid")
 }
 
-/// Four members with 50 ms handlers and one worker each: the handlers must overlap (no shared
-/// lock serialises siblings), and every message is handled once.
-async fn siblings_run_in_parallel<B: Backend + Clone>(backend: B) {
-    let ids = publish_n(&backend, "q", 40).await;
-    let running = Arc::new(AtomicUsize::new(0));
-    let peak = Arc::new(AtomicUsize::new(0));
+/// Publishes `n` messages and lets four members `a`-`d` (each with `options` plus its
+/// subconsumer name) split them, each handler awaiting `work()` first. Asserts the split:
+/// nothing twice, nothing missing, every member worked.
+async fn four_members_split<B, W, F>(backend: &B, n: usize, options: SubscriberOptions, work: W)
+where
+    B: Backend + Clone,
+    W: Fn() -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let ids = publish_n(backend, "q", n).await;
     let (tx, mut handled) = mpsc::unbounded_channel();
     let mut subs = Vec::new();
     for name in ["a", "b", "c", "d"] {
-        let (running, peak, tx) = (Arc::clone(&running), Arc::clone(&peak), tx.clone());
+        let (tx, work) = (tx.clone(), work.clone());
         let handler = move |d: Delivery| {
-            let (running, peak, tx) = (Arc::clone(&running), Arc::clone(&peak), tx.clone());
+            let (tx, work) = (tx.clone(), work.clone());
             async move {
-                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                peak.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(50)).await; // the work
-                running.fetch_sub(1, Ordering::SeqCst);
+                work().await;
                 let _ = tx.send((name, d.id));
                 Ok::<(), HandlerError>(())
             }
         };
-        let options = SubscriberOptions::new(["q"])
-            .subconsumer(member(name))
-            .max_workers(1)
-            .prefetch(1)
-            .min_fetch_interval(Duration::from_millis(10))
-            .max_fetch_interval(Duration::from_millis(50));
+        let options = options.clone().subconsumer(member(name));
         subs.push(
             Subscriber::new(backend.clone(), options, handler)
                 .expect("options")
                 .spawn(),
         );
     }
-    let got = support::recv_n(&mut handled, 40).await;
+    let got = support::recv_n(&mut handled, n).await;
     for sub in subs {
         sub.shutdown().await.expect("shutdown");
     }
     let seen: HashSet<i64> = got.iter().map(|(_, id)| *id).collect();
-    assert_eq!(seen.len(), 40, "no message twice");
+    assert_eq!(seen.len(), n, "no message twice");
     assert_eq!(seen, ids.into_iter().collect::<HashSet<_>>());
     let members: HashSet<&str> = got.iter().map(|(m, _)| *m).collect();
     assert_eq!(members.len(), 4, "every member worked: {members:?}");
+}
+
+/// Four members with 50 ms handlers and one worker each: the handlers must overlap (no shared
+/// lock serialises siblings), and every message is handled once.
+async fn siblings_run_in_parallel<B: Backend + Clone>(backend: B) {
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let work = {
+        let (running, peak) = (Arc::clone(&running), Arc::clone(&peak));
+        move || {
+            let (running, peak) = (Arc::clone(&running), Arc::clone(&peak));
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await; // the work
+                running.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    };
+    let options = SubscriberOptions::new(["q"])
+        .max_workers(1)
+        .prefetch(1)
+        .min_fetch_interval(Duration::from_millis(10))
+        .max_fetch_interval(Duration::from_millis(50));
+    four_members_split(&backend, 40, options, work).await;
     assert_eq!(
         peak.load(Ordering::SeqCst),
         4,
@@ -168,40 +189,14 @@ async fn members_sharing_one_fetch_permit_split_the_queue() {
     let backend = db
         .backend()
         .max_concurrent_fetches(std::num::NonZeroUsize::MIN);
-    let ids = publish_n(&backend, "q", 400).await;
-    let (tx, mut handled) = mpsc::unbounded_channel();
-    let mut subs = Vec::new();
-    for name in ["a", "b", "c", "d"] {
-        let tx = tx.clone();
-        let handler = move |d: Delivery| {
-            let tx = tx.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(1)).await; // the work
-                let _ = tx.send((name, d.id));
-                Ok::<(), HandlerError>(())
-            }
-        };
-        let options = SubscriberOptions::new(["q"])
-            .subconsumer(member(name))
-            .max_workers(2)
-            .prefetch(8)
-            .min_fetch_interval(Duration::from_millis(10))
-            .max_fetch_interval(Duration::from_millis(50));
-        subs.push(
-            Subscriber::new(backend.clone(), options, handler)
-                .expect("options")
-                .spawn(),
-        );
-    }
-    let got = support::recv_n(&mut handled, 400).await;
-    for sub in subs {
-        sub.shutdown().await.expect("shutdown");
-    }
-    let seen: HashSet<i64> = got.iter().map(|(_, id)| *id).collect();
-    assert_eq!(seen.len(), 400, "no message twice");
-    assert_eq!(seen, ids.into_iter().collect::<HashSet<_>>());
-    let members: HashSet<&str> = got.iter().map(|(m, _)| *m).collect();
-    assert_eq!(members.len(), 4, "every member worked: {members:?}");
+    let options = SubscriberOptions::new(["q"])
+        .max_workers(2)
+        .prefetch(8)
+        .min_fetch_interval(Duration::from_millis(10))
+        .max_fetch_interval(Duration::from_millis(50));
+    // 1 ms of work per message.
+    let work = || tokio::time::sleep(Duration::from_millis(1));
+    four_members_split(&backend, 400, options, work).await;
     assert_eq!(backend.fetches_waiting(), 0);
     db.close().await.expect("close");
 }
