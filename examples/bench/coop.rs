@@ -85,8 +85,8 @@ pub(crate) async fn coop(ctx: &Ctx) -> anyhow::Result<Value> {
                 .iter()
                 .map(|runs| runs.iter().map(|r| rate(n, r.elapsed)).collect())
                 .collect();
-            for (members, runs) in MEMBERS.into_iter().zip(&runs) {
-                out.push(summary(&series, members, n, runs));
+            for ((members, runs), rates) in MEMBERS.into_iter().zip(&runs).zip(&rates) {
+                out.push(summary(&series, members, n, runs, rates));
             }
             // The no-op target: N = 8 against N = 4 and against the best N below 8.
             if let Some(last) = out.last_mut().filter(|_| work.is_zero()) {
@@ -114,13 +114,12 @@ pub(crate) async fn coop(ctx: &Ctx) -> anyhow::Result<Value> {
     }))
 }
 
-/// The JSON entry of one (series, N).
-fn summary(series: &Series, members: usize, n: usize, runs: &[Run]) -> Value {
-    let rates: Vec<f64> = runs.iter().map(|r| rate(n, r.elapsed)).collect();
+/// The JSON entry of one (series, N): `rates` are the events/s of its `runs`.
+fn summary(series: &Series, members: usize, n: usize, runs: &[Run], rates: &[f64]) -> Value {
     let each: Vec<f64> = rates.iter().map(|r| round(*r, 0)).collect();
     let busy_ns: u64 = runs.iter().map(|r| r.busy_ns).sum();
     let handler_mean_ms = busy_ns as f64 / (n * runs.len()) as f64 / 1e6;
-    let events_per_s = spread(rates);
+    let events_per_s = spread(rates.to_vec());
     let work = series.work;
     let ideal = (!work.is_zero()).then(|| members as f64 * 1e3 / handler_mean_ms);
     json!({
