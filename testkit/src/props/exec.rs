@@ -12,7 +12,9 @@ use postbox_core::{
 
 use super::GROUP;
 use super::schedule::{Op, Schedule, ScheduleConfig};
-use super::trace::{Dead, Label, Live, LiveState, OutcomeKind, Row, Seen, Snapshot, Step, Trace};
+use super::trace::{
+    Dead, Label, Live, LiveState, OutcomeKind, Row, Seen, Snapshot, Step, Trace, take_labels,
+};
 use crate::TimeControl;
 
 /// Something a schedule runs on: the [`Model`](super::Model) or a [`BackendExec`].
@@ -226,9 +228,7 @@ impl<B: TimeControl> Exec for BackendExec<B> {
                 delay_s,
                 commit,
             } => {
-                let labels: Vec<Label> =
-                    (0..u32::from(count)).map(|i| self.next_label + i).collect();
-                self.next_label += u32::from(count);
+                let labels = take_labels(&mut self.next_label, count);
                 let messages = labels
                     .iter()
                     .map(|l| {

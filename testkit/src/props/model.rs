@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use super::exec::Exec;
 use super::schedule::{Op, ScheduleConfig};
-use super::trace::{Dead, Label, Live, LiveState, OutcomeKind, Row, Seen, Snapshot};
+use super::trace::{Dead, Label, Live, LiveState, OutcomeKind, Row, Seen, Snapshot, take_labels};
 
 #[derive(Debug, Clone)]
 struct Held {
@@ -244,9 +244,7 @@ impl Exec for Model {
                 delay_s,
                 commit,
             } => {
-                let labels: Vec<Label> =
-                    (0..u32::from(count)).map(|i| self.next_label + i).collect();
-                self.next_label += u32::from(count);
+                let labels = take_labels(&mut self.next_label, count);
                 if commit {
                     for &label in &labels {
                         self.msgs.insert(

@@ -6,6 +6,14 @@ use std::fmt;
 /// A message's label: its publish order in the schedule (0, 1, ...), carried as its payload.
 pub type Label = u32;
 
+/// The next `count` labels from `next`, which moves past them: the model and every executor
+/// number published messages the same way, so their traces compare label for label.
+pub(crate) fn take_labels(next: &mut Label, count: u8) -> Vec<Label> {
+    let labels = (0..u32::from(count)).map(|i| *next + i).collect();
+    *next += u32::from(count);
+    labels
+}
+
 /// Which fenced write an [`Seen::Outcome`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutcomeKind {
