@@ -129,10 +129,7 @@ impl Engine {
 
     /// A fetch permit when fetches are capped (held while the statement runs), else `None`.
     pub(crate) async fn permit(&self) -> Option<OwnedSemaphorePermit> {
-        match &self.limit {
-            Some(limit) => limit.acquire().await,
-            None => None,
-        }
+        self.limit.as_ref()?.acquire().await
     }
 
     /// A place in the queue for a fetch permit, or `None` when fetches are not capped. The

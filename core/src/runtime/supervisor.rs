@@ -96,8 +96,7 @@ impl<B: Backend> Supervisor<B> {
             let (stop_listener, listener_stopped) = watch::channel(false);
             let listener = self.spawn_listener(listener_stopped);
             self.fetch_loop().await;
-            self.permit = None;
-            self.permit_wait = None;
+            self.leave_permit_queue();
             let report = self.shut_down().await;
             // The loop may end without a shutdown request (backend closed): stop the
             // listener explicitly.
@@ -158,10 +157,7 @@ impl<B: Backend> Supervisor<B> {
             let wants = self.wants_fetch(capacity);
             let due = wants && Instant::now() >= self.next_fetch;
             if !due {
-                // A permit (or a place in its queue) is only held while a fetch is due: an
-                // idle or busy loop must not keep other subscribers waiting.
-                self.permit = None;
-                self.permit_wait = None;
+                self.leave_permit_queue();
             }
             if due && self.may_fetch() {
                 self.fetch(capacity).await;
@@ -215,6 +211,13 @@ impl<B: Backend> Supervisor<B> {
         capacity > 0
             && (self.workers.running.len() < self.options.max_workers
                 || self.workers.waiting.len() * 2 <= self.options.prefetch)
+    }
+
+    /// Gives up a fetch permit or a place in its queue. A permit is only held while a fetch
+    /// is due: an idle, busy or stopping loop must not keep other subscribers waiting.
+    fn leave_permit_queue(&mut self) {
+        self.permit = None;
+        self.permit_wait = None;
     }
 
     /// Whether a fetch may be sent now: always without a cap on concurrent fetches; with
