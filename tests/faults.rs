@@ -1028,3 +1028,72 @@ async fn load_with_random_connection_kills() {
     .await;
     db.close().await.expect("close");
 }
+
+/// 11. Generations rotating as fast as they can while a `REPEATABLE READ` snapshot pins the
+/// xmin horizon, a publisher keeps publishing and fetch connections are killed: every
+/// truncation that succeeds copies what is left (leased rows with their tokens), none loses
+/// a row, and every duplicate is fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_under_a_held_horizon_with_kills() {
+    let db = postbox::testkit::postgres().await.expect("db");
+    let backend = db.backend().rotation(
+        postbox::Rotation::new()
+            .check_interval(Duration::from_millis(5))
+            .rotate_bytes(8 * 1024)
+            .max_age(Duration::from_millis(50))
+            .max_moved(100_000),
+    );
+    let killer = killer_pool(db.url()).await;
+    let mut holder = killer.acquire().await.expect("holder connection");
+    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+        .execute(&mut *holder)
+        .await
+        .expect("hold the horizon");
+    let tally = Arc::new(Tally::default());
+    let opts = options("rot").lease_ttl(Duration::from_secs(2));
+    let subs = spawn_subscribers(2, &backend, &opts, || {
+        recording(&tally, Duration::from_micros(200))
+    });
+    let mut ids = Vec::new();
+    let (mut kills, mut truncated, mut moved) = (0, 0, 0);
+    for _ in 0..10 {
+        ids.extend(publish(&backend, "rot", N / 10).await);
+        kills += kill(&killer, Some("postbox.fetch")).await;
+        // Explicit rotations on top of the background ones, to count what they do.
+        if let Ok(report) = backend.rotate().await {
+            truncated += report.truncated.len();
+            moved += report.moved;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while tally.finished_count() < N {
+        assert!(
+            Instant::now() < deadline,
+            "stalled with {} of {N} handled",
+            tally.finished_count()
+        );
+        if let Ok(report) = backend.rotate().await {
+            truncated += report.truncated.len();
+            moved += report.moved;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_drained(&backend, "rot", &subs).await;
+    assert!(kills >= 3, "only {kills} fetch connections killed");
+    assert!(truncated >= 3, "only {truncated} generations truncated");
+    verify(
+        "11 rotation under a held horizon",
+        &format!("{kills} kills, {truncated} truncations ({moved} rows moved)"),
+        &ids,
+        &tally,
+        subs,
+    )
+    .await;
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut *holder)
+        .await
+        .expect("release the horizon");
+    drop(holder);
+    db.close().await.expect("close");
+}

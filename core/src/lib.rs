@@ -46,7 +46,8 @@ pub use message::{
     Availability, Delivery, Headers, Lease, MAX_QUEUE_LEN, Message, MessageId, validate_queue,
 };
 pub use pg::{
-    Engine, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME, PgBackend, SCHEMA_VERSION, ddl,
+    Engine, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME, PgBackend, Rotation, RotationReport,
+    SCHEMA_VERSION, ddl,
 };
 pub use retry::{
     Backoff, HandlerError, HandlerErrorKind, RetryDecision, RetryPolicy, RetryPredicate,
@@ -55,7 +56,7 @@ pub use runtime::{
     Handler, HandlerFuture, Outcome, ShutdownReport, Stats, Subscriber, SubscriberEvent,
     SubscriberHandle, SubscriberOptions,
 };
-pub use table::{MAX_IDENTIFIER_LEN, TableName};
+pub use table::{GENERATIONS, MAX_IDENTIFIER_LEN, TableName};
 
 /// Re-export of the sqlx version postbox is built on, so that connection types match.
 pub use sqlx;

@@ -26,7 +26,16 @@ const SUFFIXES: &[&str] = &[
     "_events",
     "_members",
     "_member_idx",
+    "_p0",
+    "_p1",
+    "_p2",
+    "_gen",
+    "_v3",
 ];
+
+/// How many partitions (generations) an outbox table has: one takes publishes, the others
+/// drain and are reclaimed with `TRUNCATE`.
+pub const GENERATIONS: usize = 3;
 
 /// Prefix of the LISTEN/NOTIFY channel.
 const CHANNEL_PREFIX: &str = "postbox_";
@@ -148,6 +157,27 @@ impl TableName {
     /// The partial index of rows by holder, `T_member_idx`.
     pub fn member_index(&self) -> String {
         format!("{}_member_idx", self.0)
+    }
+
+    /// Partition `slot` of the outbox table, `T_p0`, `T_p1` or `T_p2`: the generations that
+    /// rotation fills in turn and reclaims with `TRUNCATE` (see `docs/design/storage.md`).
+    ///
+    /// # Panics
+    ///
+    /// If `slot` is not below [`GENERATIONS`](crate::GENERATIONS).
+    pub fn partition(&self, slot: usize) -> String {
+        assert!(slot < GENERATIONS, "slot {slot} out of range");
+        format!("{}_p{slot}", self.0)
+    }
+
+    /// The sequence whose value names the generation publishes write to, `T_gen`.
+    pub fn generation_sequence(&self) -> String {
+        format!("{}_gen", self.0)
+    }
+
+    /// The name the schema-v3 table takes while the v4 migration copies it, `T_v3`.
+    pub(crate) fn legacy(&self) -> String {
+        format!("{}_v3", self.0)
     }
 
     /// The table recording applied migrations, `T_migrations`.

@@ -7,6 +7,12 @@
 //!
 //! Workloads (all by default; each repeated `--reps` times, default 3, reporting median, min
 //! and max):
+//! - `xmin_hold`: 2,000 msg/s offered (`--rate`) in commits of 10, one default subscriber;
+//!   120 s clean (`--clean-s`), 300 s while another session pins the xmin horizon
+//!   (`--hold-s`), 120 s after it ended (`--after-s`); once with a `REPEATABLE READ` snapshot
+//!   and once with an open write transaction. A 5 s series of consumed/s, backlog, dead
+//!   tuples, relation size and fetch statement mean time (the last from `pg_stat_statements`,
+//!   when the server preloads it).
 //! - `publish_batch`: 20,000 messages, 1,000 per transaction; msg/s and WAL bytes per message.
 //! - `publish_single`: 2,000 messages, one commit each; msg/s and WAL bytes per message.
 //! - `drain`: 20,000 messages published beforehand, one subscriber with a no-op handler; msg/s
@@ -43,6 +49,7 @@ mod publish;
 mod server;
 mod stats;
 mod wakeup;
+mod xmin_hold;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,7 +58,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
-const WORKLOADS: [&str; 8] = [
+const WORKLOADS: [&str; 9] = [
     "publish_batch",
     "publish_single",
     "drain",
@@ -60,6 +67,7 @@ const WORKLOADS: [&str; 8] = [
     "journal",
     "fixture",
     "fake",
+    "xmin_hold",
 ];
 
 struct Args {
@@ -73,11 +81,13 @@ struct Args {
     coop_reps: usize,
     smoke: bool,
     quiet: bool,
+    hold: xmin_hold::HoldSettings,
 }
 
 const USAGE: &str = "usage: bench [publish_batch] [publish_single] [drain] [wakeup] [coop] \
-[journal] [fixture] [fake] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
-[--reps N] [--coop-reps N] [--smoke] [--quiet]\n   or: bench --render FILE --charts DIR";
+[journal] [fixture] [fake] [xmin_hold] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
+[--reps N] [--coop-reps N] [--clean-s S] [--hold-s S] [--after-s S] [--rate N] [--smoke] \
+[--quiet]\n   or: bench --render FILE --charts DIR";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
@@ -91,6 +101,7 @@ fn parse_args() -> anyhow::Result<Args> {
         coop_reps: 15,
         smoke: false,
         quiet: false,
+        hold: xmin_hold::HoldSettings::default(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -103,6 +114,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--rounds" => args.rounds = Some(value("a number")?.parse()?),
             "--reps" => args.reps = value("a number")?.parse()?,
             "--coop-reps" => args.coop_reps = value("a number")?.parse()?,
+            "--clean-s" => args.hold.clean_s = value("seconds")?.parse()?,
+            "--hold-s" => args.hold.hold_s = value("seconds")?.parse()?,
+            "--after-s" => args.hold.after_s = value("seconds")?.parse()?,
+            "--rate" => args.hold.rate = value("messages per second")?.parse()?,
             "--smoke" => args.smoke = true,
             "--quiet" => args.quiet = true,
             "-h" | "--help" => {
@@ -209,6 +224,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ctx.progress(format!("{workload}..."));
         let (started, steal_before) = (std::time::Instant::now(), cpu_steal_s());
         let mut result = match workload.as_str() {
+            "xmin_hold" => xmin_hold::xmin_hold(&ctx, args.hold).await,
             "publish_batch" => publish::publish_batch(&ctx).await,
             "publish_single" => publish::publish_single(&ctx).await,
             "drain" => drain::drain(&ctx).await,

@@ -46,14 +46,14 @@ impl Wal {
     }
 }
 
-/// Heap plus index bytes of the outbox table `postbox` (bloat left by deleted rows shows here
-/// until autovacuum reclaims it).
+/// Heap plus index bytes of the outbox table `postbox` and its partitions (bloat left by
+/// deleted rows shows here until autovacuum or a rotation reclaims it).
 pub(crate) async fn table_bytes(pool: &PgPool) -> anyhow::Result<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT pg_total_relation_size('postbox'::regclass)")
-            .fetch_one(pool)
-            .await?,
+    Ok(sqlx::query_scalar(
+        "SELECT sum(pg_total_relation_size(relid))::bigint FROM pg_partition_tree('postbox')",
     )
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Vacuums the outbox table, so each measured run starts without the dead rows (and the

@@ -36,7 +36,7 @@ dead AS (
     ready_branch!(),
     r#",
 stale AS (
-    SELECT s.id, s.next_attempt_at, s.deliveries
+    SELECT s.id, s.gen, s.next_attempt_at, s.deliveries
     FROM {table} AS s
     WHERE s.acquired_by IN (SELECT holder FROM dead)
       AND s.acquired_token IS NOT NULL
@@ -46,7 +46,7 @@ stale AS (
     FOR UPDATE SKIP LOCKED
 ),
 picked AS (
-    SELECT id, deliveries
+    SELECT id, gen, deliveries
     FROM (SELECT * FROM ready UNION ALL SELECT * FROM stale) AS c
     ORDER BY next_attempt_at, id
     LIMIT $2
@@ -139,6 +139,7 @@ impl Inner {
             .bind(member.name())
             .fetch_all(conn)
             .await?;
+        self.rotator.tick();
         Ok(rows.iter().map(delivery).collect::<Result<_, _>>()?)
     }
 }

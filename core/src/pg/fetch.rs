@@ -29,10 +29,10 @@ use crate::message::Delivery;
 macro_rules! ready_branch {
     () => {
         r#"ready AS (
-    SELECT r.id, r.next_attempt_at, r.deliveries
+    SELECT r.id, r.gen, r.next_attempt_at, r.deliveries
     FROM unnest($1::text[]) AS q(name)
     CROSS JOIN LATERAL (
-        SELECT id, next_attempt_at, deliveries
+        SELECT id, gen, next_attempt_at, deliveries
         FROM {table}
         WHERE queue = q.name
           AND acquired_token IS NULL
@@ -59,7 +59,7 @@ macro_rules! lease_or_bury {
         first_attempt_at = coalesce(t.first_attempt_at, coalesce($7::timestamptz, now())),
         last_attempt_at  = coalesce($7::timestamptz, now())
     FROM picked
-    WHERE t.id = picked.id
+    WHERE t.id = picked.id AND t.gen = picked.gen
       AND picked.deliveries < coalesce($6::integer, 2147483647)
     RETURNING t.id, t.queue, t.payload, t.headers, t.correlation_id, t.attempts, t.deliveries,
               t.created_at, t.next_attempt_at, t.first_attempt_at, t.acquired_at,
@@ -68,7 +68,7 @@ macro_rules! lease_or_bury {
 exhausted AS (
     DELETE FROM {table} AS t
     USING picked
-    WHERE t.id = picked.id
+    WHERE t.id = picked.id AND t.gen = picked.gen
       AND picked.deliveries >= coalesce($6::integer, 2147483647)
     RETURNING t.*
 ),
@@ -95,10 +95,10 @@ pub(crate) const FETCH: &str = concat!(
     ready_branch!(),
     r#",
 expired AS (
-    SELECT e.id, e.next_attempt_at, e.deliveries
+    SELECT e.id, e.gen, e.next_attempt_at, e.deliveries
     FROM unnest($1::text[]) AS q(name)
     CROSS JOIN LATERAL (
-        SELECT id, next_attempt_at, deliveries
+        SELECT id, gen, next_attempt_at, deliveries
         FROM {table}
         WHERE queue = q.name
           AND acquired_token IS NOT NULL
@@ -109,7 +109,7 @@ expired AS (
     ) AS e
 ),
 picked AS (
-    SELECT id, deliveries
+    SELECT id, gen, deliveries
     FROM (SELECT * FROM ready UNION ALL SELECT * FROM expired) AS c
     ORDER BY next_attempt_at, id
     LIMIT $2
@@ -153,6 +153,7 @@ impl Inner {
             .fetch_all(conn)
             .await?;
         let deliveries = rows.iter().map(delivery).collect::<Result<Vec<_>, _>>()?;
+        self.rotator.tick();
         if !deliveries.is_empty() {
             tracing::debug!(target: "postbox", table = %self.table, rows = deliveries.len(), batch = %token, "postbox.fetch");
         }

@@ -16,6 +16,7 @@ mod journal;
 mod limit;
 mod outcome;
 mod publish;
+mod rotate;
 mod schema;
 mod statements;
 
@@ -29,6 +30,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 pub(crate) use engine::PermitWait;
 pub use engine::{Engine, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME};
+pub use rotate::{Rotation, RotationReport};
 pub use schema::{SCHEMA_VERSION, ddl};
 use statements::Statements;
 
@@ -73,6 +75,7 @@ pub(crate) struct Inner {
     pub(crate) pool: PgPool,
     pub(crate) table: TableName,
     pub(crate) sql: Statements,
+    pub(crate) rotator: Arc<rotate::Rotator>,
     now: parking_lot::RwLock<Option<DateTime<Utc>>>,
     #[cfg(feature = "test-util")]
     listen_faults: std::sync::atomic::AtomicU32,
@@ -106,6 +109,7 @@ impl PgBackend {
             engine: Engine {
                 inner: Arc::new(Inner {
                     sql: Statements::new(&table),
+                    rotator: Arc::new(rotate::Rotator::new(pool.clone(), &table)),
                     pool,
                     table,
                     now: parking_lot::RwLock::new(None),
@@ -187,6 +191,25 @@ impl PgBackend {
             &self.shared().pool,
             &self.shared().table,
             &self.shared().sql,
+        )
+        .await
+    }
+
+    /// Applies the migrations up to `version` only, to build an older schema (to test an
+    /// upgrade from it). Production code calls [`migrate`](Self::migrate).
+    ///
+    /// **Feature:** `test-util`.
+    ///
+    /// # Errors
+    ///
+    /// As [`migrate`](Self::migrate).
+    #[cfg(feature = "test-util")]
+    pub async fn migrate_to(&self, version: i32) -> Result<Vec<i32>> {
+        schema::migrate_to(
+            &self.shared().pool,
+            &self.shared().table,
+            &self.shared().sql,
+            version,
         )
         .await
     }

@@ -1,5 +1,9 @@
 //! Publishing on the caller's connection: one INSERT plus `pg_notify` in the same statement.
 //!
+//! Rows go to the current generation, the partition named by `T_gen` (read without a lock:
+//! rotation may move on while a publish is in flight, which only means the row lands in the
+//! previous generation, whose truncation then waits for this transaction; see `rotate.rs`).
+//!
 //! The notification carries only the queue name (NOTIFY payloads must stay under 8000 bytes)
 //! and is sent once per distinct queue per call: every notifying commit takes a global lock,
 //! so fewer notifications mean cheaper commits.
@@ -18,8 +22,10 @@ use crate::message::{Availability, Message, MessageId, validate_queue};
 // $7 delay in ms, $8 pinned now (NULL: the database clock)
 pub(crate) const PUBLISH: &str = r#"
 WITH ins AS (
-    INSERT INTO {table} (queue, payload, headers, correlation_id, created_at, next_attempt_at)
-    VALUES ($2, $3, $4, $5, coalesce($8::timestamptz, now()),
+    INSERT INTO {table} (gen, queue, payload, headers, correlation_id, created_at,
+                         next_attempt_at)
+    VALUES ((SELECT (last_value % {generations})::smallint FROM {gen_seq}),
+            $2, $3, $4, $5, coalesce($8::timestamptz, now()),
             coalesce($6::timestamptz,
                      coalesce($8::timestamptz, now()) + $7::float8 * interval '1 millisecond'))
     RETURNING id
@@ -30,8 +36,9 @@ SELECT ins.id FROM ins CROSS JOIN pg_notify($1, $2)"#;
 // $7 delays in ms, $8 pinned now, $9 distinct queues to notify
 pub(crate) const PUBLISH_BATCH: &str = r#"
 WITH ins AS (
-    INSERT INTO {table} (queue, payload, headers, correlation_id, created_at, next_attempt_at)
-    SELECT m.queue, m.payload, m.headers, m.correlation_id, coalesce($8::timestamptz, now()),
+    INSERT INTO {table} (gen, queue, payload, headers, correlation_id, created_at,
+                         next_attempt_at)
+    SELECT (SELECT (last_value % {generations})::smallint FROM {gen_seq}), m.queue, m.payload, m.headers, m.correlation_id, coalesce($8::timestamptz, now()),
            coalesce(m.not_before,
                     coalesce($8::timestamptz, now()) + m.delay_ms * interval '1 millisecond')
     FROM unnest($2::text[], $3::bytea[], $4::jsonb[], $5::uuid[], $6::timestamptz[], $7::float8[])

@@ -34,6 +34,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "journal events table",
         sql: V3,
     },
+    Migration {
+        version: 4,
+        description: "outbox table partitioned into three generations reclaimed by TRUNCATE",
+        sql: V4,
+    },
 ];
 
 const V1: &str = r#"
@@ -109,6 +114,77 @@ CREATE TABLE IF NOT EXISTS {events} (
 );
 "#;
 
+/// The outbox table becomes `PARTITION BY LIST (gen)` with one partition per generation
+/// (`T_p0`, `T_p1`, `T_p2`); publishes write to the generation named by `T_gen`, and rotation
+/// reclaims drained generations with `TRUNCATE` (see `docs/design/storage.md`). The v3 rows
+/// are copied, in this transaction, into generation 0 with their ids, leases and counters, so
+/// leases taken before the upgrade stay valid and fenced. Ids keep coming from the same
+/// sequence.
+const V4: &str = r#"
+CREATE SEQUENCE {gen_seq} AS bigint MINVALUE 0 START 0;
+SELECT setval('{gen_seq}', 0, true);
+
+ALTER TABLE {table} RENAME TO {legacy};
+
+CREATE TABLE {table} (
+    id               bigint      NOT NULL,
+    gen              smallint    NOT NULL DEFAULT 0,
+    queue            text        NOT NULL,
+    payload          bytea       NOT NULL,
+    headers          jsonb,
+    correlation_id   uuid        NOT NULL,
+    attempts         integer     NOT NULL DEFAULT 0,
+    deliveries       integer     NOT NULL DEFAULT 0,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    first_attempt_at timestamptz,
+    last_attempt_at  timestamptz,
+    acquired_at      timestamptz,
+    acquired_token   uuid,
+    acquired_by      text,
+    last_error       text,
+    CONSTRAINT {lease_check} CHECK ((acquired_token IS NULL) = (acquired_at IS NULL))
+) PARTITION BY LIST (gen);
+
+CREATE TABLE {p0} PARTITION OF {table} FOR VALUES IN (0);
+CREATE TABLE {p1} PARTITION OF {table} FOR VALUES IN (1);
+CREATE TABLE {p2} PARTITION OF {table} FOR VALUES IN (2);
+
+DO $postbox$
+DECLARE
+    seq text := pg_get_serial_sequence('{legacy}', 'id');
+BEGIN
+    EXECUTE format('ALTER SEQUENCE %s OWNED BY NONE', seq);
+    EXECUTE format('ALTER TABLE {table} ALTER COLUMN id SET DEFAULT nextval(%L::regclass)', seq);
+    EXECUTE format('ALTER SEQUENCE %s OWNED BY {table}.id', seq);
+END
+$postbox$;
+
+INSERT INTO {table} (id, gen, queue, payload, headers, correlation_id, attempts, deliveries,
+                     created_at, next_attempt_at, first_attempt_at, last_attempt_at,
+                     acquired_at, acquired_token, acquired_by, last_error)
+SELECT id, 0, queue, payload, headers, correlation_id, attempts, deliveries,
+       created_at, next_attempt_at, first_attempt_at, last_attempt_at,
+       acquired_at, acquired_token, acquired_by, last_error
+FROM {legacy};
+
+DROP TABLE {legacy};
+
+ALTER TABLE {table} ADD PRIMARY KEY (id, gen);
+
+CREATE INDEX {pending_idx}
+    ON {table} (queue, next_attempt_at, id)
+    WHERE acquired_token IS NULL;
+
+CREATE INDEX {lease_idx}
+    ON {table} (queue, acquired_at)
+    WHERE acquired_token IS NOT NULL;
+
+CREATE INDEX {member_idx}
+    ON {table} (acquired_by)
+    WHERE acquired_by IS NOT NULL;
+"#;
+
 pub(crate) const CREATE_MIGRATIONS: &str = r#"
 CREATE TABLE IF NOT EXISTS {migrations} (
     version     integer     PRIMARY KEY,
@@ -147,6 +223,16 @@ pub(crate) async fn migrate(
     table: &TableName,
     sql: &Statements,
 ) -> Result<Vec<i32>> {
+    migrate_to(pool, table, sql, SCHEMA_VERSION).await
+}
+
+/// Applies the migrations not yet recorded up to `target`, in one transaction.
+pub(crate) async fn migrate_to(
+    pool: &PgPool,
+    table: &TableName,
+    sql: &Statements,
+    target: i32,
+) -> Result<Vec<i32>> {
     let mut tx = pool.begin().await?;
     sqlx::query(LOCK)
         .bind(format!("postbox:migrate:{table}"))
@@ -160,7 +246,7 @@ pub(crate) async fn migrate(
         .await?;
     let mut done = Vec::new();
     for (version, description, ddl) in &sql.migrations {
-        if applied.contains(version) {
+        if applied.contains(version) || *version > target {
             continue;
         }
         let failed = |source| Error::Migration {
@@ -191,6 +277,7 @@ pub(crate) async fn migrate(
 /// Columns of the outbox table and of the dead-letter table.
 const COLUMNS: &[&str] = &[
     "id",
+    "gen",
     "queue",
     "payload",
     "headers",
@@ -267,17 +354,22 @@ pub(crate) async fn problems(
             problems.push(format!("column {name}.{column} is missing"));
         }
     }
-    for index in [
+    let generations =
+        (0..crate::table::GENERATIONS).map(|slot| ("partition", table.partition(slot)));
+    let indexes = [
         table.pending_index(),
         table.lease_index(),
         table.member_index(),
-    ] {
+    ]
+    .map(|index| ("index", index));
+    let sequence = ("generation sequence", table.generation_sequence());
+    for (kind, name) in generations.chain(indexes).chain([sequence]) {
         let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
-            .bind(&index)
+            .bind(&name)
             .fetch_one(&mut *conn)
             .await?;
         if !exists {
-            problems.push(format!("index {index} is missing"));
+            problems.push(format!("{kind} {name} is missing"));
         }
     }
     let check: bool = sqlx::query_scalar(CONSTRAINT_EXISTS)

@@ -25,6 +25,15 @@ pub(crate) fn render(template: &str, table: &TableName) -> String {
         .replace("{members}", &TableName::quoted(&table.members()))
         .replace("{member_idx}", &TableName::quoted(&table.member_index()))
         .replace("{events}", &TableName::quoted(&table.events()))
+        .replace("{p0}", &TableName::quoted(&table.partition(0)))
+        .replace("{p1}", &TableName::quoted(&table.partition(1)))
+        .replace("{p2}", &TableName::quoted(&table.partition(2)))
+        .replace(
+            "{gen_seq}",
+            &TableName::quoted(&table.generation_sequence()),
+        )
+        .replace("{legacy}", &TableName::quoted(&table.legacy()))
+        .replace("{generations}", &crate::table::GENERATIONS.to_string())
 }
 
 /// Rendered statement text, cheap to clone (shared).
