@@ -50,7 +50,8 @@ impl Wal {
 /// deleted rows shows here until autovacuum or a rotation reclaims it).
 pub(crate) async fn table_bytes(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(
-        "SELECT sum(pg_total_relation_size(relid))::bigint FROM pg_partition_tree('postbox')",
+        "SELECT sum(pg_total_relation_size(relid))::bigint FROM \
+         (SELECT relid FROM pg_partition_tree('postbox') UNION SELECT 'postbox'::regclass) AS t",
     )
     .fetch_one(pool)
     .await?)

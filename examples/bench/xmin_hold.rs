@@ -245,7 +245,8 @@ async fn relation_stats(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
     let row: (Option<i64>, Option<i64>) = sqlx::query_as(
         "SELECT sum(coalesce(s.n_dead_tup, 0))::bigint, \
                 sum(pg_total_relation_size(t.relid))::bigint \
-         FROM pg_partition_tree('postbox') AS t \
+         FROM (SELECT relid FROM pg_partition_tree('postbox') \
+               UNION SELECT 'postbox'::regclass) AS t \
          LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid",
     )
     .fetch_one(pool)

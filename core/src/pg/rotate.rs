@@ -1,16 +1,19 @@
 //! Rotation: publishes fill one generation (partition) at a time, and drained generations are
 //! reclaimed with `TRUNCATE`, which needs no VACUUM and works under any snapshot.
 //!
-//! One rotation is one short transaction, run by whichever process gets the advisory lock:
+//! A rotation is a few short transactions, each under the table's advisory lock so that
+//! rotators in several processes take turns:
 //!
 //! 1. For each generation other than the current one that holds data and whose live-row
 //!    estimate is at most [`Rotation::max_moved`]: take its `ACCESS EXCLUSIVE` lock with
 //!    `NOWAIT`. A transaction that still writes to it (an uncommitted publish that read the
 //!    generation before it changed, an ack, a fetch) holds a lock, so the attempt fails at once
-//!    and the generation is left for a later turn: nothing it holds can be lost. With the lock
-//!    held no one else can touch its rows, so the rows still there (scheduled, retried, leased
-//!    or not yet fetched) are copied into the current generation with every column, their
-//!    lease token included, and the partition is truncated.
+//!    and nothing it holds can be lost; the attempt is repeated a few times milliseconds apart
+//!    (a busy subscriber's fetch holds a lock on every partition while it runs, so the lock is
+//!    free only between statements), then left for a later turn. With the lock held no one
+//!    else can touch its rows, so the rows still there (scheduled, retried, leased or not yet
+//!    fetched) are copied into the current generation with every column, their lease token
+//!    included, and the partition is truncated, in the same transaction.
 //! 2. If the generation after the current one is empty and the current one has reached
 //!    [`Rotation::rotate_bytes`] (or holds anything and is older than [`Rotation::max_age`]),
 //!    `T_gen` moves on and new publishes go there.
@@ -242,91 +245,171 @@ impl Rotator {
         });
     }
 
-    /// One rotation on `conn`, in its own transaction.
+    /// One rotation on `conn`: one short transaction per reclaimed generation, then one to
+    /// move publishes on. Each takes the table's advisory lock, so concurrent rotators (other
+    /// processes) take turns.
     pub(crate) async fn rotate_on(&self, conn: &mut PgConnection) -> Result<RotationReport> {
         let options = self.options.read().clone();
-        let mut tx = conn.begin().await?;
         let mut report = RotationReport::default();
-        let locked: bool = sqlx::query_scalar(TRY_LOCK)
-            .bind(format!("postbox:rotate:{}", self.table))
-            .fetch_one(&mut *tx)
-            .await?;
-        if !locked {
-            tx.commit().await?;
-            report.skipped = true;
-            return Ok(report);
-        }
-        let state = sqlx::query(self.state.clone()).fetch_one(&mut *tx).await?;
-        let generation: i64 = state.try_get("gen")?;
-        let bytes: Vec<i64> = state.try_get("bytes")?;
-        let live: Vec<i64> = state.try_get("live")?;
-        let current = slot_of(generation);
+        let state = self.state(conn).await?;
+        let current = slot_of(state.generation);
+        report.current = current;
         let mut empty = [false; GENERATIONS];
-        let max_moved = i64::from(options.max_moved);
         for step in 1..GENERATIONS {
             let slot = (current + step) % GENERATIONS;
-            if bytes[slot] == 0 {
+            if state.bytes[slot] == 0 {
                 empty[slot] = true;
                 continue;
             }
-            if live[slot] > max_moved {
+            if state.live[slot] > i64::from(options.max_moved) {
                 continue;
             }
-            let part = &self.partitions[slot];
-            let mut sub = tx.begin().await?;
-            match sqlx::query(part.lock.clone()).execute(&mut *sub).await {
-                Ok(_) => {}
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
-                    sub.rollback().await?;
-                    report.busy.push(slot);
-                    continue;
+            match self.reclaim(conn, slot, &options).await? {
+                Reclaim::Done { moved } => {
+                    report.truncated.push(slot);
+                    report.moved += moved;
+                    empty[slot] = true;
                 }
-                Err(e) => return Err(e.into()),
+                Reclaim::Busy => report.busy.push(slot),
+                Reclaim::NotDrained => {}
+                Reclaim::Raced => {
+                    report.skipped = true;
+                    return Ok(report);
+                }
             }
-            let rows: i64 = sqlx::query_scalar(part.count.clone())
-                .bind(max_moved)
-                .fetch_one(&mut *sub)
-                .await?;
-            if rows > max_moved {
-                sub.rollback().await?;
-                continue;
-            }
-            if rows > 0 {
-                let moved = sqlx::query(part.moved.clone())
-                    .bind(i16::try_from(current).unwrap_or_default())
-                    .execute(&mut *sub)
-                    .await?
-                    .rows_affected();
-                report.moved += moved;
-            }
-            sqlx::query(part.truncate.clone())
-                .execute(&mut *sub)
-                .await?;
-            sub.commit().await?;
-            report.truncated.push(slot);
-            empty[slot] = true;
         }
         let next = (current + 1) % GENERATIONS;
-        let size = u64::try_from(bytes[current]).unwrap_or_default();
+        let size = u64::try_from(state.bytes[current]).unwrap_or_default();
         let old = self.last_advance.lock().elapsed() >= options.max_age;
-        report.current = current;
         if empty[next] && (size >= options.rotate_bytes || (size > 0 && old)) {
-            sqlx::query(self.advance.clone())
-                .bind(generation + 1)
-                .execute(&mut *tx)
-                .await?;
-            report.advanced = true;
-            report.current = next;
+            let mut tx = conn.begin().await?;
+            if !self.try_lock(&mut tx).await? {
+                tx.rollback().await?;
+                report.skipped = true;
+                return Ok(report);
+            }
+            let now = self.state(&mut tx).await?;
+            // Move on only from the generation this rotation started from, to an empty one.
+            if now.generation == state.generation && now.bytes[next] == 0 {
+                sqlx::query(self.advance.clone())
+                    .bind(state.generation + 1)
+                    .execute(&mut *tx)
+                    .await?;
+                report.advanced = true;
+                report.current = next;
+            }
+            tx.commit().await?;
         }
-        tx.commit().await?;
         if report.advanced {
             *self.last_advance.lock() = Instant::now();
         }
-        if report.advanced || !report.truncated.is_empty() {
+        if report.advanced || !report.truncated.is_empty() || !report.busy.is_empty() {
             tracing::debug!(target: "postbox", table = %self.table, current = report.current, truncated = ?report.truncated, moved = report.moved, busy = ?report.busy, "postbox.rotate");
         }
         Ok(report)
     }
+
+    /// The generation counter and each partition's size and live-row estimate.
+    async fn state(&self, conn: &mut PgConnection) -> Result<State> {
+        let row = sqlx::query(self.state.clone()).fetch_one(conn).await?;
+        Ok(State {
+            generation: row.try_get("gen")?,
+            bytes: row.try_get("bytes")?,
+            live: row.try_get("live")?,
+        })
+    }
+
+    async fn try_lock(&self, conn: &mut PgConnection) -> Result<bool> {
+        Ok(sqlx::query_scalar(TRY_LOCK)
+            .bind(format!("postbox:rotate:{}", self.table))
+            .fetch_one(conn)
+            .await?)
+    }
+
+    /// Reclaims generation `slot`: under its `ACCESS EXCLUSIVE` lock (taken with `NOWAIT`,
+    /// retried a few times a few milliseconds apart, since every fetch holds a lock on each
+    /// partition while it runs), copies the rows left into the current generation and
+    /// truncates it, in one transaction.
+    async fn reclaim(
+        &self,
+        conn: &mut PgConnection,
+        slot: usize,
+        options: &Rotation,
+    ) -> Result<Reclaim> {
+        let part = &self.partitions[slot];
+        for attempt in 0..LOCK_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(LOCK_RETRY).await;
+            }
+            let mut tx = conn.begin().await?;
+            if !self.try_lock(&mut tx).await? {
+                tx.rollback().await?;
+                return Ok(Reclaim::Raced);
+            }
+            match sqlx::query(part.lock.clone()).execute(&mut *tx).await {
+                Ok(_) => {}
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                    tx.rollback().await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            // Under the advisory lock the counter cannot move; read it again, since another
+            // rotator may have moved it since this rotation started.
+            let current = slot_of(self.state(&mut tx).await?.generation);
+            if current == slot {
+                tx.rollback().await?;
+                return Ok(Reclaim::Raced);
+            }
+            let max_moved = i64::from(options.max_moved);
+            let rows: i64 = sqlx::query_scalar(part.count.clone())
+                .bind(max_moved)
+                .fetch_one(&mut *tx)
+                .await?;
+            if rows > max_moved {
+                tx.rollback().await?;
+                return Ok(Reclaim::NotDrained);
+            }
+            let moved = if rows > 0 {
+                sqlx::query(part.moved.clone())
+                    .bind(i16::try_from(current).unwrap_or_default())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+            } else {
+                0
+            };
+            sqlx::query(part.truncate.clone())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(Reclaim::Done { moved });
+        }
+        Ok(Reclaim::Busy)
+    }
+}
+
+/// How many times a reclaim asks for a generation's lock, and how long it waits in between.
+const LOCK_ATTEMPTS: usize = 25;
+const LOCK_RETRY: Duration = Duration::from_millis(2);
+
+/// What [`Rotator::state`] reads.
+#[derive(Debug, Clone)]
+struct State {
+    generation: i64,
+    bytes: Vec<i64>,
+    live: Vec<i64>,
+}
+
+/// How one reclaim ended.
+enum Reclaim {
+    Done { moved: u64 },
+    /// Every attempt found the lock held.
+    Busy,
+    /// More rows left than [`Rotation::max_moved`].
+    NotDrained,
+    /// Another rotator holds the advisory lock, or moved the generation on.
+    Raced,
 }
 
 /// The partition a generation counter value writes to.
