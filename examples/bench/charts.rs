@@ -1,4 +1,5 @@
-//! PNG charts of a bench run: coop scaling, wake-up latency, drain throughput.
+//! PNG charts of a bench run: coop scaling, wake-up latency, drain throughput, and consumption
+//! while the xmin horizon is held.
 
 use std::path::Path;
 
@@ -41,6 +42,11 @@ pub(crate) fn render(results: &[Value], dir: &Path) -> anyhow::Result<Vec<String
     if let Some(wakeup) = by_name("wakeup") {
         let file = dir.join("wakeup_latency.png");
         wakeup_chart(wakeup, &file)?;
+        written.push(file.display().to_string());
+    }
+    if let Some(hold) = by_name("xmin_hold") {
+        let file = dir.join("xmin_hold.png");
+        xmin_chart(hold, &file)?;
         written.push(file.display().to_string());
     }
     let bars = throughput_bars(by_name("drain"), by_name("publish_batch"));
@@ -239,6 +245,79 @@ fn bar_chart(bars: &[(String, f64)], file: &Path) -> anyhow::Result<()> {
             ("sans-serif", 14),
         )
     }))?;
+    root.present()?;
+    Ok(())
+}
+
+/// `(t, value)` points of one xmin_hold run's series.
+fn hold_points(run: &Value, key: &str) -> Vec<(f64, f64)> {
+    run["series"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| Some((s["t"].as_f64()?, s[key].as_f64()?)))
+        .collect()
+}
+
+/// Consumed/s and backlog over time for both holder kinds, the holder's phase shaded.
+fn xmin_chart(hold: &Value, file: &Path) -> anyhow::Result<()> {
+    let runs: Vec<&Value> = hold["results"].as_array().into_iter().flatten().collect();
+    let phases = &hold["phases_s"];
+    let clean = phases["clean"].as_f64().unwrap_or(0.0);
+    let held = clean + phases["hold"].as_f64().unwrap_or(0.0);
+    let end = held + phases["after"].as_f64().unwrap_or(0.0);
+    let offered = hold["offered_per_s"].as_f64().unwrap_or(0.0);
+    let root = BitMapBackend::new(file, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(600);
+    let colors = [BLUE, RED];
+    for (area, key, title, label) in [
+        (left, "consumed_per_s", "consumed/s (5 s windows)", "msg/s"),
+        (right, "backlog", "backlog (published - acked)", "messages"),
+    ] {
+        let series: Vec<(String, Vec<(f64, f64)>)> = runs
+            .iter()
+            .map(|r| {
+                (
+                    format!("holder: {}", r["holder"].as_str().unwrap_or("?")),
+                    hold_points(r, key),
+                )
+            })
+            .collect();
+        let top = series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|p| p.1))
+            .fold(offered.max(1.0), f64::max)
+            * 1.15;
+        let mut chart = ChartBuilder::on(&area)
+            .caption(title, ("sans-serif", 18))
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..end.max(1.0), 0f64..top)?;
+        chart
+            .configure_mesh()
+            .x_desc("s (holder open in the shaded span)")
+            .y_desc(label)
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()?;
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(clean, 0.0), (held, top)],
+            RGBColor(230, 230, 230).filled(),
+        )))?;
+        for ((name, points), color) in series.into_iter().zip(colors) {
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+    }
     root.present()?;
     Ok(())
 }

@@ -13,6 +13,9 @@
 //!   and once with an open write transaction. A 5 s series of consumed/s, backlog, dead
 //!   tuples, relation size and fetch statement mean time (the last from `pg_stat_statements`,
 //!   when the server preloads it).
+//! - `backlog`: 1,000,000 messages published, then drained by one default subscriber; the
+//!   relations' size before, at its peak, right after the drain and 10 s later, and the
+//!   autovacuum runs meanwhile.
 //! - `publish_batch`: 20,000 messages, 1,000 per transaction; msg/s and WAL bytes per message.
 //! - `publish_single`: 2,000 messages, one commit each; msg/s and WAL bytes per message.
 //! - `drain`: 20,000 messages published beforehand, one subscriber with a no-op handler; msg/s
@@ -39,6 +42,7 @@
 //! harness cannot rot; its figures mean nothing). Progress goes to stderr unless `--quiet`.
 //! `--render FILE --charts DIR` redraws the charts of an earlier run's JSON.
 
+mod backlog;
 mod charts;
 mod coop;
 mod drain;
@@ -58,7 +62,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
-const WORKLOADS: [&str; 9] = [
+const WORKLOADS: [&str; 10] = [
     "publish_batch",
     "publish_single",
     "drain",
@@ -68,6 +72,7 @@ const WORKLOADS: [&str; 9] = [
     "fixture",
     "fake",
     "xmin_hold",
+    "backlog",
 ];
 
 struct Args {
@@ -85,7 +90,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: bench [publish_batch] [publish_single] [drain] [wakeup] [coop] \
-[journal] [fixture] [fake] [xmin_hold] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
+[journal] [fixture] [fake] [xmin_hold] [backlog] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
 [--reps N] [--coop-reps N] [--clean-s S] [--hold-s S] [--after-s S] [--rate N] [--smoke] \
 [--quiet]\n   or: bench --render FILE --charts DIR";
 
@@ -225,6 +230,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let (started, steal_before) = (std::time::Instant::now(), cpu_steal_s());
         let mut result = match workload.as_str() {
             "xmin_hold" => xmin_hold::xmin_hold(&ctx, args.hold).await,
+            "backlog" => backlog::backlog(&ctx).await,
             "publish_batch" => publish::publish_batch(&ctx).await,
             "publish_single" => publish::publish_single(&ctx).await,
             "drain" => drain::drain(&ctx).await,

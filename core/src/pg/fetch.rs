@@ -10,6 +10,10 @@
 //!   and sort the (normally few) matches, so that the union's first `limit` rows are exactly
 //!   the first `limit` eligible rows in `(next_attempt_at, id)` order.
 //!
+//! The table is partitioned into generations (see `rotate.rs`); each branch is a merge of the
+//! partitions' index pieces, and the lease updates each picked row in its own partition
+//! (`id AND gen`).
+//!
 //! Both lock with `FOR UPDATE SKIP LOCKED`, so concurrent fetchers never block on or share a
 //! row. The union is cut to `limit` in `(next_attempt_at, id)` order and leased under one fresh
 //! token. Rows already leased `max_deliveries` times move to the dead-letter table in the same
@@ -47,6 +51,12 @@ macro_rules! ready_branch {
 
 /// The end shared by the fetch and the cooperative receive: lease the `picked` rows under one
 /// token, or move those already delivered `max_deliveries` times to the dead-letter table.
+///
+/// The rows are found by `id = ANY (ARRAY(...))`, an index probe per id in each partition,
+/// rather than by a join with `picked`: a cached generic plan cannot know how many rows
+/// `picked` holds and may hash-join it with a sequential scan of every partition, which costs
+/// a whole generation per fetch. The picked rows are locked, so their `deliveries` are the
+/// values `picked` read.
 /// Uses $4 token, $5 acquired_by, $6 max deliveries (NULL: none), $7 pinned now.
 macro_rules! lease_or_bury {
     () => {
@@ -58,18 +68,16 @@ macro_rules! lease_or_bury {
         deliveries       = t.deliveries + 1,
         first_attempt_at = coalesce(t.first_attempt_at, coalesce($7::timestamptz, now())),
         last_attempt_at  = coalesce($7::timestamptz, now())
-    FROM picked
-    WHERE t.id = picked.id AND t.gen = picked.gen
-      AND picked.deliveries < coalesce($6::integer, 2147483647)
+    WHERE t.id = ANY (ARRAY(SELECT id FROM picked))
+      AND t.deliveries < coalesce($6::integer, 2147483647)
     RETURNING t.id, t.queue, t.payload, t.headers, t.correlation_id, t.attempts, t.deliveries,
               t.created_at, t.next_attempt_at, t.first_attempt_at, t.acquired_at,
               t.acquired_token, t.acquired_by, t.last_error
 ),
 exhausted AS (
     DELETE FROM {table} AS t
-    USING picked
-    WHERE t.id = picked.id AND t.gen = picked.gen
-      AND picked.deliveries >= coalesce($6::integer, 2147483647)
+    WHERE t.id = ANY (ARRAY(SELECT id FROM picked))
+      AND t.deliveries >= coalesce($6::integer, 2147483647)
     RETURNING t.*
 ),
 buried AS (

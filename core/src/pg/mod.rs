@@ -47,6 +47,17 @@ use crate::table::TableName;
 /// Cheap to clone (the statements and the pool are shared). Every statement is rendered once,
 /// at construction, from the validated [`TableName`].
 ///
+/// # Storage
+///
+/// The outbox table is partitioned into three *generations*. Publishes fill one at a time;
+/// fetches and outcomes work on all of them; a background rotation (started by fetches, at
+/// most once a second) closes the current generation when it reaches 1 MiB or 10 s and
+/// reclaims drained ones with `TRUNCATE`, copying the few rows still in them forward with
+/// their leases. Space therefore comes back without VACUUM, and a session that holds an old
+/// snapshot open (which stops VACUUM) no longer makes fetches slower and the table bigger
+/// with every message. [`rotation`](Self::rotation) tunes it; [`rotate`](Self::rotate) runs
+/// one now. The design, with its guarantees and figures, is in `docs/design/storage.md`.
+///
 /// ```no_run
 /// # async fn f() -> Result<(), postbox_core::Error> {
 /// use postbox_core::{Backend, FetchParams, Message, PgBackend, TableName};
@@ -176,8 +187,15 @@ impl PgBackend {
         &self.shared().pool
     }
 
-    /// Creates or upgrades the schema: the outbox table with its lease CHECK, the
-    /// `T_pending_idx` and `T_lease_idx` partial indexes, and the dead-letter table `T_dead`.
+    /// Creates or upgrades the schema: the outbox table with its lease CHECK, partitioned into
+    /// the generations `T_p0`, `T_p1` and `T_p2` (with the sequence `T_gen` naming the one
+    /// publishes go to), the `T_pending_idx` and `T_lease_idx` partial indexes, the dead-letter
+    /// table `T_dead`, the members and journal tables.
+    ///
+    /// Upgrading a schema-v3 table to v4 copies its rows into generation 0 in the migration's
+    /// transaction, keeping ids, counters and leases (a lease taken before the upgrade still
+    /// settles). Publishes and fetches wait for that transaction; on a large table, run it at a
+    /// quiet moment. See `docs/design/storage.md`.
     ///
     /// Idempotent and safe to run concurrently: versions are recorded in `T_migrations` and
     /// applied under an advisory lock, in one transaction. Returns the versions applied now.

@@ -12,11 +12,13 @@ use crate::message::{Lease, MessageId};
 // $1 id, $2 token
 pub(crate) const ACK: &str = "DELETE FROM {table} WHERE id = $1 AND acquired_token = $2";
 
-// $1 ids, $2 tokens (pairwise)
+// $1 ids, $2 tokens (pairwise). `id = ANY ($1)` makes every plan, generic ones included, an
+// index probe per id: a join with the unnest could be planned as a hash join over a sequential
+// scan of each partition.
 pub(crate) const ACK_BATCH: &str = r#"
 DELETE FROM {table} AS t
-USING unnest($1::bigint[], $2::uuid[]) AS l(id, token)
-WHERE t.id = l.id AND t.acquired_token = l.token
+WHERE t.id = ANY ($1::bigint[])
+  AND (t.id, t.acquired_token) IN (SELECT * FROM unnest($1::bigint[], $2::uuid[]))
 RETURNING t.id"#;
 
 // $1 id, $2 token, $3 delay in ms, $4 error, $5 pinned now

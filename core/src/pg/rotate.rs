@@ -289,8 +289,14 @@ impl Rotator {
                 return Ok(report);
             }
             let now = self.state(&mut tx).await?;
-            // Move on only from the generation this rotation started from, to an empty one.
-            if now.generation == state.generation && now.bytes[next] == 0 {
+            // Move on only from the generation this rotation started from, to an empty one,
+            // truncated now even if it is empty already: a TRUNCATE marks its statistics
+            // unknown (`reltuples = -1`), so plans made while it fills do not take it for an
+            // empty table, and it invalidates the plans made while it was one.
+            if now.generation == state.generation
+                && now.bytes[next] == 0
+                && self.truncate_empty(&mut tx, next).await?
+            {
                 sqlx::query(self.advance.clone())
                     .bind(state.generation + 1)
                     .execute(&mut *tx)
@@ -307,6 +313,33 @@ impl Rotator {
             tracing::debug!(target: "postbox", table = %self.table, current = report.current, truncated = ?report.truncated, moved = report.moved, busy = ?report.busy, "postbox.rotate");
         }
         Ok(report)
+    }
+
+    /// Truncates the empty generation `slot` if its lock is free now; whether it did.
+    async fn truncate_empty(&self, conn: &mut PgConnection, slot: usize) -> Result<bool> {
+        let part = &self.partitions[slot];
+        let mut sub = conn.begin().await?;
+        match sqlx::query(part.lock.clone()).execute(&mut *sub).await {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                sub.rollback().await?;
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let rows: i64 = sqlx::query_scalar(part.count.clone())
+            .bind(0_i64)
+            .fetch_one(&mut *sub)
+            .await?;
+        if rows > 0 {
+            sub.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::query(part.truncate.clone())
+            .execute(&mut *sub)
+            .await?;
+        sub.commit().await?;
+        Ok(true)
     }
 
     /// The generation counter and each partition's size and live-row estimate.
@@ -379,9 +412,7 @@ impl Rotator {
             } else {
                 0
             };
-            sqlx::query(part.truncate.clone())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(part.truncate.clone()).execute(&mut *tx).await?;
             tx.commit().await?;
             return Ok(Reclaim::Done { moved });
         }
@@ -403,7 +434,9 @@ struct State {
 
 /// How one reclaim ended.
 enum Reclaim {
-    Done { moved: u64 },
+    Done {
+        moved: u64,
+    },
     /// Every attempt found the lock held.
     Busy,
     /// More rows left than [`Rotation::max_moved`].
