@@ -16,6 +16,12 @@ use crate::error::Result;
 use crate::message::Delivery;
 use crate::table::TableName;
 
+/// Makes a session reuse one generic plan per statement (see [`Engine::connect`]).
+pub(crate) const GENERIC_PLANS: &str = "SET plan_cache_mode = force_generic_plan";
+
+/// The same for one transaction only, on a pool connection that is not ours to configure.
+pub(crate) const GENERIC_PLANS_LOCAL: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
+
 /// `application_name` of the subscriber runtime's fetch connection.
 pub const FETCH_APPLICATION_NAME: &str = "postbox.fetch";
 
@@ -55,11 +61,20 @@ impl Engine {
     /// # Errors
     ///
     /// [`Error::Database`](crate::Error::Database) if the server cannot be reached.
+    ///
+    /// The connection keeps one generic plan per statement (`plan_cache_mode =
+    /// force_generic_plan`, set on this connection only). The fetch statement reads each
+    /// generation of the outbox table, so planning it costs more than running it, and
+    /// Postgres would otherwise plan it anew on every call (its custom plans always look
+    /// cheaper than the generic one). The statement is written so that its generic plan
+    /// suits every size a generation goes through (see `docs/design/storage.md`, *Plans*).
     pub async fn connect(&self) -> Result<PgConnection> {
         let options = (*self.inner.pool.connect_options())
             .clone()
             .application_name(FETCH_APPLICATION_NAME);
-        Ok(options.connect().await?)
+        let mut conn = options.connect().await?;
+        sqlx::raw_sql(GENERIC_PLANS).execute(&mut conn).await?;
+        Ok(conn)
     }
 
     /// Opens a dedicated LISTEN connection, outside the pool, already listening on

@@ -10,9 +10,10 @@
 //!   and sort the (normally few) matches, so that the union's first `limit` rows are exactly
 //!   the first `limit` eligible rows in `(next_attempt_at, id)` order.
 //!
-//! The table is partitioned into generations (see `rotate.rs`); each branch is a merge of the
-//! partitions' index pieces, and the lease updates each picked row in its own partition
-//! (`id AND gen`).
+//! The table is partitioned into generations (see `rotate.rs`); each branch reads every
+//! generation with its own ordered scan of that partition's index piece, and the lease finds
+//! the picked rows by `id = ANY (...)`, so that one generic plan suits every size a generation
+//! goes through.
 //!
 //! Both lock with `FOR UPDATE SKIP LOCKED`, so concurrent fetchers never block on or share a
 //! row. The union is cut to `limit` in `(next_attempt_at, id)` order and leased under one fresh
@@ -30,20 +31,46 @@ use crate::message::Delivery;
 
 /// The ready branch shared by the fetch and the cooperative receive: per queue, the first
 /// `limit` unleased rows that are due, locked. Uses $1 queues, $2 limit, $7 pinned now.
+///
+/// Each generation is read by its own ordered scan with its own LIMIT, named by partition,
+/// rather than through the partitioned table: a cached plan of the parent chooses per
+/// partition between merging ordered index scans and sorting everything, by the partition's
+/// size when it was planned, and a partition that looked empty then is full later (see
+/// `docs/design/storage.md`, *Plans*). A single table's ordered LIMIT keeps its index scan.
+/// Up to `limit` rows per generation are locked; those not picked are unlocked, unchanged,
+/// when the statement ends.
 macro_rules! ready_branch {
     () => {
         r#"ready AS (
     SELECT r.id, r.gen, r.next_attempt_at, r.deliveries
     FROM unnest($1::text[]) AS q(name)
     CROSS JOIN LATERAL (
-        SELECT id, gen, next_attempt_at, deliveries
-        FROM {table}
-        WHERE queue = q.name
-          AND acquired_token IS NULL
-          AND next_attempt_at <= coalesce($7::timestamptz, now())
-        ORDER BY queue, next_attempt_at, id
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
+        SELECT * FROM (SELECT id, gen, next_attempt_at, deliveries
+         FROM {p0}
+         WHERE queue = q.name
+           AND acquired_token IS NULL
+           AND next_attempt_at <= coalesce($7::timestamptz, now())
+         ORDER BY queue, next_attempt_at, id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED) AS g0
+        UNION ALL
+        SELECT * FROM (SELECT id, gen, next_attempt_at, deliveries
+         FROM {p1}
+         WHERE queue = q.name
+           AND acquired_token IS NULL
+           AND next_attempt_at <= coalesce($7::timestamptz, now())
+         ORDER BY queue, next_attempt_at, id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED) AS g1
+        UNION ALL
+        SELECT * FROM (SELECT id, gen, next_attempt_at, deliveries
+         FROM {p2}
+         WHERE queue = q.name
+           AND acquired_token IS NULL
+           AND next_attempt_at <= coalesce($7::timestamptz, now())
+         ORDER BY queue, next_attempt_at, id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED) AS g2
     ) AS r
 )"#
     };
@@ -106,14 +133,32 @@ expired AS (
     SELECT e.id, e.gen, e.next_attempt_at, e.deliveries
     FROM unnest($1::text[]) AS q(name)
     CROSS JOIN LATERAL (
-        SELECT id, gen, next_attempt_at, deliveries
-        FROM {table}
-        WHERE queue = q.name
-          AND acquired_token IS NOT NULL
-          AND acquired_at < coalesce($7::timestamptz, now()) - $3::float8 * interval '1 millisecond'
-        ORDER BY next_attempt_at, id
-        LIMIT $2
-        FOR UPDATE SKIP LOCKED
+        SELECT * FROM (SELECT id, gen, next_attempt_at, deliveries
+         FROM {p0}
+         WHERE queue = q.name
+           AND acquired_token IS NOT NULL
+           AND acquired_at < coalesce($7::timestamptz, now()) - $3::float8 * interval '1 millisecond'
+         ORDER BY next_attempt_at, id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED) AS g0
+        UNION ALL
+        SELECT * FROM (SELECT id, gen, next_attempt_at, deliveries
+         FROM {p1}
+         WHERE queue = q.name
+           AND acquired_token IS NOT NULL
+           AND acquired_at < coalesce($7::timestamptz, now()) - $3::float8 * interval '1 millisecond'
+         ORDER BY next_attempt_at, id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED) AS g1
+        UNION ALL
+        SELECT * FROM (SELECT id, gen, next_attempt_at, deliveries
+         FROM {p2}
+         WHERE queue = q.name
+           AND acquired_token IS NOT NULL
+           AND acquired_at < coalesce($7::timestamptz, now()) - $3::float8 * interval '1 millisecond'
+         ORDER BY next_attempt_at, id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED) AS g2
     ) AS e
 ),
 picked AS (

@@ -331,8 +331,15 @@ impl Backend for PgBackend {
         params.validate()?;
         // The permit first: a fetch waiting for one must not hold a pool connection.
         let _permit = self.engine.permit().await;
-        let mut conn = self.shared().pool.acquire().await?;
-        self.shared().fetch_on(&mut conn, params).await
+        // Generic plans, as on the runtime's fetch connection (see `Engine::connect`), for
+        // this transaction only: the pool connection is handed back as it was.
+        let mut tx = self.shared().pool.begin().await?;
+        sqlx::raw_sql(engine::GENERIC_PLANS_LOCAL)
+            .execute(&mut *tx)
+            .await?;
+        let deliveries = self.shared().fetch_on(&mut tx, params).await?;
+        tx.commit().await?;
+        Ok(deliveries)
     }
 
     async fn ack(&self, lease: Lease) -> Result<bool> {
@@ -370,8 +377,13 @@ impl Backend for PgBackend {
     async fn coop_receive(&self, params: &CoopReceive) -> Result<Vec<Delivery>> {
         params.validate()?;
         let _permit = self.engine.permit().await;
-        let mut conn = self.shared().pool.acquire().await?;
-        self.shared().coop_receive_on(&mut conn, params).await
+        let mut tx = self.shared().pool.begin().await?;
+        sqlx::raw_sql(engine::GENERIC_PLANS_LOCAL)
+            .execute(&mut *tx)
+            .await?;
+        let deliveries = self.shared().coop_receive_on(&mut tx, params).await?;
+        tx.commit().await?;
+        Ok(deliveries)
     }
 
     async fn coop_touch(&self, member: &Member) -> Result<bool> {
