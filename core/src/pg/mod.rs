@@ -178,6 +178,17 @@ impl PgBackend {
             .map_or(0, |limit| limit.waiting())
     }
 
+    /// A pool transaction that keeps generic plans, as the runtime's fetch connection does
+    /// (see [`Engine::connect`]), for this transaction only: the pool connection is handed
+    /// back as it was.
+    async fn generic_plans_tx(&self) -> Result<Transaction<'static, Postgres>> {
+        let mut tx = self.shared().pool.begin().await?;
+        sqlx::raw_sql(engine::GENERIC_PLANS_LOCAL)
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
     fn shared(&self) -> &Inner {
         &self.engine.inner
     }
@@ -331,12 +342,7 @@ impl Backend for PgBackend {
         params.validate()?;
         // The permit first: a fetch waiting for one must not hold a pool connection.
         let _permit = self.engine.permit().await;
-        // Generic plans, as on the runtime's fetch connection (see `Engine::connect`), for
-        // this transaction only: the pool connection is handed back as it was.
-        let mut tx = self.shared().pool.begin().await?;
-        sqlx::raw_sql(engine::GENERIC_PLANS_LOCAL)
-            .execute(&mut *tx)
-            .await?;
+        let mut tx = self.generic_plans_tx().await?;
         let deliveries = self.shared().fetch_on(&mut tx, params).await?;
         tx.commit().await?;
         Ok(deliveries)
@@ -377,10 +383,7 @@ impl Backend for PgBackend {
     async fn coop_receive(&self, params: &CoopReceive) -> Result<Vec<Delivery>> {
         params.validate()?;
         let _permit = self.engine.permit().await;
-        let mut tx = self.shared().pool.begin().await?;
-        sqlx::raw_sql(engine::GENERIC_PLANS_LOCAL)
-            .execute(&mut *tx)
-            .await?;
+        let mut tx = self.generic_plans_tx().await?;
         let deliveries = self.shared().coop_receive_on(&mut tx, params).await?;
         tx.commit().await?;
         Ok(deliveries)

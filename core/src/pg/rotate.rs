@@ -319,13 +319,9 @@ impl Rotator {
     async fn truncate_empty(&self, conn: &mut PgConnection, slot: usize) -> Result<bool> {
         let part = &self.partitions[slot];
         let mut sub = conn.begin().await?;
-        match sqlx::query(part.lock.clone()).execute(&mut *sub).await {
-            Ok(_) => {}
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
-                sub.rollback().await?;
-                return Ok(false);
-            }
-            Err(e) => return Err(e.into()),
+        if !self.lock_partition(&mut sub, slot).await? {
+            sub.rollback().await?;
+            return Ok(false);
         }
         let rows: i64 = sqlx::query_scalar(part.count.clone())
             .bind(0_i64)
@@ -340,6 +336,19 @@ impl Rotator {
             .await?;
         sub.commit().await?;
         Ok(true)
+    }
+
+    /// Takes partition `slot`'s `ACCESS EXCLUSIVE` lock with `NOWAIT`; `false` when another
+    /// transaction holds a lock on it (`55P03`). The caller rolls back on `false`.
+    async fn lock_partition(&self, conn: &mut PgConnection, slot: usize) -> Result<bool> {
+        match sqlx::query(self.partitions[slot].lock.clone())
+            .execute(conn)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The generation counter and each partition's size and live-row estimate.
@@ -379,13 +388,9 @@ impl Rotator {
                 tx.rollback().await?;
                 return Ok(Reclaim::Raced);
             }
-            match sqlx::query(part.lock.clone()).execute(&mut *tx).await {
-                Ok(_) => {}
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
-                    tx.rollback().await?;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+            if !self.lock_partition(&mut tx, slot).await? {
+                tx.rollback().await?;
+                continue;
             }
             // Under the advisory lock the counter cannot move; read it again, since another
             // rotator may have moved it since this rotation started.
