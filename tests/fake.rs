@@ -7,8 +7,8 @@ use std::time::Duration;
 use postbox::fake::{FakeBroker, Fault};
 use postbox::testkit::wait_for_event_within;
 use postbox::{
-    Backend, Delivery, Error, FetchParams, HandlerError, Message, Outcome, Subscriber,
-    SubscriberEvent, SubscriberOptions,
+    Backend, Delivery, Error, FetchParams, HandlerError, Message, MessageState, Outcome,
+    Subscriber, SubscriberEvent, SubscriberOptions,
 };
 
 /// Virtual time to wait for an event under paused time (the clock jumps over idle waits).
@@ -309,5 +309,69 @@ async fn shutdown_writes_acks_still_waiting_for_their_delay() {
     assert!(
         b.snapshot(None).is_empty(),
         "nothing left leased or unacked"
+    );
+}
+
+/// Fast handlers on a deep queue behind a fetch round trip: the handlers run out of work
+/// during each fetch, so the prefetch window grows, and the queue drains in far fewer fetches
+/// than the floor's `max_workers + prefetch` rows per fetch would take.
+#[tokio::test(start_paused = true)]
+async fn fast_handlers_on_a_deep_queue_drain_in_growing_batches() {
+    let b = FakeBroker::new();
+    b.set_fetch_latency(Duration::from_millis(1));
+    publish(&b, 5_000).await;
+    let handler = |_d: Delivery| std::future::ready(Ok::<(), HandlerError>(()));
+    let sub = Subscriber::new(b.clone(), SubscriberOptions::new(["q"]), handler)
+        .expect("options")
+        .spawn();
+    while sub.stats().acked < 5_000 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let stats = sub.shutdown().await.expect("shutdown").stats;
+    // At a fixed 16 + 16 rows per fetch this takes 157 fetches; growing to 16 + 512, the
+    // ramp (32, 48, 80, ...) and about nine full ones.
+    assert!(
+        stats.fetches <= 30,
+        "the window did not grow: {} fetches for 5,000 messages ({stats:?})",
+        stats.fetches
+    );
+    assert!(b.snapshot(None).is_empty());
+}
+
+/// Slow handlers: fetches return to a busy subscriber, so the window stays near its floor
+/// and the subscriber never holds more than `max_workers + 2 * prefetch` leases.
+#[tokio::test(start_paused = true)]
+async fn slow_handlers_keep_the_prefetch_buffer_near_its_floor() {
+    let b = FakeBroker::new();
+    b.set_fetch_latency(Duration::from_millis(1));
+    publish(&b, 300).await;
+    let most_leased = Arc::new(AtomicU32::new(0));
+    let handler = {
+        let (b, most_leased) = (b.clone(), Arc::clone(&most_leased));
+        move |_d: Delivery| {
+            let leased = b
+                .snapshot(Some("q"))
+                .iter()
+                .filter(|m| m.state == MessageState::Leased)
+                .count();
+            most_leased.fetch_max(u32::try_from(leased).unwrap_or(u32::MAX), Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok::<(), HandlerError>(())
+            }
+        }
+    };
+    let options = SubscriberOptions::new(["q"]).max_workers(4).prefetch(4);
+    let sub = Subscriber::new(b.clone(), options, handler)
+        .expect("options")
+        .spawn();
+    while sub.stats().acked < 300 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    sub.shutdown().await.expect("shutdown");
+    let most = most_leased.load(Ordering::SeqCst);
+    assert!(
+        (8..=12).contains(&most),
+        "4 workers, prefetch 4: at most 4 + 2 * 4 leased at once, got {most}"
     );
 }

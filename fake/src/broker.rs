@@ -60,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) table: TableName,
     pub(crate) clock: Clock,
     pub(crate) state: Mutex<State>,
+    /// How long each fetch and cooperative receive takes (`set_fetch_latency`).
+    pub(crate) fetch_latency: Mutex<Duration>,
 }
 
 impl Default for FakeBroker {
@@ -82,6 +84,7 @@ impl FakeBroker {
                 table,
                 clock: Clock::new(),
                 state: Mutex::new(State::default()),
+                fetch_latency: Mutex::new(Duration::ZERO),
             }),
         }
     }
@@ -95,6 +98,20 @@ impl FakeBroker {
     /// and delayed or retried messages become eligible as if that much time had passed.
     pub fn advance(&self, by: Duration) {
         self.shared.clock.advance(by);
+    }
+
+    /// Makes every fetch and cooperative receive take `latency` (on tokio's clock, so paused
+    /// time skips it) before it reads the queue, like a round trip to a database: the
+    /// runtime's handlers run on meanwhile. Defaults to zero.
+    pub fn set_fetch_latency(&self, latency: Duration) {
+        *self.shared.fetch_latency.lock() = latency;
+    }
+
+    async fn fetch_round_trip(&self) {
+        let latency = *self.shared.fetch_latency.lock();
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
     }
 
     /// Makes the next `n` fetches fail with `fault`.
@@ -310,6 +327,7 @@ impl Backend for FakeBroker {
 
     async fn fetch(&self, params: &FetchParams) -> Result<Vec<Delivery>> {
         params.validate()?;
+        self.fetch_round_trip().await;
         let now = self.now();
         let mut state = self.shared.state.lock();
         if let Some(error) = faults::take(&mut state.faults.fetch) {
@@ -445,6 +463,7 @@ impl Backend for FakeBroker {
     }
 
     async fn coop_receive(&self, params: &CoopReceive) -> Result<Vec<Delivery>> {
+        self.fetch_round_trip().await;
         self.coop_receive_now(params)
     }
 

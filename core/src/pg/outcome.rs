@@ -12,13 +12,23 @@ use crate::message::{Lease, MessageId};
 // $1 id, $2 token
 pub(crate) const ACK: &str = "DELETE FROM {table} WHERE id = $1 AND acquired_token = $2";
 
-// $1 ids, $2 tokens (pairwise). `id = ANY ($1)` makes every plan, generic ones included, an
-// index probe per id: a join with the unnest could be planned as a hash join over a sequential
-// scan of each partition.
+// $1 ids, $2 tokens (pairwise). Planned so that no plan, custom or generic, depends on how many
+// ids there are:
+// - the rows are found by `id = ANY (ARRAY(SELECT ...))`, an index probe per id in each
+//   partition that holds rows. A join with the unnest may become a hash join over a sequential
+//   scan of every partition; a custom plan of `id = ANY ($1)` sees the array's length and for a
+//   few hundred ids (the batches a draining subscriber acks) scans each partition (measured:
+//   4.8 ms against 1.5 ms for 490 ids in a 20,000-row generation);
+// - the lease is checked per row against an id -> token map built once (an InitPlan), not by
+//   a join with the pairs: a generic plan estimates the unnest at 10 rows and runs a nested
+//   loop that re-reads the whole id array for every id (57 ms for 528 ids, measured).
+// The token check is in the DELETE's own WHERE, so a row re-leased by a concurrent fetch is
+// re-checked against its new token and left alone.
 pub(crate) const ACK_BATCH: &str = r#"
 DELETE FROM {table} AS t
-WHERE t.id = ANY ($1::bigint[])
-  AND (t.id, t.acquired_token) IN (SELECT * FROM unnest($1::bigint[], $2::uuid[]))
+WHERE t.id = ANY (ARRAY(SELECT unnest($1::bigint[])))
+  AND t.acquired_token::text
+      = (SELECT jsonb_object($1::bigint[]::text[], $2::uuid[]::text[])) ->> t.id::text
 RETURNING t.id"#;
 
 // $1 id, $2 token, $3 delay in ms, $4 error, $5 pinned now

@@ -5,15 +5,20 @@
 //! rotators in several processes take turns:
 //!
 //! 1. For each generation other than the current one that holds data and whose live-row
-//!    estimate is at most [`Rotation::max_moved`]: take its `ACCESS EXCLUSIVE` lock with
-//!    `NOWAIT`. A transaction that still writes to it (an uncommitted publish that read the
-//!    generation before it changed, an ack, a fetch) holds a lock, so the attempt fails at once
-//!    and nothing it holds can be lost; the attempt is repeated a few times milliseconds apart
-//!    (a busy subscriber's fetch holds a lock on every partition while it runs, so the lock is
-//!    free only between statements), then left for a later turn. With the lock held no one
-//!    else can touch its rows, so the rows still there (scheduled, retried, leased or not yet
-//!    fetched) are copied into the current generation with every column, their lease token
-//!    included, and the partition is truncated, in the same transaction.
+//!    estimate is at most [`Rotation::max_moved`]: take its `ACCESS EXCLUSIVE` lock, waiting
+//!    at most [`Rotation::lock_wait`] (`lock_timeout`). A transaction that still writes to it
+//!    (an uncommitted publish that read the generation before it changed, an ack, a fetch)
+//!    holds a lock, so the attempt times out and nothing it holds can be lost; the attempt is
+//!    repeated a few times, then left for a later turn. The wait is bounded rather than
+//!    `NOWAIT`: a busy subscriber's fetch holds a lock on every partition while it runs, so
+//!    under load the lock is never free at the instant a `NOWAIT` asks, reclaims keep
+//!    missing, dead rows pile up where fetches read, fetches slow down and hold their locks
+//!    longer still. Waiting in the lock queue gets the lock as soon as the running fetch
+//!    ends; the price is that statements arriving meanwhile queue behind the request, for at
+//!    most `lock_wait` each attempt. With the lock held no one else can touch its rows, so the
+//!    rows still there (scheduled, retried, leased or not yet fetched) are copied into the
+//!    current generation with every column, their lease token included, and the partition is
+//!    truncated, in the same transaction.
 //! 2. If the generation after the current one is empty and the current one has reached
 //!    [`Rotation::rotate_bytes`] (or holds anything and is older than [`Rotation::max_age`]),
 //!    `T_gen` moves on and new publishes go there.
@@ -43,23 +48,26 @@ pub struct Rotation {
     rotate_bytes: u64,
     max_age: Duration,
     max_moved: u32,
+    lock_wait: Duration,
 }
 
 impl Default for Rotation {
     fn default() -> Self {
         Rotation {
             automatic: true,
-            check_interval: Duration::from_secs(1),
-            rotate_bytes: 1 << 20,
+            check_interval: Duration::from_millis(500),
+            rotate_bytes: 512 << 10,
             max_age: Duration::from_secs(10),
             max_moved: 2_000,
+            lock_wait: Duration::from_millis(20),
         }
     }
 }
 
 impl Rotation {
     /// The defaults: automatic, checked every second, a new generation at 1 MiB of heap or
-    /// after 10 s, at most 2,000 rows copied out of a generation to reclaim it.
+    /// after 10 s, at most 2,000 rows copied out of a generation to reclaim it, 20 ms of
+    /// waiting for a generation's lock per attempt.
     pub fn new() -> Self {
         Self::default()
     }
@@ -105,6 +113,17 @@ impl Rotation {
         self.max_moved = rows;
         self
     }
+
+    /// How long one attempt to reclaim a generation waits for its `ACCESS EXCLUSIVE` lock
+    /// (`lock_timeout`) before giving up; each reclaim makes a few attempts. Statements that
+    /// arrive at the partition while the request waits queue behind it, so this is also the
+    /// longest a rotation can delay a fetch or a publish per attempt. Zero means `NOWAIT`.
+    /// Values are rounded to whole milliseconds. Defaults to 20 ms.
+    #[must_use]
+    pub fn lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
+    }
 }
 
 /// What one rotation did ([`PgBackend::rotate`]).
@@ -139,7 +158,11 @@ SELECT (SELECT last_value FROM {gen_seq}) AS gen,
              LEFT JOIN pg_stat_user_tables s ON s.relid = p.rel
              ORDER BY p.ord) AS live"#;
 
-const LOCK: &str = "LOCK TABLE {part} IN ACCESS EXCLUSIVE MODE NOWAIT";
+const LOCK: &str = "LOCK TABLE {part} IN ACCESS EXCLUSIVE MODE";
+const LOCK_NOWAIT: &str = "LOCK TABLE {part} IN ACCESS EXCLUSIVE MODE NOWAIT";
+
+// $1 lock_timeout, for the rest of the transaction
+const LOCK_TIMEOUT: &str = "SELECT set_config('lock_timeout', $1, true)";
 
 // $1 at most this many + 1
 const COUNT: &str = "SELECT count(*) FROM (SELECT 1 FROM {part} LIMIT $1 + 1) AS l";
@@ -163,6 +186,7 @@ const ADVANCE: &str = "SELECT setval('{gen_seq}', $1, true)";
 #[derive(Debug)]
 struct PartitionSql {
     lock: SqlStr,
+    lock_nowait: SqlStr,
     count: SqlStr,
     moved: SqlStr,
     truncate: SqlStr,
@@ -197,6 +221,7 @@ impl Rotator {
             partitions: (0..GENERATIONS)
                 .map(|slot| PartitionSql {
                     lock: per_part(LOCK, slot),
+                    lock_nowait: per_part(LOCK_NOWAIT, slot),
                     count: per_part(COUNT, slot),
                     moved: per_part(MOVE, slot),
                     truncate: per_part(TRUNCATE, slot),
@@ -295,7 +320,9 @@ impl Rotator {
             // empty table, and it invalidates the plans made while it was one.
             if now.generation == state.generation
                 && now.bytes[next] == 0
-                && self.truncate_empty(&mut tx, next).await?
+                && self
+                    .truncate_empty(&mut tx, next, options.lock_wait)
+                    .await?
             {
                 sqlx::query(self.advance.clone())
                     .bind(state.generation + 1)
@@ -316,10 +343,15 @@ impl Rotator {
     }
 
     /// Truncates the empty generation `slot` if its lock is free now; whether it did.
-    async fn truncate_empty(&self, conn: &mut PgConnection, slot: usize) -> Result<bool> {
+    async fn truncate_empty(
+        &self,
+        conn: &mut PgConnection,
+        slot: usize,
+        wait: Duration,
+    ) -> Result<bool> {
         let part = &self.partitions[slot];
         let mut sub = conn.begin().await?;
-        if !self.lock_partition(&mut sub, slot).await? {
+        if !self.lock_partition(&mut sub, slot, wait).await? {
             sub.rollback().await?;
             return Ok(false);
         }
@@ -338,13 +370,27 @@ impl Rotator {
         Ok(true)
     }
 
-    /// Takes partition `slot`'s `ACCESS EXCLUSIVE` lock with `NOWAIT`; `false` when another
-    /// transaction holds a lock on it (`55P03`). The caller rolls back on `false`.
-    async fn lock_partition(&self, conn: &mut PgConnection, slot: usize) -> Result<bool> {
-        match sqlx::query(self.partitions[slot].lock.clone())
-            .execute(conn)
-            .await
-        {
+    /// Takes partition `slot`'s `ACCESS EXCLUSIVE` lock, waiting at most `wait` (`NOWAIT` if
+    /// zero); `false` when another transaction held a lock on it all that time (`55P03`). The
+    /// caller rolls back on `false`. Sets `lock_timeout` for the rest of the transaction.
+    async fn lock_partition(
+        &self,
+        conn: &mut PgConnection,
+        slot: usize,
+        wait: Duration,
+    ) -> Result<bool> {
+        let part = &self.partitions[slot];
+        let lock = if wait.is_zero() {
+            part.lock_nowait.clone()
+        } else {
+            let ms = wait.as_millis().max(1);
+            sqlx::query(LOCK_TIMEOUT)
+                .bind(format!("{ms}ms"))
+                .execute(&mut *conn)
+                .await?;
+            part.lock.clone()
+        };
+        match sqlx::query(lock).execute(conn).await {
             Ok(_) => Ok(true),
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => Ok(false),
             Err(e) => Err(e.into()),
@@ -368,10 +414,9 @@ impl Rotator {
             .await?)
     }
 
-    /// Reclaims generation `slot`: under its `ACCESS EXCLUSIVE` lock (taken with `NOWAIT`,
-    /// retried a few times a few milliseconds apart, since every fetch holds a lock on each
-    /// partition while it runs), copies the rows left into the current generation and
-    /// truncates it, in one transaction.
+    /// Reclaims generation `slot`: under its `ACCESS EXCLUSIVE` lock (waited for at most
+    /// `lock_wait` per attempt, a few attempts), copies the rows left into the current
+    /// generation and truncates it, in one transaction.
     async fn reclaim(
         &self,
         conn: &mut PgConnection,
@@ -388,7 +433,10 @@ impl Rotator {
                 tx.rollback().await?;
                 return Ok(Reclaim::Raced);
             }
-            if !self.lock_partition(&mut tx, slot).await? {
+            if !self
+                .lock_partition(&mut tx, slot, options.lock_wait)
+                .await?
+            {
                 tx.rollback().await?;
                 continue;
             }
@@ -425,9 +473,10 @@ impl Rotator {
     }
 }
 
-/// How many times a reclaim asks for a generation's lock, and how long it waits in between.
-const LOCK_ATTEMPTS: usize = 25;
-const LOCK_RETRY: Duration = Duration::from_millis(2);
+/// How many times a reclaim asks for a generation's lock, and how long it pauses in between
+/// (letting the statements that queued behind a timed-out request run).
+const LOCK_ATTEMPTS: usize = 5;
+const LOCK_RETRY: Duration = Duration::from_millis(5);
 
 /// What [`Rotator::state`] reads.
 #[derive(Debug, Clone)]

@@ -18,6 +18,7 @@ mod listener;
 mod options;
 mod subscriber;
 mod supervisor;
+mod window;
 mod workers;
 
 pub use events::{Outcome, Stats, SubscriberEvent};

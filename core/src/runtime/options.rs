@@ -8,6 +8,9 @@ use crate::error::{Error, Result};
 use crate::message::validate_queue;
 use crate::retry::RetryPolicy;
 
+/// The default of [`SubscriberOptions::max_prefetch`].
+const DEFAULT_MAX_PREFETCH: usize = 512;
+
 /// Settings of a [`Subscriber`](crate::Subscriber). Setters consume and return `self`; every
 /// setter names its default. Cross-field checks happen in
 /// [`Subscriber::new`](crate::Subscriber::new).
@@ -29,6 +32,7 @@ pub struct SubscriberOptions {
     pub(crate) queues: Vec<String>,
     pub(crate) max_workers: usize,
     pub(crate) prefetch: usize,
+    pub(crate) max_prefetch: usize,
     pub(crate) lease_ttl: Duration,
     pub(crate) min_fetch_interval: Duration,
     pub(crate) max_fetch_interval: Duration,
@@ -53,6 +57,7 @@ impl SubscriberOptions {
             queues: queues.into_iter().map(Into::into).collect(),
             max_workers: 16,
             prefetch: 16,
+            max_prefetch: DEFAULT_MAX_PREFETCH,
             lease_ttl: DEFAULT_LEASE_TTL,
             min_fetch_interval: Duration::from_secs(1),
             max_fetch_interval: Duration::from_secs(10),
@@ -78,12 +83,29 @@ impl SubscriberOptions {
         self
     }
 
-    /// How many fetched messages may wait for a free worker. Their lease clock is ticking
-    /// while they wait (the runtime renews it), so keep this small; larger values fetch in
-    /// bigger batches. Defaults to 16.
+    /// How many fetched messages may wait for a free worker, at least: the prefetch buffer
+    /// starts here and comes back here whenever a fetch finds the queue drained or the
+    /// handlers busy. Their lease clock is ticking while they wait (the runtime renews it), so
+    /// keep this small; see [`max_prefetch`](Self::max_prefetch) for the buffer growing on
+    /// its own while it pays. Defaults to 16.
     #[must_use]
     pub fn prefetch(mut self, n: usize) -> Self {
         self.prefetch = n;
+        self
+    }
+
+    /// How far the prefetch buffer may grow while the handlers outrun the fetches. After a
+    /// full fetch during which the handlers used up the buffer and left a worker idle (the
+    /// fetch round trip was the bottleneck), the buffer doubles, up to this; after a full one
+    /// that returned to a busy subscriber it halves, and after one that found fewer rows than
+    /// it asked for it returns to [`prefetch`](Self::prefetch). So a deep queue of fast handlers drains in
+    /// batches of hundreds (a fetch costs less per row the more rows it leases), while slow
+    /// handlers never park more than `prefetch` leased messages in one subscriber's buffer
+    /// for long. Set it equal to `prefetch` for a fixed buffer. Each fetch still asks for at
+    /// most [`MAX_FETCH_LIMIT`] rows. Defaults to 512.
+    #[must_use]
+    pub fn max_prefetch(mut self, n: usize) -> Self {
+        self.max_prefetch = n;
         self
     }
 
@@ -219,6 +241,13 @@ impl SubscriberOptions {
     /// The most messages one fetch asks for: every worker busy plus a full prefetch buffer.
     pub(crate) fn capacity(&self) -> usize {
         self.max_workers + self.prefetch
+    }
+
+    /// The largest the prefetch buffer grows: `max_prefetch`, at least `prefetch`, and small
+    /// enough that one fetch never asks for more than [`MAX_FETCH_LIMIT`] rows.
+    pub(crate) fn prefetch_ceiling(&self) -> usize {
+        let room = (MAX_FETCH_LIMIT as usize).saturating_sub(self.max_workers);
+        self.max_prefetch.min(room).max(self.prefetch)
     }
 
     /// Checks every field and the relations between them.

@@ -18,6 +18,7 @@ use super::handler::Handler;
 use super::listener::ListenTask;
 use super::options::SubscriberOptions;
 use super::subscriber::{Shared, ShutdownReport};
+use super::window::PrefetchWindow;
 use super::workers::{Finished, Workers};
 use crate::backend::{Backend, FailOutcome, FetchParams};
 use crate::coop::CoopReceive;
@@ -45,6 +46,8 @@ pub(crate) struct Supervisor<B: Backend> {
     /// The permit for the next fetch, once granted.
     permit: Option<OwnedSemaphorePermit>,
     workers: Workers,
+    /// How many fetched messages may wait for a worker now.
+    window: PrefetchWindow,
     /// Every message this subscriber holds a lease on, with its last renewal.
     held: HashMap<MessageId, (Lease, Instant)>,
     pending_acks: Vec<Lease>,
@@ -70,6 +73,7 @@ impl<B: Backend> Supervisor<B> {
             idle: Backoff::new(options.min_fetch_interval, options.max_fetch_interval),
             errors: Backoff::new(options.error_backoff_min, options.error_backoff_max),
             workers: Workers::new(handler, options.max_workers),
+            window: PrefetchWindow::new(options.prefetch, options.prefetch_ceiling()),
             backend,
             options,
             shared,
@@ -196,11 +200,10 @@ impl<B: Backend> Supervisor<B> {
         }
     }
 
-    /// Free room for fetched messages: running plus waiting stays within
-    /// `max_workers + prefetch`.
+    /// Free room for fetched messages: running plus waiting stays within `max_workers` plus
+    /// the current prefetch window.
     fn capacity(&self) -> usize {
-        self.options
-            .capacity()
+        (self.options.max_workers + self.window.current())
             .saturating_sub(self.workers.running.len() + self.workers.waiting.len())
     }
 
@@ -210,7 +213,7 @@ impl<B: Backend> Supervisor<B> {
     fn wants_fetch(&self, capacity: usize) -> bool {
         capacity > 0
             && (self.workers.running.len() < self.options.max_workers
-                || self.workers.waiting.len() * 2 <= self.options.prefetch)
+                || self.workers.waiting.len() * 2 <= self.window.current())
     }
 
     /// Gives up a fetch permit or a place in its queue. A permit is only held while a fetch
@@ -279,6 +282,11 @@ impl<B: Backend> Supervisor<B> {
                 self.errors.reset();
                 let n = deliveries.len();
                 let now = Instant::now();
+                // Handlers ran on during the round trip: if they used up the buffer and a
+                // worker is idle, the fetch was the bottleneck.
+                let starved = self.workers.waiting.is_empty()
+                    && self.workers.running.len() < self.options.max_workers;
+                self.window.after_fetch(capacity, n, starved);
                 if n == 0 {
                     self.shared.emit(SubscriberEvent::Idle);
                     self.next_fetch = now + self.idle.next();
