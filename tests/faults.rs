@@ -431,13 +431,12 @@ async fn outcome_write_fails_in_the_runtime() {
 }
 
 /// 3b. The same at the API level, deterministic: a consumer's `ack_batch` fails because its
-/// connection was killed and the consumer gives up (crashes); after the lease expires the rows
+/// database is unreachable and the consumer gives up (crashes); after the lease expires the rows
 /// are delivered again, handled a second time, and acked exactly once.
 #[tokio::test]
 async fn outcome_write_fails_then_redelivered_after_expiry() {
     let db = postbox::testkit::postgres().await.expect("db");
     let backend = db.backend();
-    let killer = killer_pool(db.url()).await;
     let ids = publish(&backend, "lost-ack", N).await;
     backend.advance(Duration::ZERO).await.expect("pin clock");
     let params = FetchParams::new(["lost-ack"], 500).lease_ttl(Duration::from_secs(30));
@@ -451,35 +450,17 @@ async fn outcome_write_fails_then_redelivered_after_expiry() {
         handled.extend(got.iter().map(|d| d.id));
         let leases: Vec<_> = got.iter().map(Delivery::lease).collect();
         if batch == 1 {
-            // Kill every pooled connection, then try to ack on a pool of one connection
-            // that was just killed: the write fails and this consumer gives up.
+            // This consumer's ack write fails and it gives up. Its pool points at a port
+            // nothing listens on: the write fails for certain. (A pool whose one connection
+            // was killed is not certain to fail: sqlx may notice the closed connection and
+            // open a new one before the ack, as it did once in CI.)
             let one = PgPoolOptions::new()
                 .max_connections(1)
-                .test_before_acquire(false)
-                .connect(db.url())
-                .await
-                .expect("pool");
-            let doomed = PgBackend::new(one.clone());
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy("postgres://postgres@127.0.0.1:1/postgres")
+                .expect("lazy pool");
+            let doomed = PgBackend::new(one);
             doomed.set_now(Some(backend.database_now().await.expect("now")));
-            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-                .fetch_one(&one)
-                .await
-                .expect("pid");
-            kill(&killer, None).await;
-            // pg_terminate_backend only signals: wait until that backend is gone.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-            )
-            .bind(pid)
-            .fetch_one(&killer)
-            .await
-            .expect("pg_stat_activity")
-                > 0
-            {
-                assert!(Instant::now() < deadline, "backend {pid} did not exit");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
             assert!(
                 doomed.ack_batch(&leases).await.is_err(),
                 "the ack must fail"
