@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -972,7 +972,7 @@ async fn load_with_random_connection_kills() {
         })
         .collect();
     let kills = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let chaos = {
         let (killer, kills, stop) = (killer.clone(), Arc::clone(&kills), Arc::clone(&stop));
         tokio::spawn(async move {
@@ -1017,9 +1017,11 @@ async fn load_with_random_connection_kills() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_under_a_held_horizon_with_kills() {
     let db = postbox::testkit::postgres().await.expect("db");
+    // Rotations run from the test's own loop rather than in the background, so that every
+    // truncation is counted.
     let backend = db.backend().rotation(
         postbox::Rotation::new()
-            .check_interval(Duration::from_millis(5))
+            .automatic(false)
             .rotate_bytes(8 * 1024)
             .max_age(Duration::from_millis(50))
             .max_moved(100_000),
@@ -1035,16 +1037,27 @@ async fn rotation_under_a_held_horizon_with_kills() {
     let subs = spawn_subscribers(2, &backend, &opts, || {
         recording(&tally, Duration::from_micros(200))
     });
+    let stop = Arc::new(AtomicBool::new(false));
+    let rotator = {
+        let (backend, stop) = (backend.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let (mut truncated, mut moved) = (0, 0);
+            while !stop.load(Ordering::SeqCst) {
+                // Errors (a killed pool connection) are retried on the next turn.
+                if let Ok(report) = backend.rotate().await {
+                    truncated += report.truncated.len();
+                    moved += report.moved;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (truncated, moved)
+        })
+    };
     let mut ids = Vec::new();
-    let (mut kills, mut truncated, mut moved) = (0, 0, 0);
+    let mut kills = 0;
     for _ in 0..10 {
         ids.extend(publish(&backend, "rot", N / 10).await);
         kills += kill(&killer, Some("postbox.fetch")).await;
-        // Explicit rotations on top of the background ones, to count what they do.
-        if let Ok(report) = backend.rotate().await {
-            truncated += report.truncated.len();
-            moved += report.moved;
-        }
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     let deadline = Instant::now() + DEADLINE;
@@ -1054,13 +1067,11 @@ async fn rotation_under_a_held_horizon_with_kills() {
             "stalled with {} of {N} handled",
             tally.finished_count()
         );
-        if let Ok(report) = backend.rotate().await {
-            truncated += report.truncated.len();
-            moved += report.moved;
-        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     wait_drained(&backend, "rot", &subs).await;
+    stop.store(true, Ordering::SeqCst);
+    let (truncated, moved) = rotator.await.expect("rotator");
     assert!(kills >= 3, "only {kills} fetch connections killed");
     assert!(truncated >= 3, "only {truncated} generations truncated");
     verify(
