@@ -37,40 +37,25 @@ use crate::message::Delivery;
 /// partition between merging ordered index scans and sorting everything, by the partition's
 /// size when it was planned, and a partition that looked empty then is full later (see
 /// `docs/design/storage.md`, *Plans*). A single table's ordered LIMIT keeps its index scan.
-/// Up to `limit` rows per generation are locked; those not picked are unlocked, unchanged,
-/// when the statement ends.
+/// The scan is written once and repeated per partition at render time (`{each_generation}`,
+/// `statements.rs`). Up to `limit` rows per generation are locked; those not picked are
+/// unlocked, unchanged, when the statement ends.
 macro_rules! ready_branch {
     () => {
         r#"ready AS (
     SELECT r.id, r.gen, r.next_attempt_at, r.deliveries
     FROM unnest($1::text[]) AS q(name)
     CROSS JOIN LATERAL (
+{each_generation}
         SELECT * FROM (SELECT id, gen, next_attempt_at, deliveries
-         FROM {p0}
+         FROM {part}
          WHERE queue = q.name
            AND acquired_token IS NULL
            AND next_attempt_at <= coalesce($7::timestamptz, now())
          ORDER BY queue, next_attempt_at, id
          LIMIT $2
-         FOR UPDATE SKIP LOCKED) AS g0
-        UNION ALL
-        SELECT * FROM (SELECT id, gen, next_attempt_at, deliveries
-         FROM {p1}
-         WHERE queue = q.name
-           AND acquired_token IS NULL
-           AND next_attempt_at <= coalesce($7::timestamptz, now())
-         ORDER BY queue, next_attempt_at, id
-         LIMIT $2
-         FOR UPDATE SKIP LOCKED) AS g1
-        UNION ALL
-        SELECT * FROM (SELECT id, gen, next_attempt_at, deliveries
-         FROM {p2}
-         WHERE queue = q.name
-           AND acquired_token IS NULL
-           AND next_attempt_at <= coalesce($7::timestamptz, now())
-         ORDER BY queue, next_attempt_at, id
-         LIMIT $2
-         FOR UPDATE SKIP LOCKED) AS g2
+         FOR UPDATE SKIP LOCKED) AS g{slot}
+{end_each_generation}
     ) AS r
 )"#
     };
@@ -133,32 +118,16 @@ expired AS (
     SELECT e.id, e.gen, e.next_attempt_at, e.deliveries
     FROM unnest($1::text[]) AS q(name)
     CROSS JOIN LATERAL (
+{each_generation}
         SELECT * FROM (SELECT id, gen, next_attempt_at, deliveries
-         FROM {p0}
+         FROM {part}
          WHERE queue = q.name
            AND acquired_token IS NOT NULL
            AND acquired_at < coalesce($7::timestamptz, now()) - $3::float8 * interval '1 millisecond'
          ORDER BY next_attempt_at, id
          LIMIT $2
-         FOR UPDATE SKIP LOCKED) AS g0
-        UNION ALL
-        SELECT * FROM (SELECT id, gen, next_attempt_at, deliveries
-         FROM {p1}
-         WHERE queue = q.name
-           AND acquired_token IS NOT NULL
-           AND acquired_at < coalesce($7::timestamptz, now()) - $3::float8 * interval '1 millisecond'
-         ORDER BY next_attempt_at, id
-         LIMIT $2
-         FOR UPDATE SKIP LOCKED) AS g1
-        UNION ALL
-        SELECT * FROM (SELECT id, gen, next_attempt_at, deliveries
-         FROM {p2}
-         WHERE queue = q.name
-           AND acquired_token IS NOT NULL
-           AND acquired_at < coalesce($7::timestamptz, now()) - $3::float8 * interval '1 millisecond'
-         ORDER BY next_attempt_at, id
-         LIMIT $2
-         FOR UPDATE SKIP LOCKED) AS g2
+         FOR UPDATE SKIP LOCKED) AS g{slot}
+{end_each_generation}
     ) AS e
 ),
 picked AS (

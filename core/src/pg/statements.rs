@@ -13,9 +13,10 @@ use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 use super::{coop, fetch, inspect, journal, outcome, publish, schema};
 use crate::table::TableName;
 
-/// Substitutes the identifier placeholders of `template` for `table`.
+/// Substitutes the identifier placeholders of `template` for `table`, after repeating each
+/// per-generation block (see [`each_generation`]).
 pub(crate) fn render(template: &str, table: &TableName) -> String {
-    template
+    each_generation(template)
         .replace("{table}", &TableName::quoted(table.as_str()))
         .replace("{dead}", &TableName::quoted(&table.dead_letter()))
         .replace("{migrations}", &TableName::quoted(&table.migrations()))
@@ -34,6 +35,40 @@ pub(crate) fn render(template: &str, table: &TableName) -> String {
         )
         .replace("{legacy}", &TableName::quoted(&table.legacy()))
         .replace("{generations}", &crate::table::GENERATIONS.to_string())
+}
+
+/// Opens a block repeated once per generation, its copies joined by `UNION ALL`.
+const EACH_GENERATION: &str = "{each_generation}\n";
+/// Closes it.
+const END_EACH_GENERATION: &str = "\n{end_each_generation}";
+
+/// Repeats every block between `{each_generation}` and `{end_each_generation}` (each marker on
+/// a line of its own) once per generation, with `{part}` standing for that generation's
+/// partition placeholder (`{p0}`, ...) and `{slot}` for its number, the copies joined by
+/// `UNION ALL` lines at the block's indentation. A statement reads each generation by name
+/// (see `fetch.rs`) without writing the same scan out once per partition.
+fn each_generation(template: &str) -> String {
+    let mut out = String::with_capacity(template.len() * 2);
+    let mut rest = template;
+    while let Some(start) = rest.find(EACH_GENERATION) {
+        let body_start = start + EACH_GENERATION.len();
+        let Some(len) = rest[body_start..].find(END_EACH_GENERATION) else {
+            break;
+        };
+        let body = &rest[body_start..body_start + len];
+        let indent: String = body.chars().take_while(|c| *c == ' ').collect();
+        let copies: Vec<String> = (0..crate::table::GENERATIONS)
+            .map(|slot| {
+                body.replace("{part}", &format!("{{p{slot}}}"))
+                    .replace("{slot}", &slot.to_string())
+            })
+            .collect();
+        out.push_str(&rest[..start]);
+        out.push_str(&copies.join(&format!("\n{indent}UNION ALL\n")));
+        rest = &rest[body_start + len + END_EACH_GENERATION.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Rendered statement text, cheap to clone (shared).
@@ -113,6 +148,17 @@ impl Statements {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_generation_repeats_a_block_per_partition() {
+        let t = "(\n{each_generation}\n  SELECT * FROM {part} AS g{slot}\n{end_each_generation}\n)";
+        assert_eq!(
+            each_generation(t),
+            "(\n  SELECT * FROM {p0} AS g0\n  UNION ALL\n  SELECT * FROM {p1} AS g1\n  \
+             UNION ALL\n  SELECT * FROM {p2} AS g2\n)"
+        );
+        assert_eq!(each_generation("no block"), "no block");
+    }
 
     #[test]
     fn render_quotes_every_identifier() {
