@@ -90,6 +90,10 @@ pub enum Unregister {
     },
 }
 
+/// The longest a receive leaves a member's `last_active` unrefreshed (see
+/// [`CoopReceive::heartbeat_refresh`]).
+pub const HEARTBEAT_REFRESH: Duration = Duration::from_millis(500);
+
 /// Parameters of [`coop_receive`](crate::Backend::coop_receive).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoopReceive {
@@ -156,6 +160,20 @@ impl CoopReceive {
         self.max_deliveries
     }
 
+    /// How stale the member's `last_active` may be before a receive rewrites it: a quarter of
+    /// the dead interval, at most [`HEARTBEAT_REFRESH`].
+    ///
+    /// A receive is also the member's heartbeat, but rewriting its registry row on every
+    /// receive leaves one dead row version per receive, and while a long transaction holds
+    /// the xmin horizon those versions pile up in the one row every receive reads. Refreshing
+    /// only a stale heartbeat bounds that to a few versions a second, and a member that
+    /// receives is still never seen silent for longer than a quarter of the dead interval.
+    pub fn heartbeat_refresh(&self) -> Duration {
+        self.dead_interval
+            .map_or(HEARTBEAT_REFRESH, |d| d / 4)
+            .min(HEARTBEAT_REFRESH)
+    }
+
     /// Checks the parameters.
     ///
     /// # Errors
@@ -183,7 +201,8 @@ pub struct MemberInfo {
     pub queues: Vec<String>,
     /// When it registered.
     pub registered_at: DateTime<Utc>,
-    /// Its last receive or touch.
+    /// Its last heartbeat: a touch, or a receive that found the previous heartbeat older than
+    /// [`CoopReceive::heartbeat_refresh`].
     pub last_active: DateTime<Utc>,
     /// How many rows it holds now.
     pub held: i64,

@@ -35,7 +35,10 @@ mod table;
 pub use backend::{
     Backend, DEFAULT_LEASE_TTL, FailOutcome, FetchParams, MAX_FETCH_LIMIT, RetryParams,
 };
-pub use coop::{CoopReceive, MAX_MEMBER_NAME_LEN, Member, MemberInfo, Registration, Unregister};
+pub use coop::{
+    CoopReceive, HEARTBEAT_REFRESH, MAX_MEMBER_NAME_LEN, Member, MemberInfo, Registration,
+    Unregister,
+};
 pub use error::{Error, Result, SchemaProblems};
 pub use inspect::{DeadLetter, MessageState, StoredMessage};
 pub use journal::{

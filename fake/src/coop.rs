@@ -49,7 +49,11 @@ impl FakeBroker {
             registered_at: now,
             last_active: now,
         });
-        entry.last_active = now;
+        let refresh =
+            chrono::Duration::from_std(params.heartbeat_refresh()).unwrap_or(chrono::Duration::MAX);
+        if entry.last_active <= now - refresh {
+            entry.last_active = now;
+        }
 
         let dead: HashSet<String> = match params.dead_after() {
             Some(interval) => {

@@ -1,7 +1,8 @@
 //! Cooperative subconsumers on Postgres.
 //!
 //! `COOP_RECEIVE` is the fetch statement with two changes: it upserts the receiving member's
-//! own registry row (its heartbeat; no shared row is written), and its second branch takes
+//! own registry row (its heartbeat, rewritten only once it is older than
+//! [`CoopReceive::heartbeat_refresh`]; no shared row is written), and its second branch takes
 //! rows held by *dead* siblings (silent longer than the dead interval) instead of rows whose
 //! lease merely aged: a live member's rows are never taken. Both branches lock with
 //! `FOR UPDATE SKIP LOCKED`; nothing stays locked after the statement.
@@ -16,13 +17,15 @@ use crate::error::{Error, Result};
 use crate::message::Delivery;
 
 // $1 queues, $2 limit, $3 dead interval in ms (NULL: never take over), $4 new token,
-// $5 member key (`group/name`), $6 max deliveries, $7 pinned now, $8 group, $9 member name
+// $5 member key (`group/name`), $6 max deliveries, $7 pinned now, $8 group, $9 member name,
+// $10 heartbeat refresh in ms
 pub(crate) const COOP_RECEIVE: &str = concat!(
     r#"
 WITH me AS (
-    INSERT INTO {members} (grp, member, queues, registered_at, last_active)
+    INSERT INTO {members} AS m (grp, member, queues, registered_at, last_active)
     VALUES ($8, $9, $1, coalesce($7::timestamptz, now()), coalesce($7::timestamptz, now()))
     ON CONFLICT (grp, member) DO UPDATE SET last_active = excluded.last_active
+    WHERE m.last_active <= excluded.last_active - $10::float8 * interval '1 millisecond'
     RETURNING 1
 ),
 dead AS (
@@ -137,6 +140,7 @@ impl Inner {
             .bind(self.now())
             .bind(member.group())
             .bind(member.name())
+            .bind(params.heartbeat_refresh().as_secs_f64() * 1000.0)
             .fetch_all(conn)
             .await?;
         self.rotator.tick();

@@ -116,6 +116,40 @@ pub async fn coop_touch_keeps_a_slow_member_alive<H: Harness>(h: &H) {
     );
 }
 
+/// A receive rewrites the member's heartbeat only once it is older than
+/// [`CoopReceive::heartbeat_refresh`] (a quarter of the dead interval, at most 500 ms), so a
+/// busy member does not leave one dead registry row version per receive.
+pub async fn coop_a_receive_refreshes_only_a_stale_heartbeat<H: Harness>(h: &H) {
+    let b = h.backend();
+    let params = CoopReceive::new(member("a"), ["q"], 1).dead_interval(DEAD);
+    assert_eq!(params.heartbeat_refresh(), Duration::from_millis(500));
+    let last_active = || async {
+        let members = b.coop_members("billing").await.expect("members");
+        assert_eq!(members.len(), 1, "one member: {members:?}");
+        members[0].last_active
+    };
+    receive(b, "a", 1).await;
+    let first = last_active().await;
+    b.advance(Duration::from_millis(100))
+        .await
+        .expect("advance");
+    receive(b, "a", 1).await;
+    assert_eq!(last_active().await, first, "~100 ms old: not rewritten");
+    b.advance(Duration::from_millis(400))
+        .await
+        .expect("advance");
+    receive(b, "a", 1).await;
+    let refreshed = last_active().await;
+    assert!(
+        refreshed - first >= chrono::Duration::milliseconds(500),
+        "over 500 ms old: refreshed to now ({first} -> {refreshed})"
+    );
+    assert!(
+        b.coop_touch(&member("a")).await.expect("touch"),
+        "a touch always writes"
+    );
+}
+
 /// A live member's rows are not taken when their lease ages past the lease TTL.
 pub async fn coop_a_live_members_rows_survive_lease_age<H: Harness>(h: &H) {
     let b = h.backend();

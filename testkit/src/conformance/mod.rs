@@ -195,6 +195,7 @@ macro_rules! conformance_tests {
             coop_members_split_the_work_without_duplicates,
             coop_a_dead_member_is_taken_over_and_fenced,
             coop_touch_keeps_a_slow_member_alive,
+            coop_a_receive_refreshes_only_a_stale_heartbeat,
             coop_a_live_members_rows_survive_lease_age,
             coop_unregister_fail_refuses_while_holding,
             coop_unregister_requeue_returns_rows_or_dead_letters_them,

@@ -278,7 +278,15 @@ impl Exec for Model {
                 if self.crashed.contains(&member) {
                     return Ok(Seen::Skipped);
                 }
-                self.members.insert(member, self.now_ms);
+                // A receive refreshes a heartbeat older than `CoopReceive::heartbeat_refresh`.
+                let refresh_ms = (i64::from(config.dead_interval_s) * 250).min(
+                    i64::try_from(postbox_core::HEARTBEAT_REFRESH.as_millis()).unwrap_or(i64::MAX),
+                );
+                let now_ms = self.now_ms;
+                let at = self.members.entry(member).or_insert(now_ms);
+                if *at <= now_ms - refresh_ms {
+                    *at = now_ms;
+                }
                 let cutoff = self.now_ms - i64::from(config.dead_interval_s) * 1000;
                 let dead: Vec<u8> = self
                     .members
