@@ -197,6 +197,7 @@ impl PgBackend {
             return Ok(false);
         }
         let held: i64 = sqlx::query_scalar(sql.coop_held.clone())
+            .persistent(false)
             .bind(member.key())
             .fetch_one(&mut *tx)
             .await?;
@@ -211,12 +212,14 @@ impl PgBackend {
             Unregister::Requeue { max_attempts } => {
                 let max = i32::try_from(max_attempts.max(1)).unwrap_or(i32::MAX);
                 sqlx::query(sql.coop_requeue_exhausted.clone())
+                    .persistent(false)
                     .bind(member.key())
                     .bind(max)
                     .bind(self.shared().now())
                     .execute(&mut *tx)
                     .await?;
                 sqlx::query(sql.coop_requeue.clone())
+                    .persistent(false)
                     .bind(member.key())
                     .bind(self.shared().now())
                     .execute(&mut *tx)

@@ -16,11 +16,14 @@ use crate::error::Result;
 use crate::message::Delivery;
 use crate::table::TableName;
 
-/// Makes a session reuse one generic plan per statement (see [`Engine::connect`]).
-pub(crate) const GENERIC_PLANS: &str = "SET plan_cache_mode = force_generic_plan";
+/// Makes a session reuse one generic plan per statement, planned without sequential scans
+/// (see [`Engine::connect`]).
+pub(crate) const GENERIC_PLANS: &str =
+    "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off";
 
 /// The same for one transaction only, on a pool connection that is not ours to configure.
-pub(crate) const GENERIC_PLANS_LOCAL: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
+pub(crate) const GENERIC_PLANS_LOCAL: &str =
+    "SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off";
 
 /// `application_name` of the subscriber runtime's fetch connection.
 pub const FETCH_APPLICATION_NAME: &str = "postbox.fetch";
@@ -66,8 +69,12 @@ impl Engine {
     /// force_generic_plan`, set on this connection only). The fetch statement reads each
     /// generation of the outbox table, so planning it costs more than running it, and
     /// Postgres would otherwise plan it anew on every call (its custom plans always look
-    /// cheaper than the generic one). The statement is written so that its generic plan
-    /// suits every size a generation goes through (see `docs/design/storage.md`, *Plans*).
+    /// cheaper than the generic one). A generic plan keeps the choices made for each
+    /// generation's size when it was planned, and a generation that was empty then (a
+    /// `VACUUM` of a drained generation records it as empty) is read by a sequential scan
+    /// and a sort ever after, however full it gets. So the connection also plans without
+    /// sequential scans (`enable_seqscan = off`): every branch of the fetch is an index scan
+    /// whatever the sizes at planning time (see `docs/design/storage.md`, *Plans*).
     pub async fn connect(&self) -> Result<PgConnection> {
         let options = (*self.inner.pool.connect_options())
             .clone()
