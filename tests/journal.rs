@@ -51,19 +51,36 @@ async fn flush_triggers_in_paused_time_size_time_and_close() {
     assert_eq!((stats.commits, stats.written), (3, 5));
 }
 
+/// A failed batch insert falls back to one insert per row, so a failure of the batch alone
+/// loses nothing; rows that fail on their own too are dropped and counted, and the writer
+/// goes on.
 #[tokio::test]
-async fn a_failed_flush_clears_the_buffer_counts_drops_and_the_writer_goes_on_fake() {
+async fn a_failed_flush_falls_back_row_by_row_counts_drops_and_the_writer_goes_on_fake() {
     let b = FakeBroker::new();
     let w = BatchedJournalWriter::new(b.clone(), "s", WriterOptions::default().max_batch(4));
     b.fail_next_journal_writes(1, Fault::ConnectionLost);
-    for seq in 1..=8 {
+    for seq in 1..=4 {
         w.record(seq, "delta", payload(seq))
             .await
             .expect("record never fails on a flush");
     }
+    let stats = w.stats().await;
+    assert_eq!(
+        (stats.dropped, stats.written, stats.commits),
+        (0, 4, 4),
+        "the batch failed, its four rows were written one by one"
+    );
+    // The batch and all four rows fail: those four are dropped.
+    b.fail_next_journal_writes(5, Fault::ConnectionLost);
+    for seq in 5..=8 {
+        w.record(seq, "delta", payload(seq)).await.expect("record");
+    }
+    for seq in 9..=12 {
+        w.record(seq, "delta", payload(seq)).await.expect("record");
+    }
     let stats = w.close().await.expect("close");
-    assert_eq!((stats.dropped, stats.written, stats.recorded), (4, 4, 8));
-    assert_eq!(seqs(&b, "s").await, [5, 6, 7, 8]);
+    assert_eq!((stats.dropped, stats.written, stats.recorded), (4, 8, 12));
+    assert_eq!(seqs(&b, "s").await, [1, 2, 3, 4, 9, 10, 11, 12]);
 }
 
 #[tokio::test]

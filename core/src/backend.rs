@@ -304,7 +304,10 @@ pub trait Backend: Send + Sync + 'static {
             .unwrap_or_default();
         match policy.decide(delivery.attempts, elapsed, error) {
             RetryDecision::Retry { delay } => {
-                let params = RetryParams::new(delay).error(error.message());
+                // A handler's message is stored as given, but for NUL characters (which
+                // Postgres cannot store) and a policy delay beyond what it can add.
+                let params = RetryParams::new(delay.min(crate::MAX_DELAY))
+                    .error(crate::validate::storable(error.message()));
                 Ok(if self.retry(delivery.lease(), params).await? {
                     FailOutcome::Retried { delay }
                 } else {
@@ -312,6 +315,7 @@ pub trait Backend: Send + Sync + 'static {
                 })
             }
             RetryDecision::DeadLetter { reason } => {
+                let reason = crate::validate::storable(&reason).into_owned();
                 Ok(if self.dead_letter(delivery.lease(), &reason).await? {
                     FailOutcome::DeadLettered { reason }
                 } else {
@@ -472,6 +476,30 @@ impl RetryParams {
     pub fn error_message(&self) -> Option<&str> {
         self.error.as_deref()
     }
+
+    /// Checks what a retry stores: a delay of at most [`MAX_DELAY`](crate::MAX_DELAY) and an
+    /// error text without NUL characters. Every backend runs it before changing the row.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        crate::validate::delay("retry delay", self.delay)?;
+        if let Some(error) = &self.error {
+            crate::validate::text("retry error", error)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a dead-letter reason (no NUL characters); every backend runs it before moving the
+/// row.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`].
+pub fn validate_reason(reason: &str) -> Result<()> {
+    crate::validate::text("dead-letter reason", reason)
 }
 
 #[cfg(test)]

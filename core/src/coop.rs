@@ -33,13 +33,18 @@ impl Member {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if either is empty, longer than 100 bytes, or contains `/`.
+    /// [`Error::InvalidArgument`] if either is empty, longer than 100 bytes, or contains `/` or a
+    /// NUL character.
     pub fn new(group: impl Into<String>, name: impl Into<String>) -> Result<Self> {
         let (group, name) = (group.into(), name.into());
         for (what, value) in [("group", &group), ("member", &name)] {
-            if value.is_empty() || value.len() > MAX_MEMBER_NAME_LEN || value.contains('/') {
+            if value.is_empty()
+                || value.len() > MAX_MEMBER_NAME_LEN
+                || value.contains('/')
+                || value.contains('\0')
+            {
                 return Err(Error::InvalidArgument(format!(
-                    "{what} name {value:?} must be 1 to {MAX_MEMBER_NAME_LEN} bytes without '/'"
+                    "{what} name {value:?} must be 1 to {MAX_MEMBER_NAME_LEN} bytes without '/' or NUL"
                 )));
             }
         }
@@ -238,7 +243,14 @@ mod tests {
             Member::new("billing", "a").expect("valid").key(),
             "billing/a"
         );
-        for (g, m) in [("", "a"), ("g", ""), ("g/x", "a"), ("g", "a/b")] {
+        for (g, m) in [
+            ("", "a"),
+            ("g", ""),
+            ("g/x", "a"),
+            ("g", "a/b"),
+            ("g\0", "a"),
+            ("g", "a\0"),
+        ] {
             assert!(Member::new(g, m).is_err(), "{g:?} {m:?}");
         }
         assert!(Member::new("g", "x".repeat(101)).is_err());

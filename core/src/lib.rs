@@ -31,9 +31,11 @@ mod pg;
 mod retry;
 mod runtime;
 mod table;
+mod validate;
 
 pub use backend::{
     Backend, DEFAULT_LEASE_TTL, FailOutcome, FetchParams, MAX_FETCH_LIMIT, RetryParams,
+    validate_reason,
 };
 pub use coop::{
     CoopReceive, HEARTBEAT_REFRESH, MAX_MEMBER_NAME_LEN, Member, MemberInfo, Registration,
@@ -43,7 +45,8 @@ pub use error::{Error, Result, SchemaProblems};
 pub use inspect::{DeadLetter, MessageState, StoredMessage};
 pub use journal::{
     BatchedJournalWriter, EventPayload, JournalEvent, JournalTail, LiveEvent, LiveEvents,
-    TailOptions, WriterOptions, WriterStats, record_event, snapshot_and_tail,
+    MAX_REWRITES_KEPT, Rewrite, TailOptions, WriterOptions, WriterStats, record_event,
+    snapshot_and_tail,
 };
 pub use message::{
     Availability, Delivery, Headers, Lease, MAX_QUEUE_LEN, Message, MessageId, validate_queue,
@@ -60,6 +63,7 @@ pub use runtime::{
     SubscriberHandle, SubscriberOptions,
 };
 pub use table::{GENERATIONS, MAX_IDENTIFIER_LEN, TableName};
+pub use validate::MAX_DELAY;
 
 /// Re-export of the sqlx version postbox is built on, so that connection types match.
 pub use sqlx;

@@ -139,6 +139,26 @@ impl Message {
     pub fn availability(&self) -> Availability {
         self.available
     }
+
+    /// Checks what publishing stores: the queue name ([`validate_queue`]), no NUL character
+    /// in any header key or string (Postgres' `jsonb` refuses them), a delay of at most
+    /// [`MAX_DELAY`](crate::MAX_DELAY) and a `not_before` Postgres can store. Every backend
+    /// runs it before writing anything.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidQueue`], or [`Error::InvalidArgument`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        validate_queue(&self.queue)?;
+        if let Some(headers) = &self.headers {
+            crate::validate::json("headers", headers)?;
+        }
+        match self.available {
+            Availability::Now => Ok(()),
+            Availability::After(delay) => crate::validate::delay("publish delay", delay),
+            Availability::At(at) => crate::validate::instant("not_before", at),
+        }
+    }
 }
 
 /// Checks a queue name: not empty, at most [`MAX_QUEUE_LEN`] bytes, no NUL byte.

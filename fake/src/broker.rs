@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use postbox_core::{
     Availability, Backend, CoopReceive, DeadLetter, Delivery, Engine, FetchParams, JournalEvent,
     Lease, LiveEvents, Member, MemberInfo, Message, MessageId, Registration, Result, RetryParams,
-    StoredMessage, TableName, Unregister, validate_queue,
+    StoredMessage, TableName, Unregister, validate_reason,
 };
 use uuid::Uuid;
 
@@ -290,7 +290,7 @@ impl Backend for FakeBroker {
     }
 
     async fn publish(&self, conn: &mut FakeConn, message: Message) -> Result<MessageId> {
-        validate_queue(message.queue())?;
+        message.validate()?;
         let mut state = self.shared.state.lock();
         if let Some(error) = faults::take(&mut state.faults.publish) {
             return Err(error);
@@ -309,9 +309,7 @@ impl Backend for FakeBroker {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        messages
-            .iter()
-            .try_for_each(|m| validate_queue(m.queue()))?;
+        messages.iter().try_for_each(Message::validate)?;
         let mut state = self.shared.state.lock();
         if let Some(error) = faults::take(&mut state.faults.publish) {
             return Err(error);
@@ -393,6 +391,7 @@ impl Backend for FakeBroker {
     }
 
     async fn retry(&self, lease: Lease, params: RetryParams) -> Result<bool> {
+        params.validate()?;
         self.outcome_fault()?;
         let now = self.now();
         let mut state = self.shared.state.lock();
@@ -412,6 +411,7 @@ impl Backend for FakeBroker {
     }
 
     async fn dead_letter(&self, lease: Lease, reason: &str) -> Result<bool> {
+        validate_reason(reason)?;
         self.outcome_fault()?;
         let now = self.now();
         let mut state = self.shared.state.lock();
@@ -480,10 +480,12 @@ impl Backend for FakeBroker {
     }
 
     async fn journal_append(&self, events: &[JournalEvent]) -> Result<()> {
+        events.iter().try_for_each(JournalEvent::validate)?;
         self.journal_append_now(events)
     }
 
     async fn journal_latest_seq(&self, stream: &str) -> Result<Option<i64>> {
+        JournalEvent::validate_stream(stream)?;
         Ok(self.journal_latest_now(stream))
     }
 
@@ -493,15 +495,18 @@ impl Backend for FakeBroker {
         after: i64,
         limit: u32,
     ) -> Result<Vec<JournalEvent>> {
+        JournalEvent::validate_stream(stream)?;
         Ok(self.journal_read_now(stream, after, limit))
     }
 
     async fn journal_publish(&self, event: &JournalEvent) -> Result<()> {
+        event.validate()?;
         self.journal_publish_now(event);
         Ok(())
     }
 
     async fn journal_subscribe(&self, stream: &str) -> Result<LiveEvents> {
+        JournalEvent::validate_stream(stream)?;
         Ok(self.journal_subscribe_now(stream))
     }
 

@@ -43,7 +43,9 @@ pub(crate) fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
 }
 
-/// `t + d`, at microsecond precision.
+/// `t + d`, at microsecond precision, saturating at the latest instant chrono holds (callers
+/// have refused delays above `MAX_DELAY` already; this only keeps a clock from panicking).
 pub(crate) fn plus(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    micros(t + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
+    let d = chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+    micros(t.checked_add_signed(d).unwrap_or(DateTime::<Utc>::MAX_UTC))
 }

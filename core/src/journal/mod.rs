@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 
 pub use live::{LiveEvent, LiveEvents};
 pub use tail::{JournalTail, TailOptions, snapshot_and_tail};
-pub use writer::{BatchedJournalWriter, WriterOptions, WriterStats};
+pub use writer::{BatchedJournalWriter, MAX_REWRITES_KEPT, Rewrite, WriterOptions, WriterStats};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -81,7 +81,14 @@ impl JournalEvent {
         }
     }
 
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// Checks what an append stores: a stream id of 1 to 255 bytes, a non-empty event type,
+    /// no NUL character in either or anywhere in the payload. Every backend runs it before
+    /// writing or publishing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] naming the field.
+    pub fn validate(&self) -> Result<()> {
         if self.stream.is_empty() || self.stream.len() > 255 {
             return Err(Error::InvalidArgument(
                 "a journal stream id must be 1 to 255 bytes".into(),
@@ -92,7 +99,18 @@ impl JournalEvent {
                 "an event type must not be empty".into(),
             ));
         }
-        Ok(())
+        crate::validate::text("journal stream id", &self.stream)?;
+        crate::validate::text("event type", &self.event_type)?;
+        crate::validate::json("journal payload", &self.payload)
+    }
+
+    /// Checks a stream id given to a read or a subscription (no NUL character).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`].
+    pub fn validate_stream(stream: &str) -> Result<()> {
+        crate::validate::text("journal stream id", stream)
     }
 }
 

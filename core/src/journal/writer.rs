@@ -55,7 +55,8 @@ pub struct WriterStats {
     pub written: u64,
     /// Transactions committed (one per batch, one per row in the fallback).
     pub commits: u64,
-    /// Events whose seq was taken and that were written at `latest + 1` instead.
+    /// Events whose seq was taken and that were written at `latest + 1` instead (which ones:
+    /// [`BatchedJournalWriter::rewrites`]).
     pub rewritten: u64,
     /// Events that could not be written (logged with stream and seq).
     pub dropped: u64,
@@ -63,11 +64,25 @@ pub struct WriterStats {
     pub live_failures: u64,
 }
 
+/// An event whose seq was taken when it was flushed, and the seq it was written at instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewrite {
+    /// The seq given to [`BatchedJournalWriter::record`].
+    pub from: i64,
+    /// The seq it was written at (`latest_seq + 1` when it was flushed).
+    pub to: i64,
+}
+
+/// How many [`Rewrite`]s a writer keeps (the oldest go first); [`WriterStats::rewritten`]
+/// counts them all.
+pub const MAX_REWRITES_KEPT: usize = 1024;
+
 struct State {
     buffer: Vec<JournalEvent>,
     last_flush: Instant,
     closed: bool,
     stats: WriterStats,
+    rewrites: std::collections::VecDeque<Rewrite>,
 }
 
 struct Inner<B: Backend> {
@@ -83,10 +98,13 @@ struct Inner<B: Backend> {
 /// passed since the last flush (a background timer flushes quiet streams), and on
 /// [`close`](Self::close).
 ///
-/// A flush that hits a taken seq falls back to one insert per row and writes each colliding
-/// event at `latest_seq + 1`. A flush that fails clears the buffer anyway (bounded memory):
-/// its events are counted in [`WriterStats::dropped`] and logged with stream and seq; the
-/// writer keeps working. Nothing here panics into your code.
+/// `record` checks the event first ([`JournalEvent::validate`]): one Postgres cannot store is
+/// refused at once and never published live. A flush that fails (a taken seq, or any other
+/// error) falls back to one insert per row, so one bad row never drops the others, and writes
+/// each colliding event at `latest_seq + 1` ([`rewrites`](Self::rewrites) says which). A row
+/// that still cannot be written is counted in [`WriterStats::dropped`] and logged with stream
+/// and seq; the buffer is cleared either way (bounded memory) and the writer keeps working.
+/// Nothing here panics into your code.
 ///
 /// ```no_run
 /// # async fn stream(backend: postbox_core::PgBackend) -> postbox_core::Result<()> {
@@ -128,6 +146,7 @@ impl<B: Backend> BatchedJournalWriter<B> {
                 last_flush: Instant::now(),
                 closed: false,
                 stats: WriterStats::default(),
+                rewrites: std::collections::VecDeque::new(),
             }),
             live_failures: AtomicU64::new(0),
         });
@@ -152,7 +171,7 @@ impl<B: Backend> BatchedJournalWriter<B> {
     /// # Errors
     ///
     /// [`Error::WriterClosed`] after [`close`](Self::close); [`Error::InvalidArgument`] for an
-    /// empty event type. Flush failures are not errors here: see [`WriterStats::dropped`].
+    /// event [`JournalEvent::validate`] refuses (it is neither published nor buffered). Flush failures are not errors here: see [`WriterStats::dropped`].
     pub async fn record(&self, seq: i64, event_type: &str, payload: EventPayload) -> Result<()> {
         let event = JournalEvent::new(self.inner.stream.clone(), seq, event_type, payload);
         event.validate()?;
@@ -209,6 +228,19 @@ impl<B: Backend> BatchedJournalWriter<B> {
             }
         }
         Ok(self.inner.with_live_failures(state.stats))
+    }
+
+    /// The events written at another seq than the one recorded because theirs was taken, in
+    /// the order they were written (the last [`MAX_REWRITES_KEPT`]).
+    pub async fn rewrites(&self) -> Vec<Rewrite> {
+        self.inner
+            .state
+            .lock()
+            .await
+            .rewrites
+            .iter()
+            .copied()
+            .collect()
     }
 
     /// The counters so far.
@@ -303,12 +335,11 @@ impl<B: Backend> Inner<B> {
                 state.stats.written += batch.len() as u64;
                 tracing::debug!(target: "postbox", stream = %self.stream, rows = batch.len(), "postbox.flush");
             }
-            Err(Error::SeqConflict { .. }) => self.flush_per_row(state, batch).await,
             Err(error) => {
-                for event in &batch {
-                    tracing::warn!(target: "postbox", stream = %event.stream, seq = event.seq, %error, "postbox.journal: event dropped, flush failed");
+                if !matches!(error, Error::SeqConflict { .. }) {
+                    tracing::warn!(target: "postbox", stream = %self.stream, rows = batch.len(), %error, "postbox.journal: batch flush failed; writing row by row");
                 }
-                state.stats.dropped += batch.len() as u64;
+                self.flush_per_row(state, batch).await;
             }
         }
     }
@@ -334,11 +365,16 @@ impl<B: Backend> Inner<B> {
             }
         }
         for mut event in collided {
+            let from = event.seq;
             match super::append_one_with_retry(&self.backend, &mut event).await {
-                Ok(_) => {
+                Ok(to) => {
                     state.stats.commits += 1;
                     state.stats.written += 1;
                     state.stats.rewritten += 1;
+                    if state.rewrites.len() == MAX_REWRITES_KEPT {
+                        state.rewrites.pop_front();
+                    }
+                    state.rewrites.push_back(Rewrite { from, to });
                 }
                 Err(error) => {
                     tracing::warn!(target: "postbox", stream = %event.stream, seq = event.seq, %error, "postbox.journal: event dropped");

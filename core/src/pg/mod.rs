@@ -402,10 +402,12 @@ impl Backend for PgBackend {
     }
 
     async fn journal_append(&self, events: &[JournalEvent]) -> Result<()> {
+        events.iter().try_for_each(JournalEvent::validate)?;
         self.journal_append_rows(events).await
     }
 
     async fn journal_latest_seq(&self, stream: &str) -> Result<Option<i64>> {
+        JournalEvent::validate_stream(stream)?;
         self.journal_latest(stream).await
     }
 
@@ -415,18 +417,22 @@ impl Backend for PgBackend {
         after: i64,
         limit: u32,
     ) -> Result<Vec<JournalEvent>> {
+        JournalEvent::validate_stream(stream)?;
         self.journal_read(stream, after, limit).await
     }
 
     async fn journal_publish(&self, event: &JournalEvent) -> Result<()> {
+        event.validate()?;
         self.journal_notify(event).await
     }
 
     async fn journal_publish_batch(&self, events: &[JournalEvent]) -> Result<()> {
+        events.iter().try_for_each(JournalEvent::validate)?;
         self.journal_notify_many(events).await
     }
 
     async fn journal_subscribe(&self, stream: &str) -> Result<LiveEvents> {
+        JournalEvent::validate_stream(stream)?;
         self.journal_listen(stream).await
     }
 

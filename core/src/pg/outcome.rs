@@ -112,6 +112,7 @@ impl PgBackend {
     }
 
     pub(crate) async fn retry_one(&self, lease: Lease, params: RetryParams) -> Result<bool> {
+        params.validate()?;
         let done = sqlx::query(self.shared().sql.retry.clone())
             .bind(lease.id)
             .bind(lease.token)
@@ -127,6 +128,7 @@ impl PgBackend {
     }
 
     pub(crate) async fn dead_letter_one(&self, lease: Lease, reason: &str) -> Result<bool> {
+        crate::backend::validate_reason(reason)?;
         let done = sqlx::query(self.shared().sql.dead_letter.clone())
             .bind(lease.id)
             .bind(lease.token)

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::PgBackend;
 use crate::error::Result;
-use crate::message::{Availability, Message, MessageId, validate_queue};
+use crate::message::{Availability, Message, MessageId};
 
 // $1 channel, $2 queue, $3 payload, $4 headers, $5 correlation_id, $6 not_before,
 // $7 delay in ms, $8 pinned now (NULL: the database clock)
@@ -96,7 +96,7 @@ impl PgBackend {
     /// [`Error::Database`](crate::Error::Database) if the statement fails (your transaction is
     /// then aborted, as with any failed statement).
     pub async fn publish(&self, conn: &mut PgConnection, message: Message) -> Result<MessageId> {
-        validate_queue(&message.queue)?;
+        message.validate()?;
         let row = columns(&message);
         let id = sqlx::query_scalar(self.shared().sql.publish.clone())
             .bind(self.shared().table.channel())
@@ -128,7 +128,7 @@ impl PgBackend {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        messages.iter().try_for_each(|m| validate_queue(&m.queue))?;
+        messages.iter().try_for_each(Message::validate)?;
         let n = messages.len();
         let mut queues = Vec::with_capacity(n);
         let mut payloads = Vec::with_capacity(n);

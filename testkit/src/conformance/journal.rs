@@ -162,6 +162,11 @@ pub async fn journal_writer_collision_falls_back_per_row<H: Harness>(h: &H) {
         [(3, 3), (4, 4), (5, 0), (6, 6), (7, 7), (8, 8), (9, 5)]
     );
     assert_eq!((stats.written, stats.rewritten, stats.dropped), (6, 1, 0));
+    assert_eq!(
+        w.rewrites().await,
+        [postbox_core::Rewrite { from: 5, to: 9 }],
+        "which seq moved where"
+    );
 }
 
 /// The tail replays the committed events after a seq, then follows live ones, each once, in

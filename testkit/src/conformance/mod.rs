@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Areas: `tx` (publish and transactions), `fetch`, `lease`, `fence`, `retry`, `dead`,
-//! `inspect`, `runtime` (the subscriber on the backend), `coop` (cooperative subconsumers). Time moves through
+//! `inspect`, `runtime` (the subscriber on the backend), `coop` (cooperative subconsumers),
+//! `journal`, `validation` (what Postgres cannot store, refused alike). Time moves through
 //! [`TimeControl`], never by sleeping.
 
 mod coop;
@@ -24,6 +25,7 @@ mod leases;
 mod retries;
 mod runtime;
 mod tx;
+mod validation;
 
 use async_trait::async_trait;
 use postbox_core::{Backend, Delivery, FetchParams, Message, MessageId, PgBackend};
@@ -39,6 +41,7 @@ pub use leases::*;
 pub use retries::*;
 pub use runtime::*;
 pub use tx::*;
+pub use validation::*;
 
 use crate::postgres::PgFixture;
 use crate::time::TimeControl;
@@ -211,6 +214,11 @@ macro_rules! conformance_tests {
             journal_writer_collision_falls_back_per_row,
             journal_snapshot_then_tail_has_no_gap_and_no_duplicate,
             journal_non_object_payloads_are_refused,
+            validation_publish_refuses_what_postgres_cannot_store,
+            validation_outcomes_refuse_what_postgres_cannot_store,
+            validation_a_handler_error_with_nul_is_stored_replaced,
+            validation_journal_refuses_nul,
+            validation_journal_writer_refuses_a_bad_event_and_keeps_the_rest,
         }
     };
 }
