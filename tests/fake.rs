@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use postbox::fake::{FakeBroker, Fault};
-use postbox::testkit::wait_for_event_within;
+use postbox::testkit::{until_within, wait_for_event_within, within};
 use postbox::{
     Backend, Delivery, Error, FetchParams, HandlerError, Message, MessageState, Outcome,
     Subscriber, SubscriberEvent, SubscriberOptions,
@@ -139,7 +139,10 @@ async fn the_runtime_on_the_fake_polls_through_retry_delays_in_paused_time() {
     // The clock jumped over the minute (and the 1-10 s idle polling) without real waiting.
     assert!(started.elapsed() >= Duration::from_secs(60));
     assert_eq!(calls.load(Ordering::SeqCst), 6);
-    let stats = sub.shutdown().await.expect("shutdown").stats;
+    let stats = within("shutdown", sub.shutdown())
+        .await
+        .expect("shutdown")
+        .stats;
     assert_eq!((stats.acked, stats.retried), (3, 3));
     assert!(b.snapshot(None).is_empty());
     assert_eq!(b.counters().acked, ids.len() as u64);
@@ -179,7 +182,10 @@ async fn the_runtime_backs_off_on_fetch_errors_and_recovers() {
         })
         .await;
     }
-    let stats = sub.shutdown().await.expect("shutdown").stats;
+    let stats = within("shutdown", sub.shutdown())
+        .await
+        .expect("shutdown")
+        .stats;
     assert_eq!((stats.errors, stats.acked), (3, 5));
     assert!(b.snapshot(None).is_empty());
 }
@@ -206,7 +212,10 @@ async fn failed_ack_writes_are_retried_and_nothing_is_lost() {
         })
         .await;
     }
-    let stats = sub.shutdown().await.expect("shutdown").stats;
+    let stats = within("shutdown", sub.shutdown())
+        .await
+        .expect("shutdown")
+        .stats;
     assert_eq!(stats.acked, 4);
     assert!(stats.errors >= 1, "{stats:?}");
     assert!(b.snapshot(None).is_empty());
@@ -243,7 +252,7 @@ async fn the_same_paused_schedule_gives_the_same_history_twice() {
                 history.push((id, i32::from(outcome == Outcome::Acked)));
             }
         }
-        sub.shutdown().await.expect("shutdown");
+        within("shutdown", sub.shutdown()).await.expect("shutdown");
         history
     }
     let first = run().await;
@@ -276,7 +285,10 @@ async fn an_ack_delay_groups_acks_of_handlers_that_finish_one_by_one() {
         })
         .await;
     }
-    let stats = sub.shutdown().await.expect("shutdown").stats;
+    let stats = within("shutdown", sub.shutdown())
+        .await
+        .expect("shutdown")
+        .stats;
     assert_eq!(stats.acked, 20);
     assert!(
         stats.ack_statements <= 3,
@@ -295,16 +307,17 @@ async fn shutdown_writes_acks_still_waiting_for_their_delay() {
         .expect("options")
         .spawn();
     // Wait until every handler ran (the acks wait for their hour).
-    while b.counters().fetched < 3 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until_within("every handler to run", HOUR, || b.counters().fetched >= 3).await;
     tokio::task::yield_now().await;
     assert_eq!(
         sub.stats().acked,
         0,
         "the acks are still waiting for their delay"
     );
-    let stats = sub.shutdown().await.expect("shutdown").stats;
+    let stats = within("shutdown", sub.shutdown())
+        .await
+        .expect("shutdown")
+        .stats;
     assert_eq!(stats.acked, 3);
     assert!(
         b.snapshot(None).is_empty(),
@@ -324,10 +337,11 @@ async fn fast_handlers_on_a_deep_queue_drain_in_growing_batches() {
     let sub = Subscriber::new(b.clone(), SubscriberOptions::new(["q"]), handler)
         .expect("options")
         .spawn();
-    while sub.stats().acked < 5_000 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let stats = sub.shutdown().await.expect("shutdown").stats;
+    until_within("5,000 acks", HOUR, || sub.stats().acked >= 5_000).await;
+    let stats = within("shutdown", sub.shutdown())
+        .await
+        .expect("shutdown")
+        .stats;
     // At a fixed 16 + 16 rows per fetch this takes 157 fetches; growing to 16 + 512, the
     // ramp (32, 48, 80, ...) and about nine full ones.
     assert!(
@@ -365,10 +379,8 @@ async fn slow_handlers_keep_the_prefetch_buffer_near_its_floor() {
     let sub = Subscriber::new(b.clone(), options, handler)
         .expect("options")
         .spawn();
-    while sub.stats().acked < 300 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    sub.shutdown().await.expect("shutdown");
+    until_within("300 acks", HOUR, || sub.stats().acked >= 300).await;
+    within("shutdown", sub.shutdown()).await.expect("shutdown");
     let most = most_leased.load(Ordering::SeqCst);
     assert!(
         (8..=12).contains(&most),

@@ -40,4 +40,4 @@ pub use drain::{DrainOptions, DrainReport, RunOutcome, drain, run_one};
 pub use error::TestkitError;
 pub use postgres::{PgFixture, Provider, postgres};
 pub use time::TimeControl;
-pub use wait::{deadline, wait_for_event, wait_for_event_within};
+pub use wait::{deadline, until_within, wait_for_event, wait_for_event_within, within};

@@ -58,3 +58,33 @@ pub async fn wait_for_event_within(
         }
     }
 }
+
+/// Awaits `future`, failing after [`deadline()`] with what it waited for, so a broken
+/// backend makes a test fail instead of hang (a subscriber's `shutdown()`, a spawned task).
+///
+/// # Panics
+///
+/// After [`deadline()`] (virtual under paused tokio time).
+pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(deadline(), future).await {
+        Ok(output) => output,
+        Err(_) => panic!("waiting for {what}: not done within {:?}", deadline()),
+    }
+}
+
+/// Checks `condition` every millisecond until it holds, failing after `limit` with what it
+/// waited for. Under paused tokio time each check advances the clock by a millisecond, so
+/// give it the virtual time the schedule needs (an hour costs a few seconds of real time).
+///
+/// # Panics
+///
+/// After `limit`.
+pub async fn until_within(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let until = tokio::time::Instant::now() + limit;
+    while !condition() {
+        if tokio::time::Instant::now() >= until {
+            panic!("waiting for {what}: not true within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}

@@ -9,7 +9,7 @@ use postbox_core::{
 use tokio::sync::{mpsc, watch};
 
 use super::{Harness, publish};
-use crate::wait::{deadline, wait_for_event};
+use crate::wait::{deadline, wait_for_event, within};
 
 fn fast(queue: &str) -> SubscriberOptions {
     SubscriberOptions::new([queue])
@@ -59,7 +59,10 @@ pub async fn runtime_delivers_every_message_and_acks_it<H: Harness>(h: &H) {
         })
         .await;
     }
-    let stats = sub.shutdown().await.expect("shutdown").stats;
+    let stats = within("shutdown", sub.shutdown())
+        .await
+        .expect("shutdown")
+        .stats;
     got.sort_unstable();
     published.sort_unstable();
     assert_eq!(got, published, "each message exactly once");
@@ -87,7 +90,10 @@ pub async fn runtime_retries_then_dead_letters<H: Harness>(h: &H) {
         )
     })
     .await;
-    let stats = sub.shutdown().await.expect("shutdown").stats;
+    let stats = within("shutdown", sub.shutdown())
+        .await
+        .expect("shutdown")
+        .stats;
     assert_eq!((stats.retried, stats.dead_lettered, stats.acked), (2, 1, 0));
     let dead = b.dead_letters(None).await.expect("dead");
     assert_eq!((dead.len(), dead[0].attempts), (1, 3));
@@ -113,7 +119,10 @@ pub async fn runtime_treats_a_panic_as_a_failure<H: Harness>(h: &H) {
         )
     })
     .await;
-    let stats = sub.shutdown().await.expect("shutdown").stats;
+    let stats = within("shutdown", sub.shutdown())
+        .await
+        .expect("shutdown")
+        .stats;
     assert_eq!(stats.panics, 1);
     let dead = b.dead_letters(None).await.expect("dead");
     assert!(
@@ -169,7 +178,10 @@ pub async fn runtime_shutdown_releases_unstarted_messages<H: Harness>(h: &H) {
         ]
     );
     let _ = open.send(true);
-    let report = shutdown.await.expect("join").expect("shutdown");
+    let report = within("shutdown", shutdown)
+        .await
+        .expect("join")
+        .expect("shutdown");
     assert_eq!((report.released, report.stats.acked), (3, 1));
     assert_eq!(
         b.messages(None).await.expect("messages").len(),

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use postbox_core::{
     Backend, BatchedJournalWriter, Error, EventPayload, HandlerError, JournalEvent, LiveEvent,
     MAX_DELAY, Message, MessageState, RetryParams, RetryPolicy, WriterOptions,
