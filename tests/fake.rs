@@ -67,6 +67,122 @@ async fn injected_faults_fail_exactly_the_next_n_calls_and_change_nothing() {
     assert_eq!((c.published, c.fetched, c.acked), (1, 1, 1));
 }
 
+/// Zero injected faults means none, of every kind, and a later zero clears a pending fault;
+/// journal writes fail like the others.
+#[tokio::test]
+async fn zero_faults_inject_nothing_and_clear_pending_ones() {
+    let b = FakeBroker::new();
+    let journal = |seq: i64| {
+        vec![postbox::JournalEvent::new(
+            "s",
+            seq,
+            "delta",
+            serde_json::Map::new(),
+        )]
+    };
+    b.fail_next_publishes(0, Fault::ConnectionLost);
+    b.fail_next_fetches(0, Fault::ConnectionLost);
+    b.fail_next_outcomes(0, Fault::ConnectionLost);
+    b.fail_next_journal_writes(0, Fault::ConnectionLost);
+    publish(&b, 2).await;
+    let ds = b.fetch(&FetchParams::new(["q"], 2)).await.expect("fetch");
+    assert!(b.ack(ds[0].lease()).await.expect("ack"));
+    b.journal_append(&journal(1)).await.expect("append");
+
+    b.fail_next_journal_writes(2, Fault::Message("journal down".into()));
+    for seq in [2, 3] {
+        let err = b.journal_append(&journal(seq)).await.expect_err("injected");
+        assert!(
+            matches!(&err, Error::Injected(m) if m == "journal down"),
+            "{err}"
+        );
+    }
+    b.journal_append(&journal(4))
+        .await
+        .expect("the third works");
+
+    for kind in 0..4 {
+        match kind {
+            0 => b.fail_next_publishes(5, Fault::ConnectionLost),
+            1 => b.fail_next_fetches(5, Fault::ConnectionLost),
+            2 => b.fail_next_outcomes(5, Fault::ConnectionLost),
+            _ => b.fail_next_journal_writes(5, Fault::ConnectionLost),
+        }
+        match kind {
+            0 => b.fail_next_publishes(0, Fault::ConnectionLost),
+            1 => b.fail_next_fetches(0, Fault::ConnectionLost),
+            2 => b.fail_next_outcomes(0, Fault::ConnectionLost),
+            _ => b.fail_next_journal_writes(0, Fault::ConnectionLost),
+        }
+    }
+    publish(&b, 1).await;
+    assert_eq!(
+        b.fetch(&FetchParams::new(["q"], 1))
+            .await
+            .expect("fetch")
+            .len(),
+        1
+    );
+    assert!(b.ack(ds[1].lease()).await.expect("ack"));
+    b.journal_append(&journal(5)).await.expect("append");
+    let stored: Vec<i64> = b
+        .journal_read_after("s", 0, 10)
+        .await
+        .expect("read")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(stored, [1, 4, 5]);
+}
+
+/// Every counter counts its own outcome.
+#[tokio::test]
+async fn counters_count_each_outcome() {
+    let b = FakeBroker::new();
+    publish(&b, 4).await;
+    let ds = b.fetch(&FetchParams::new(["q"], 4)).await.expect("fetch");
+    assert!(b.ack(ds[0].lease()).await.expect("ack"));
+    assert!(
+        b.retry(
+            ds[1].lease(),
+            postbox::RetryParams::new(Duration::from_secs(60))
+        )
+        .await
+        .expect("retry")
+    );
+    assert!(b.dead_letter(ds[2].lease(), "bad").await.expect("dead"));
+    assert!(b.release(ds[3].lease()).await.expect("release"));
+    let c = b.counters();
+    assert_eq!(
+        (
+            c.published,
+            c.fetched,
+            c.acked,
+            c.retried,
+            c.dead_lettered,
+            c.released
+        ),
+        (4, 4, 1, 1, 1, 1)
+    );
+}
+
+/// A broker for another table reports that table and works like the default one.
+#[tokio::test]
+async fn a_broker_for_another_table_names_it() {
+    let table = postbox::TableName::new("orders_outbox").expect("valid");
+    let b = FakeBroker::with_table(table.clone());
+    assert_eq!(b.table(), &table);
+    assert_ne!(FakeBroker::new().table(), &table);
+    publish(&b, 1).await;
+    assert_eq!(
+        b.fetch(&FetchParams::new(["q"], 1))
+            .await
+            .expect("fetch")
+            .len(),
+        1
+    );
+}
+
 #[tokio::test]
 async fn rollbacks_are_counted_and_leave_gaps_in_ids() {
     let b = FakeBroker::new();

@@ -104,9 +104,11 @@ pub enum Error {
         "a seq of journal stream {stream:?} is taken (seq {seq:?}); read journal_latest_seq and write after it"
     )]
     SeqConflict {
-        /// The stream.
+        /// The stream of the first event of the append, in its order, whose seq was taken
+        /// (stored already, or repeated within the append).
         stream: String,
-        /// The first colliding seq, when known.
+        /// That event's seq (`None` only when a conflict reported by Postgres can no longer
+        /// be found).
         seq: Option<i64>,
     },
 

@@ -21,7 +21,7 @@ impl FakeBroker {
         }) {
             return Err(Error::SeqConflict {
                 stream: taken.stream.clone(),
-                seq: (events.len() == 1).then_some(taken.seq),
+                seq: Some(taken.seq),
             });
         }
         for event in events {

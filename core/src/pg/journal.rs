@@ -20,6 +20,13 @@ FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[])
      AS e(stream_id, seq, event_type, payload)"#;
 
 // $1 stream
+// $1 streams, $2 seqs (pairwise): which of them are stored
+pub(crate) const TAKEN: &str = r#"
+SELECT e.stream_id, e.seq
+FROM {events} AS e
+JOIN unnest($1::text[], $2::bigint[]) AS k(stream_id, seq)
+  ON e.stream_id = k.stream_id AND e.seq = k.seq"#;
+
 pub(crate) const LATEST: &str = "SELECT max(seq) FROM {events} WHERE stream_id = $1";
 
 // $1 stream, $2 after seq, $3 limit
@@ -87,12 +94,42 @@ impl PgBackend {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Err(Error::SeqConflict {
-                stream: events[0].stream.clone(),
-                seq: (events.len() == 1).then_some(events[0].seq),
-            }),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                Err(self.first_taken(events, &streams, &seqs).await?)
+            }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The conflict a refused append reports, as the fake does: the first event, in batch
+    /// order, whose `(stream, seq)` is stored already or repeats an earlier one of the batch.
+    async fn first_taken(
+        &self,
+        events: &[JournalEvent],
+        streams: &[&str],
+        seqs: &[i64],
+    ) -> Result<Error> {
+        let stored: Vec<(String, i64)> = sqlx::query_as(self.shared().sql.journal_taken.clone())
+            .bind(streams)
+            .bind(seqs)
+            .fetch_all(&self.shared().pool)
+            .await?;
+        let stored: std::collections::HashSet<(String, i64)> = stored.into_iter().collect();
+        let mut seen = std::collections::HashSet::new();
+        let taken = events.iter().find(|e| {
+            stored.contains(&(e.stream.clone(), e.seq)) || !seen.insert((&e.stream, e.seq))
+        });
+        Ok(match taken {
+            Some(e) => Error::SeqConflict {
+                stream: e.stream.clone(),
+                seq: Some(e.seq),
+            },
+            // Unique violation, yet nothing collides now: not knowable after the fact.
+            None => Error::SeqConflict {
+                stream: events[0].stream.clone(),
+                seq: None,
+            },
+        })
     }
 
     pub(crate) async fn journal_latest(&self, stream: &str) -> Result<Option<i64>> {

@@ -218,3 +218,39 @@ pub async fn journal_non_object_payloads_are_refused<H: Harness>(h: &H) {
     assert!(matches!(err, Error::InvalidArgument(_)));
     assert!(seqs(b, "s").await.is_empty());
 }
+
+/// A refused append names the first event, in its order, whose seq was taken: stored
+/// already, or repeated within the append; nothing of it is stored.
+pub async fn journal_seq_conflict_names_the_first_taken_event<H: Harness>(h: &H) {
+    let b = h.backend();
+    let event = |stream: &str, seq: i64| JournalEvent::new(stream, seq, "delta", payload(seq));
+    b.journal_append(&[event("a", 5), event("b", 7)])
+        .await
+        .expect("seed");
+    let conflict = |result: Result<(), Error>| match result {
+        Err(Error::SeqConflict { stream, seq }) => (stream, seq),
+        other => panic!("expected a seq conflict, got {other:?}"),
+    };
+    assert_eq!(
+        conflict(b.journal_append(&[event("a", 5)]).await),
+        ("a".to_owned(), Some(5))
+    );
+    assert_eq!(
+        conflict(
+            b.journal_append(&[event("a", 1), event("b", 7), event("a", 5)])
+                .await
+        ),
+        ("b".to_owned(), Some(7)),
+        "the first taken in batch order"
+    );
+    assert_eq!(
+        conflict(
+            b.journal_append(&[event("c", 1), event("c", 2), event("c", 1)])
+                .await
+        ),
+        ("c".to_owned(), Some(1)),
+        "a seq repeated within the batch"
+    );
+    assert_eq!(seqs(b, "a").await, [5]);
+    assert!(seqs(b, "c").await.is_empty(), "all or nothing");
+}

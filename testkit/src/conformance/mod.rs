@@ -214,6 +214,7 @@ macro_rules! conformance_tests {
             journal_writer_collision_falls_back_per_row,
             journal_snapshot_then_tail_has_no_gap_and_no_duplicate,
             journal_non_object_payloads_are_refused,
+            journal_seq_conflict_names_the_first_taken_event,
             validation_publish_refuses_what_postgres_cannot_store,
             validation_outcomes_refuse_what_postgres_cannot_store,
             validation_a_handler_error_with_nul_is_stored_replaced,
