@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use postbox::fake::FakeBroker;
-use postbox::testkit::wait_for_event;
+use postbox::testkit::{wait_for_event, within};
 use postbox::{
     Backend, CoopReceive, Delivery, HandlerError, Member, Outcome, Subscriber, SubscriberEvent,
     SubscriberOptions,
@@ -51,7 +51,7 @@ where
     }
     let got = support::recv_n(&mut handled, n).await;
     for sub in subs {
-        sub.shutdown().await.expect("shutdown");
+        within("shutdown", sub.shutdown()).await.expect("shutdown");
     }
     let seen: HashSet<i64> = got.iter().map(|(_, id)| *id).collect();
     assert_eq!(seen.len(), n, "no message twice");
@@ -148,7 +148,7 @@ async fn the_runtime_heartbeat_keeps_a_slow_member<B: Backend + Clone>(backend: 
         )
     })
     .await;
-    sub.shutdown().await.expect("shutdown");
+    within("shutdown", sub.shutdown()).await.expect("shutdown");
     let members = backend.coop_members("workers").await.expect("members");
     assert!(members.iter().any(|m| m.name == "slow" && m.held == 0));
 }

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use postbox::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use postbox::sqlx::{self, PgPool};
-use postbox::testkit::TimeControl;
 use postbox::testkit::postgres::LocalServer;
+use postbox::testkit::{TimeControl, within};
 use postbox::{
     Backend, Delivery, Error, FetchParams, HandlerError, Message, PgBackend, RetryPolicy, Stats,
     Subscriber, SubscriberEvent, SubscriberHandle, SubscriberOptions, TableName,
@@ -193,7 +193,12 @@ async fn stop_all(scenario: &str, subs: Vec<SubscriberHandle>) -> Vec<Stats> {
     }
     let mut stats = Vec::new();
     for sub in subs {
-        stats.push(sub.shutdown().await.expect("shutdown").stats);
+        stats.push(
+            within("shutdown", sub.shutdown())
+                .await
+                .expect("shutdown")
+                .stats,
+        );
     }
     stats
 }
@@ -654,7 +659,9 @@ async fn shutdown_releases_prefetched_rows() {
     tally
         .wait_finished(200, DEADLINE, std::slice::from_ref(&first), "no progress")
         .await;
-    let report = first.shutdown().await.expect("shutdown");
+    let report = within("shutdown", first.shutdown())
+        .await
+        .expect("shutdown");
     assert!(report.released > 0, "prefetched rows released: {report:?}");
     assert_eq!(report.abandoned, 0);
     let handled_by_first = tally.finished_count();

@@ -136,7 +136,9 @@ fn spawn_member(
             tokio::select! {
                 _ = crash_rx.wait_for(|c| *c) => Ok(None),
                 _ = stop.wait_for(|s| *s) => {
-                    sub.shutdown().await.map_err(|e| e.to_string())?;
+                    postbox::testkit::within("shutdown", sub.shutdown())
+                        .await
+                        .map_err(|e| e.to_string())?;
                     Ok(Some(()))
                 }
             }

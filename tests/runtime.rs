@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::Result;
+use postbox::testkit::within;
 use postbox::{
     Backend, Delivery, FETCH_APPLICATION_NAME, FetchParams, HandlerError, LISTEN_APPLICATION_NAME,
     Outcome, PgBackend, RetryPolicy, Subscriber, SubscriberEvent, SubscriberOptions,
@@ -97,7 +98,7 @@ async fn a_notification_wakes_an_idle_subscriber_long_before_the_poll() -> Resul
         1,
         "only the subscribed queue woke the loop"
     );
-    sub.shutdown().await?;
+    within("shutdown", sub.shutdown()).await?;
     db.close().await?;
     Ok(())
 }
@@ -135,7 +136,7 @@ async fn every_fetch_of_a_subscriber_runs_on_one_persistent_connection() -> Resu
         );
         assert_eq!(pids_of(db.pool(), LISTEN_APPLICATION_NAME).await.len(), 1);
     }
-    let stats = sub.shutdown().await?.stats;
+    let stats = within("shutdown", sub.shutdown()).await?.stats;
     assert!(stats.fetches >= 4, "{stats:?}");
     // The server backend exits shortly after the client closes: wait for it, with a deadline.
     let until = tokio::time::Instant::now() + support::wait();
@@ -175,7 +176,7 @@ async fn without_listen_it_delivers_by_polling_and_listen_recovers_later() -> Re
     })
     .await;
     assert_eq!(pids_of(db.pool(), LISTEN_APPLICATION_NAME).await.len(), 1);
-    sub.shutdown().await?;
+    within("shutdown", sub.shutdown()).await?;
     db.close().await?;
     Ok(())
 }
@@ -226,7 +227,7 @@ async fn killing_the_fetch_connection_mid_run_loses_nothing() -> Result<()> {
         ids.iter().copied().collect::<HashSet<_>>(),
         "every message handled"
     );
-    let stats = sub.shutdown().await?.stats;
+    let stats = within("shutdown", sub.shutdown()).await?.stats;
     assert_eq!(stats.acked, 300, "{stats:?}");
     assert!(stats.errors >= 1, "{stats:?}");
     db.close().await?;
@@ -261,7 +262,7 @@ async fn killing_the_listen_connection_reconnects_and_wake_ups_resume() -> Resul
         Some(ids[0]),
         "woken by a notification on the new LISTEN connection"
     );
-    sub.shutdown().await?;
+    within("shutdown", sub.shutdown()).await?;
     db.close().await?;
     Ok(())
 }
@@ -305,7 +306,7 @@ async fn failures_retry_per_policy_then_dead_letter_and_panics_count_as_failures
         })
         .await;
     }
-    let stats = sub.shutdown().await?.stats;
+    let stats = within("shutdown", sub.shutdown()).await?.stats;
     assert_eq!(
         (
             stats.acked,
@@ -390,7 +391,7 @@ async fn a_handler_past_the_shutdown_timeout_is_abandoned_and_its_row_kept() -> 
     let options = SubscriberOptions::new(["q"]).shutdown_timeout(Duration::from_millis(100));
     let sub = Subscriber::new(backend.clone(), options, handler)?.spawn();
     recv_n(&mut started, 1).await;
-    let report = sub.shutdown().await?;
+    let report = within("shutdown", sub.shutdown()).await?;
     assert_eq!((report.abandoned, report.stats.acked), (1, 0));
     assert_eq!(
         count(db.pool(), "postbox", "acquired_token IS NOT NULL").await,
@@ -434,7 +435,7 @@ async fn leases_of_slow_handlers_are_renewed() -> Result<()> {
         }
     })
     .await;
-    sub.shutdown().await?;
+    within("shutdown", sub.shutdown()).await?;
     db.close().await?;
     Ok(())
 }
@@ -456,7 +457,7 @@ async fn without_an_engine_it_polls_and_opens_no_connection_of_its_own() -> Resu
     until(&mut events, "idle", |e| *e == SubscriberEvent::Idle).await;
     assert!(pids_of(db.pool(), FETCH_APPLICATION_NAME).await.is_empty());
     assert!(pids_of(db.pool(), LISTEN_APPLICATION_NAME).await.is_empty());
-    let stats = sub.shutdown().await?.stats;
+    let stats = within("shutdown", sub.shutdown()).await?.stats;
     assert_eq!(stats.acked, 5);
     let mut rest = Vec::new();
     while let Ok(e) = events.try_recv() {
@@ -488,7 +489,7 @@ async fn batched_acks_use_fewer_statements_than_per_row_acks() -> Result<()> {
             .prefetch(32);
         let sub = Subscriber::new(backend.clone(), options, handler)?.spawn();
         recv_n(&mut handled, 200).await;
-        let stats = sub.shutdown().await?.stats;
+        let stats = within("shutdown", sub.shutdown()).await?.stats;
         assert_eq!(stats.acked, 200);
         if batch {
             assert!(stats.ack_statements < 200, "{stats:?}");
@@ -554,7 +555,7 @@ async fn with_listen_turned_off_it_polls_on_its_fetch_connection_only() -> Resul
     assert_eq!(got, ids);
     assert!(pids_of(db.pool(), LISTEN_APPLICATION_NAME).await.is_empty());
     assert_eq!(pids_of(db.pool(), FETCH_APPLICATION_NAME).await.len(), 1);
-    sub.shutdown().await?;
+    within("shutdown", sub.shutdown()).await?;
     db.close().await?;
     Ok(())
 }
@@ -622,7 +623,7 @@ async fn a_subscriber_waiting_for_a_fetch_permit_still_writes_its_acks() -> Resu
 
     blocker.lock.commit().await?;
     assert!(blocker.task.await??.is_empty());
-    sub.shutdown().await?;
+    within("shutdown", sub.shutdown()).await?;
     assert_eq!(backend.fetches_waiting(), 0);
     db.close().await?;
     Ok(())
