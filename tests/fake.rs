@@ -135,6 +135,24 @@ async fn zero_faults_inject_nothing_and_clear_pending_ones() {
     assert_eq!(stored, [1, 4, 5]);
 }
 
+/// A transaction's `Debug` shows how many messages it holds unpublished, not their payloads.
+#[tokio::test]
+async fn a_transaction_debug_shows_its_pending_count() {
+    let b = FakeBroker::new();
+    let mut tx = b.begin().await.expect("begin");
+    b.publish(&mut tx, Message::new("q", "secret payload"))
+        .await
+        .expect("publish");
+    let shown = format!("{tx:?}");
+    assert!(
+        shown.starts_with("FakeTransaction { conn: FakeConn { started_at: "),
+        "{shown}"
+    );
+    assert!(shown.contains("pending: 1"), "{shown}");
+    assert!(!shown.contains("secret"), "{shown}");
+    b.rollback(tx).await.expect("rollback");
+}
+
 /// Every counter counts its own outcome.
 #[tokio::test]
 async fn counters_count_each_outcome() {
