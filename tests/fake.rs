@@ -101,19 +101,15 @@ async fn zero_faults_inject_nothing_and_clear_pending_ones() {
         .await
         .expect("the third works");
 
+    let inject = |kind: u8, n: u32| match kind {
+        0 => b.fail_next_publishes(n, Fault::ConnectionLost),
+        1 => b.fail_next_fetches(n, Fault::ConnectionLost),
+        2 => b.fail_next_outcomes(n, Fault::ConnectionLost),
+        _ => b.fail_next_journal_writes(n, Fault::ConnectionLost),
+    };
     for kind in 0..4 {
-        match kind {
-            0 => b.fail_next_publishes(5, Fault::ConnectionLost),
-            1 => b.fail_next_fetches(5, Fault::ConnectionLost),
-            2 => b.fail_next_outcomes(5, Fault::ConnectionLost),
-            _ => b.fail_next_journal_writes(5, Fault::ConnectionLost),
-        }
-        match kind {
-            0 => b.fail_next_publishes(0, Fault::ConnectionLost),
-            1 => b.fail_next_fetches(0, Fault::ConnectionLost),
-            2 => b.fail_next_outcomes(0, Fault::ConnectionLost),
-            _ => b.fail_next_journal_writes(0, Fault::ConnectionLost),
-        }
+        inject(kind, 5);
+        inject(kind, 0);
     }
     publish(&b, 1).await;
     assert_eq!(
