@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::Result;
-use postbox::{Backend, Error, FetchParams, Message, PgBackend};
+use postbox::{Backend, Error, FetchParams, Message, PgBackend, RetryParams};
 use support::{count, db_now, eventually, exec};
 
 async fn publish(backend: &PgBackend, messages: Vec<Message>) -> Result<Vec<i64>> {
@@ -436,6 +436,16 @@ async fn plans_made_while_the_outbox_was_empty_stay_index_scans_once_it_fills() 
     };
     for _ in 0..8 {
         assert!(backend.ack_batch(&[nobody]).await?.is_empty());
+        // The single-row outcomes too: each would have a generic plan by now.
+        assert!(!backend.ack(nobody).await?);
+        assert!(
+            !backend
+                .retry(nobody, RetryParams::new(Duration::ZERO))
+                .await?
+        );
+        assert!(!backend.dead_letter(nobody, "nobody").await?);
+        assert!(!backend.renew_lease(nobody).await?);
+        assert!(!backend.release(nobody).await?);
     }
 
     publish(
@@ -479,9 +489,29 @@ async fn plans_made_while_the_outbox_was_empty_stay_index_scans_once_it_fills() 
     };
     let before = scans(pool.clone(), generation.clone()).await;
     let leases: Vec<_> = fetched.iter().map(postbox::Delivery::lease).collect();
-    assert_eq!(backend.ack_batch(&leases).await?.len(), 50);
-    let after = scans(pool.clone(), generation).await;
+    assert_eq!(backend.ack_batch(&leases[5..]).await?.len(), 45);
+    let after = scans(pool.clone(), generation.clone()).await;
     assert_eq!(after - before, 0, "the batch ack scanned a generation");
+
+    // Each single-row outcome once on a row of the full generation, on the session whose
+    // plans were made while it was empty.
+    let before = scans(pool.clone(), generation.clone()).await;
+    assert!(backend.renew_lease(leases[0]).await?, "renew");
+    assert!(backend.ack(leases[0]).await?, "ack");
+    assert!(
+        backend
+            .retry(leases[1], RetryParams::new(Duration::from_secs(60)))
+            .await?,
+        "retry"
+    );
+    assert!(backend.dead_letter(leases[2], "test").await?, "dead_letter");
+    assert!(backend.release(leases[3]).await?, "release");
+    let after = scans(pool.clone(), generation).await;
+    assert_eq!(
+        after - before,
+        0,
+        "a single-row outcome scanned a generation (its plan was made while it was empty)"
+    );
     conn.close().await?;
     Ok(())
 }

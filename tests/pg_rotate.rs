@@ -254,7 +254,7 @@ async fn the_v3_schema_upgrades_in_place_without_losing_a_message() -> Result<()
     )
     .await;
     let before = backend.messages(Some("q")).await?;
-    assert_eq!(backend.migrate().await?, vec![4]);
+    assert_eq!(backend.migrate().await?, vec![4, 5]);
     backend.validate_schema().await?;
     let after = backend.messages(Some("q")).await?;
     let view = |ms: &[postbox::StoredMessage]| {
@@ -297,6 +297,62 @@ async fn the_v3_schema_upgrades_in_place_without_losing_a_message() -> Result<()
     let new_id = backend.publish(&mut tx, Message::new("q", "new")).await?;
     tx.commit().await?;
     assert!(new_id > after.iter().map(|m| m.id).max().unwrap_or_default());
+    db.close().await?;
+    Ok(())
+}
+
+/// Leases taken under schema v4 settle through the outcome functions of v5 after the upgrade,
+/// still fenced by their tokens, and every message is delivered once.
+#[tokio::test]
+async fn leases_taken_under_v4_settle_after_the_v5_upgrade() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let table = TableName::new("v4_outbox")?;
+    let backend =
+        PgBackend::with_table(db.pool().clone(), table).rotation(Rotation::new().automatic(false));
+    assert_eq!(backend.migrate_to(4).await?, vec![1, 2, 3, 4]);
+    let mut tx = db.pool().begin().await?;
+    for i in 0..6 {
+        backend
+            .publish(&mut tx, Message::new("q", format!("m{i}")))
+            .await?;
+    }
+    tx.commit().await?;
+    let got = backend.fetch(&FetchParams::new(["q"], 5)).await?;
+    assert_eq!(got.len(), 5);
+    let leases: Vec<postbox::Lease> = got.iter().map(|d| d.lease()).collect();
+
+    assert_eq!(backend.migrate().await?, vec![5]);
+    backend.validate_schema().await?;
+
+    let stale = postbox::Lease {
+        id: leases[0].id,
+        token: uuid::Uuid::new_v4(),
+    };
+    assert!(
+        !backend.ack(stale).await?,
+        "a foreign token settles nothing"
+    );
+    assert!(backend.renew_lease(leases[0]).await?);
+    assert!(backend.ack(leases[0]).await?);
+    assert!(!backend.ack(leases[0]).await?, "acked once");
+    assert!(
+        backend
+            .retry(leases[1], RetryParams::new(Duration::ZERO))
+            .await?
+    );
+    assert!(backend.dead_letter(leases[2], "poison").await?);
+    assert!(backend.release(leases[3]).await?);
+    assert_eq!(backend.ack_batch(&leases[4..]).await?, vec![leases[4].id]);
+
+    // What is left: the retried, the released and the never fetched message, once each.
+    let again = backend.fetch(&FetchParams::new(["q"], 10)).await?;
+    let mut payloads: Vec<String> = again
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.payload).into_owned())
+        .collect();
+    payloads.sort();
+    assert_eq!(payloads, ["m1", "m3", "m5"]);
+    assert_eq!(backend.dead_letters(Some("q")).await?.len(), 1);
     db.close().await?;
     Ok(())
 }

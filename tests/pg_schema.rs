@@ -45,7 +45,8 @@ async fn validate_schema_names_what_is_missing() -> Result<()> {
     exec(
         db.pool(),
         "DROP INDEX postbox_pending_idx; ALTER TABLE postbox DROP COLUMN last_error; \
-         ALTER TABLE postbox DROP CONSTRAINT postbox_lease_check; DROP TABLE postbox_dead",
+         ALTER TABLE postbox DROP CONSTRAINT postbox_lease_check; DROP TABLE postbox_dead; \
+         DROP FUNCTION postbox_retry",
     )
     .await;
     let err = backend.validate_schema().await.expect_err("broken schema");

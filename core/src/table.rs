@@ -31,7 +31,34 @@ const SUFFIXES: &[&str] = &[
     "_p2",
     "_gen",
     "_v3",
+    "_ack",
+    "_retry",
+    "_bury",
+    "_renew",
+    "_release",
 ];
+
+/// The single-row outcomes, each run by a function of its own (see
+/// [`TableName::outcome_function`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum OutcomeFunction {
+    Ack,
+    Retry,
+    Bury,
+    Renew,
+    Release,
+}
+
+impl OutcomeFunction {
+    /// Every outcome function, for schema checks.
+    pub(crate) const ALL: [OutcomeFunction; 5] = [
+        OutcomeFunction::Ack,
+        OutcomeFunction::Retry,
+        OutcomeFunction::Bury,
+        OutcomeFunction::Renew,
+        OutcomeFunction::Release,
+    ];
+}
 
 /// How many partitions (generations) an outbox table has: one takes publishes, the others
 /// drain and are reclaimed with `TRUNCATE`.
@@ -173,6 +200,19 @@ impl TableName {
     /// The sequence whose value names the generation publishes write to, `T_gen`.
     pub fn generation_sequence(&self) -> String {
         format!("{}_gen", self.0)
+    }
+
+    /// The function behind a single-row outcome, `T_ack`, `T_retry`, `T_bury` (dead letter),
+    /// `T_renew` or `T_release` (schema version 5).
+    pub(crate) fn outcome_function(&self, outcome: OutcomeFunction) -> String {
+        let suffix = match outcome {
+            OutcomeFunction::Ack => "ack",
+            OutcomeFunction::Retry => "retry",
+            OutcomeFunction::Bury => "bury",
+            OutcomeFunction::Renew => "renew",
+            OutcomeFunction::Release => "release",
+        };
+        format!("{}_{suffix}", self.0)
     }
 
     /// The name the schema-v3 table takes while the v4 migration copies it, `T_v3`.

@@ -201,7 +201,9 @@ impl PgBackend {
     /// Creates or upgrades the schema: the outbox table with its lease CHECK, partitioned into
     /// the generations `T_p0`, `T_p1` and `T_p2` (with the sequence `T_gen` naming the one
     /// publishes go to), the `T_pending_idx` and `T_lease_idx` partial indexes, the dead-letter
-    /// table `T_dead`, the members and journal tables.
+    /// table `T_dead`, the members and journal tables, and the functions the single-row
+    /// outcomes call (`T_ack`, `T_retry`, `T_bury`, `T_renew`, `T_release`, schema version 5:
+    /// their plans never read a generation sequentially).
     ///
     /// Upgrading a schema-v3 table to v4 copies its rows into generation 0 in the migration's
     /// transaction, keeping ids, counters and leases (a lease taken before the upgrade still
@@ -243,8 +245,8 @@ impl PgBackend {
         .await
     }
 
-    /// Checks that the table, its columns, indexes, CHECK constraint, dead-letter table and
-    /// schema version are all present.
+    /// Checks that the table, its columns, indexes, CHECK constraint, dead-letter table,
+    /// outcome functions and schema version are all present.
     ///
     /// # Errors
     ///

@@ -7,11 +7,12 @@
 //! to a generic plan after five runs, and a generic plan made while a generation was empty (a
 //! `VACUUM` of a drained generation records it as empty) finds its rows by a sequential scan
 //! of that generation ever after: measured, up to 346 ms for a 500-row ack mid-drain. Planning
-//! it costs about 0.3 ms, spread over hundreds of rows. The single-row outcomes stay prepared:
-//! planned on every call they cost 2.8 times as much (`drain`, per-row acks: 2,754 against
-//! 7,620 msg/s), so they keep the hazard (3.1 ms instead of 0.07 ms for one ack in a
-//! 20,000-row generation planned while empty) until the generation is next truncated,
-//! vacuumed or analyzed (see `docs/design/storage.md`, *Plans*).
+//! it costs about 0.3 ms, spread over hundreds of rows. The single-row outcomes would cost 2.8
+//! times as much planned on every call (`drain`, per-row acks: 2,754 against 7,620 msg/s), so
+//! they call functions (schema version 5) declared `SET enable_seqscan = off`: their plans are
+//! cached per session like a prepared statement's, but made without sequential scans, so a
+//! plan made while a generation was empty still finds its row by the primary key (see
+//! `docs/design/storage.md`, *Plans*).
 
 use uuid::Uuid;
 
@@ -20,8 +21,9 @@ use crate::backend::RetryParams;
 use crate::error::Result;
 use crate::message::{Lease, MessageId};
 
-// $1 id, $2 token
-pub(crate) const ACK: &str = "DELETE FROM {table} WHERE id = $1 AND acquired_token = $2";
+// $1 id, $2 token. The single-row outcomes call the functions of schema version 5 (see
+// `schema.rs`), which hold the fenced statements and plan them without sequential scans.
+pub(crate) const ACK: &str = "SELECT {ack_fn}($1, $2)";
 
 // $1 ids, $2 tokens (pairwise). Planned so that no plan, custom or generic, depends on how many
 // ids there are:
@@ -43,54 +45,24 @@ WHERE t.id = ANY (ARRAY(SELECT unnest($1::bigint[])))
 RETURNING t.id"#;
 
 // $1 id, $2 token, $3 delay in ms, $4 error, $5 pinned now
-pub(crate) const RETRY: &str = r#"
-UPDATE {table}
-SET attempts        = attempts + 1,
-    next_attempt_at = coalesce($5::timestamptz, now()) + $3::float8 * interval '1 millisecond',
-    acquired_token  = NULL,
-    acquired_at     = NULL,
-    acquired_by     = NULL,
-    last_error      = $4
-WHERE id = $1 AND acquired_token = $2"#;
+pub(crate) const RETRY: &str = "SELECT {retry_fn}($1, $2, $3, $4, $5)";
 
 // $1 id, $2 token, $3 reason, $4 pinned now
-pub(crate) const DEAD_LETTER: &str = r#"
-WITH moved AS (
-    DELETE FROM {table}
-    WHERE id = $1 AND acquired_token = $2
-    RETURNING *
-)
-INSERT INTO {dead} (id, queue, payload, headers, correlation_id, attempts, deliveries,
-                    created_at, next_attempt_at, first_attempt_at, last_attempt_at,
-                    acquired_by, last_error, dead_at, reason)
-SELECT id, queue, payload, headers, correlation_id, attempts + 1, deliveries,
-       created_at, next_attempt_at, first_attempt_at, last_attempt_at,
-       acquired_by, last_error, coalesce($4::timestamptz, now()), $3
-FROM moved"#;
+pub(crate) const DEAD_LETTER: &str = "SELECT {bury_fn}($1, $2, $3, $4)";
 
 // $1 id, $2 token, $3 pinned now
-pub(crate) const RENEW: &str = r#"
-UPDATE {table} SET acquired_at = coalesce($3::timestamptz, now())
-WHERE id = $1 AND acquired_token = $2"#;
+pub(crate) const RENEW: &str = "SELECT {renew_fn}($1, $2, $3)";
 
 // $1 id, $2 token
-pub(crate) const RELEASE: &str = r#"
-UPDATE {table}
-SET acquired_token = NULL,
-    acquired_at    = NULL,
-    acquired_by    = NULL,
-    deliveries     = greatest(deliveries - 1, 0)
-WHERE id = $1 AND acquired_token = $2"#;
+pub(crate) const RELEASE: &str = "SELECT {release_fn}($1, $2)";
 
 impl PgBackend {
     pub(crate) async fn ack_one(&self, lease: Lease) -> Result<bool> {
-        let done = sqlx::query(self.shared().sql.ack.clone())
+        let done = sqlx::query_scalar::<_, bool>(self.shared().sql.ack.clone())
             .bind(lease.id)
             .bind(lease.token)
-            .execute(&self.shared().pool)
-            .await?
-            .rows_affected()
-            == 1;
+            .fetch_one(&self.shared().pool)
+            .await?;
         self.trace_outcome("ack", lease, done);
         Ok(done)
     }
@@ -113,54 +85,48 @@ impl PgBackend {
 
     pub(crate) async fn retry_one(&self, lease: Lease, params: RetryParams) -> Result<bool> {
         params.validate()?;
-        let done = sqlx::query(self.shared().sql.retry.clone())
+        let done = sqlx::query_scalar::<_, bool>(self.shared().sql.retry.clone())
             .bind(lease.id)
             .bind(lease.token)
             .bind(params.delay().as_secs_f64() * 1000.0)
             .bind(params.error_message())
             .bind(self.shared().now())
-            .execute(&self.shared().pool)
-            .await?
-            .rows_affected()
-            == 1;
+            .fetch_one(&self.shared().pool)
+            .await?;
         self.trace_outcome("retry", lease, done);
         Ok(done)
     }
 
     pub(crate) async fn dead_letter_one(&self, lease: Lease, reason: &str) -> Result<bool> {
         crate::backend::validate_reason(reason)?;
-        let done = sqlx::query(self.shared().sql.dead_letter.clone())
+        let done = sqlx::query_scalar::<_, bool>(self.shared().sql.dead_letter.clone())
             .bind(lease.id)
             .bind(lease.token)
             .bind(reason)
             .bind(self.shared().now())
-            .execute(&self.shared().pool)
-            .await?
-            .rows_affected()
-            == 1;
+            .fetch_one(&self.shared().pool)
+            .await?;
         self.trace_outcome("dead_letter", lease, done);
         Ok(done)
     }
 
     pub(crate) async fn renew_one(&self, lease: Lease) -> Result<bool> {
-        Ok(sqlx::query(self.shared().sql.renew.clone())
-            .bind(lease.id)
-            .bind(lease.token)
-            .bind(self.shared().now())
-            .execute(&self.shared().pool)
-            .await?
-            .rows_affected()
-            == 1)
+        Ok(
+            sqlx::query_scalar::<_, bool>(self.shared().sql.renew.clone())
+                .bind(lease.id)
+                .bind(lease.token)
+                .bind(self.shared().now())
+                .fetch_one(&self.shared().pool)
+                .await?,
+        )
     }
 
     pub(crate) async fn release_one(&self, lease: Lease) -> Result<bool> {
-        let done = sqlx::query(self.shared().sql.release.clone())
+        let done = sqlx::query_scalar::<_, bool>(self.shared().sql.release.clone())
             .bind(lease.id)
             .bind(lease.token)
-            .execute(&self.shared().pool)
-            .await?
-            .rows_affected()
-            == 1;
+            .fetch_one(&self.shared().pool)
+            .await?;
         self.trace_outcome("release", lease, done);
         Ok(done)
     }

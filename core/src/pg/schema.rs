@@ -8,7 +8,7 @@ use sqlx::{PgPool, Row};
 
 use super::statements::{Statements, render};
 use crate::error::{Error, Result, SchemaProblems};
-use crate::table::TableName;
+use crate::table::{OutcomeFunction, TableName};
 
 /// One schema version.
 pub(crate) struct Migration {
@@ -38,6 +38,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         version: 4,
         description: "outbox table partitioned into three generations reclaimed by TRUNCATE",
         sql: V4,
+    },
+    Migration {
+        version: 5,
+        description: "single-row outcomes as functions planned without sequential scans",
+        sql: V5,
     },
 ];
 
@@ -185,6 +190,82 @@ CREATE INDEX {member_idx}
     WHERE acquired_by IS NOT NULL;
 "#;
 
+/// The single-row outcomes (`ack`, `retry`, `dead_letter`, `renew`, `release`) become plpgsql
+/// functions declared `SET enable_seqscan = off`, so their cached plans read the generations
+/// through the primary key whatever the generations' sizes were when the plans were made. A
+/// prepared statement's generic plan made while a generation was recorded as empty scans that
+/// generation on every later call (see `docs/design/storage.md`, *Plans*); a function's
+/// statements are planned with its settings, and kept per session like prepared statements.
+/// Every function keeps the fence of the statement it replaces (`id AND acquired_token`) and
+/// returns whether it changed a row.
+const V5: &str = r#"
+CREATE FUNCTION {ack_fn}(p_id bigint, p_token uuid) RETURNS boolean
+LANGUAGE plpgsql SET enable_seqscan = off AS $postbox$
+BEGIN
+    DELETE FROM {table} WHERE id = p_id AND acquired_token = p_token;
+    RETURN FOUND;
+END
+$postbox$;
+
+CREATE FUNCTION {retry_fn}(p_id bigint, p_token uuid, p_delay_ms float8, p_error text,
+                           p_now timestamptz) RETURNS boolean
+LANGUAGE plpgsql SET enable_seqscan = off AS $postbox$
+BEGIN
+    UPDATE {table}
+    SET attempts        = attempts + 1,
+        next_attempt_at = coalesce(p_now, now()) + p_delay_ms * interval '1 millisecond',
+        acquired_token  = NULL,
+        acquired_at     = NULL,
+        acquired_by     = NULL,
+        last_error      = p_error
+    WHERE id = p_id AND acquired_token = p_token;
+    RETURN FOUND;
+END
+$postbox$;
+
+CREATE FUNCTION {bury_fn}(p_id bigint, p_token uuid, p_reason text, p_now timestamptz)
+RETURNS boolean
+LANGUAGE plpgsql SET enable_seqscan = off AS $postbox$
+BEGIN
+    WITH moved AS (
+        DELETE FROM {table}
+        WHERE id = p_id AND acquired_token = p_token
+        RETURNING *
+    )
+    INSERT INTO {dead} (id, queue, payload, headers, correlation_id, attempts, deliveries,
+                        created_at, next_attempt_at, first_attempt_at, last_attempt_at,
+                        acquired_by, last_error, dead_at, reason)
+    SELECT id, queue, payload, headers, correlation_id, attempts + 1, deliveries,
+           created_at, next_attempt_at, first_attempt_at, last_attempt_at,
+           acquired_by, last_error, coalesce(p_now, now()), p_reason
+    FROM moved;
+    RETURN FOUND;
+END
+$postbox$;
+
+CREATE FUNCTION {renew_fn}(p_id bigint, p_token uuid, p_now timestamptz) RETURNS boolean
+LANGUAGE plpgsql SET enable_seqscan = off AS $postbox$
+BEGIN
+    UPDATE {table} SET acquired_at = coalesce(p_now, now())
+    WHERE id = p_id AND acquired_token = p_token;
+    RETURN FOUND;
+END
+$postbox$;
+
+CREATE FUNCTION {release_fn}(p_id bigint, p_token uuid) RETURNS boolean
+LANGUAGE plpgsql SET enable_seqscan = off AS $postbox$
+BEGIN
+    UPDATE {table}
+    SET acquired_token = NULL,
+        acquired_at    = NULL,
+        acquired_by    = NULL,
+        deliveries     = greatest(deliveries - 1, 0)
+    WHERE id = p_id AND acquired_token = p_token;
+    RETURN FOUND;
+END
+$postbox$;
+"#;
+
 pub(crate) const CREATE_MIGRATIONS: &str = r#"
 CREATE TABLE IF NOT EXISTS {migrations} (
     version     integer     PRIMARY KEY,
@@ -319,6 +400,8 @@ const RELATION_EXISTS: &str = "SELECT to_regclass($1) IS NOT NULL";
 // $1 relation name
 const COLUMNS_OF: &str = "SELECT attname::text FROM pg_attribute \
      WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped";
+// $1 function name
+const FUNCTION_EXISTS: &str = "SELECT to_regproc($1) IS NOT NULL";
 // $1 constraint name, $2 relation name
 const CONSTRAINT_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_constraint \
      WHERE conname = $1 AND conrelid = to_regclass($2))";
@@ -370,6 +453,15 @@ pub(crate) async fn problems(
             .await?;
         if !exists {
             problems.push(format!("{kind} {name} is missing"));
+        }
+    }
+    for function in OutcomeFunction::ALL.map(|f| table.outcome_function(f)) {
+        let exists: bool = sqlx::query_scalar(FUNCTION_EXISTS)
+            .bind(&function)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !exists {
+            problems.push(format!("function {function} is missing"));
         }
     }
     let check: bool = sqlx::query_scalar(CONSTRAINT_EXISTS)

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
 use super::{coop, fetch, inspect, journal, outcome, publish, schema};
-use crate::table::TableName;
+use crate::table::{OutcomeFunction, TableName};
 
 /// Substitutes the identifier placeholders of `template` for `table`, after repeating each
 /// per-generation block (see [`each_generation`]).
 pub(crate) fn render(template: &str, table: &TableName) -> String {
+    let function = |f| TableName::quoted(&table.outcome_function(f));
     each_generation(template)
         .replace("{table}", &TableName::quoted(table.as_str()))
         .replace("{dead}", &TableName::quoted(&table.dead_letter()))
@@ -34,6 +35,11 @@ pub(crate) fn render(template: &str, table: &TableName) -> String {
             &TableName::quoted(&table.generation_sequence()),
         )
         .replace("{legacy}", &TableName::quoted(&table.legacy()))
+        .replace("{ack_fn}", &function(OutcomeFunction::Ack))
+        .replace("{retry_fn}", &function(OutcomeFunction::Retry))
+        .replace("{bury_fn}", &function(OutcomeFunction::Bury))
+        .replace("{renew_fn}", &function(OutcomeFunction::Renew))
+        .replace("{release_fn}", &function(OutcomeFunction::Release))
         .replace("{generations}", &crate::table::GENERATIONS.to_string())
 }
 
