@@ -115,3 +115,143 @@ async fn a_docker_fixture_listens_on_loopback_only() -> Result<()> {
     db.close().await?;
     Ok(())
 }
+
+/// The socket directory named by a local fixture's URL (`?host=<percent-encoded dir>`).
+fn socket_dir(url: &str) -> Option<std::path::PathBuf> {
+    let encoded = url.split_once("?host=")?.1.split('&').next()?;
+    let mut bytes = Vec::new();
+    let mut rest = encoded.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' && tail.len() >= 2 {
+            let hex = std::str::from_utf8(&tail[..2]).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    Some(std::path::PathBuf::from(String::from_utf8(bytes).ok()?))
+}
+
+/// A local user other than root and `owner`, to play the neighbour on a shared machine.
+fn another_local_user(owner: u32) -> Option<(String, u32, u32)> {
+    ["nobody", "daemon", "postgres", "bin"]
+        .iter()
+        .find_map(|name| {
+            let c = std::ffi::CString::new(*name).ok()?;
+            // SAFETY: getpwnam returns NULL or static storage, copied out at once (one thread
+            // of this test calls it).
+            let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+            if pw.is_null() {
+                return None;
+            }
+            // SAFETY: checked non-null above.
+            let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+            (uid != 0 && uid != owner).then(|| ((*name).to_owned(), uid, gid))
+        })
+}
+
+/// `psql`: on PATH, or beside the newest `/usr/lib/postgresql/<version>/bin/postgres`.
+fn psql() -> Option<std::path::PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("psql"))
+            .find(|f| f.is_file())
+    });
+    on_path.or_else(|| {
+        let mut bins: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("bin/psql"))
+            .filter(|f| f.is_file())
+            .collect();
+        bins.sort();
+        bins.pop()
+    })
+}
+
+/// Under the local provider, the cluster trusts whoever reaches it, so nobody else may reach
+/// it: no TCP address, and a socket in a directory only the server's user can enter. As root,
+/// another local user really tries (`psql` with the fixture's own URL) and is refused.
+#[tokio::test]
+async fn another_local_user_cannot_connect_to_the_local_cluster() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+
+    let db = postbox::testkit::postgres().await?;
+    if db.provider() != postbox::testkit::Provider::Local {
+        db.close().await?;
+        return Ok(());
+    }
+    let listen: String = sqlx::query_scalar("SHOW listen_addresses")
+        .fetch_one(db.pool())
+        .await?;
+    assert_eq!(listen, "", "the local cluster must open no TCP address");
+    let dir = socket_dir(db.url()).unwrap_or_else(|| panic!("no socket dir in {}", db.url()));
+    let meta = std::fs::metadata(&dir)?;
+    assert_eq!(
+        meta.mode() & 0o777,
+        0o700,
+        "socket directory {} must be private",
+        dir.display()
+    );
+
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0
+        && let (Some(psql), Some((name, uid, gid))) = (psql(), another_local_user(meta.uid()))
+    {
+        let out = std::process::Command::new(&psql)
+            .args([db.url(), "-Atc", "SELECT 1"])
+            .uid(uid)
+            .gid(gid)
+            .env("HOME", "/tmp")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "user {name} connected to the local cluster: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            stderr.contains("Permission denied"),
+            "user {name} failed for another reason: {stderr}"
+        );
+        // The same command as ourselves works: the refusal is about who asks.
+        let ours = std::process::Command::new(&psql)
+            .args([db.url(), "-Atc", "SELECT 1"])
+            .output()?;
+        assert!(
+            ours.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ours.stderr)
+        );
+    }
+    db.close().await?;
+    Ok(())
+}
+
+/// Under the Docker provider, the container's superuser has a random password: the URL's
+/// works, another does not (no trust authentication over TCP).
+#[tokio::test]
+async fn a_docker_fixture_needs_its_random_password() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    if db.provider() != postbox::testkit::Provider::Docker {
+        db.close().await?;
+        return Ok(());
+    }
+    let url = db.url();
+    let password = url
+        .split_once("://postgres:")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .map(|(p, _)| p.to_owned())
+        .unwrap_or_default();
+    assert_eq!(password.len(), 32, "a random password in {url}");
+    let wrong = url.replacen(&format!(":{password}@"), ":postgres@", 1);
+    let err = PgPool::connect(&wrong)
+        .await
+        .expect_err("a wrong password must be refused");
+    assert!(err.to_string().contains("password"), "{err}");
+    db.close().await?;
+    Ok(())
+}

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use postbox::PgBackend;
-use postbox::sqlx::postgres::PgPoolOptions;
+use postbox::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use postbox::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
 use serde_json::{Value, json};
 
@@ -16,11 +16,10 @@ use crate::stats::{latency, round};
 pub(crate) async fn fixture(ctx: &Ctx) -> anyhow::Result<Value> {
     // Warm-up: starts the server and builds the template, which is not what we measure.
     let first = postbox::testkit::postgres().await?;
-    let admin_url = first
-        .url()
-        .rsplit_once('/')
-        .map(|(base, _)| base.to_owned())
-        .context("fixture url has no database")?;
+    // The server's options with another database (the URL may name a unix socket directory
+    // in its query, so no string surgery).
+    let server: PgConnectOptions = first.url().parse().context("fixture url")?;
+    let on = |database: &str| server.clone().database(database);
 
     let mut template = Vec::with_capacity(ctx.rounds);
     for i in 0..ctx.rounds {
@@ -36,7 +35,7 @@ pub(crate) async fn fixture(ctx: &Ctx) -> anyhow::Result<Value> {
     for i in 0..ctx.rounds {
         ctx.progress(format!("fixture: create only {}/{}", i + 1, ctx.rounds));
         let name = format!("postbox_bench_empty_{}_{i}", std::process::id());
-        let mut admin = PgConnection::connect(&format!("{admin_url}/postgres")).await?;
+        let mut admin = PgConnection::connect_with(&on("postgres")).await?;
         let start = Instant::now();
         sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
             .execute(&mut admin)
@@ -57,13 +56,13 @@ pub(crate) async fn fixture(ctx: &Ctx) -> anyhow::Result<Value> {
         ));
         let name = format!("postbox_bench_{}_{i}", std::process::id());
         let start = Instant::now();
-        let mut admin = PgConnection::connect(&format!("{admin_url}/postgres")).await?;
+        let mut admin = PgConnection::connect_with(&on("postgres")).await?;
         sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
             .execute(&mut admin)
             .await?;
         let pool = PgPoolOptions::new()
             .max_connections(5)
-            .connect(&format!("{admin_url}/{name}"))
+            .connect_with(on(&name))
             .await?;
         PgBackend::new(pool.clone()).migrate().await?;
         migrate.push(start.elapsed());

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Builds a Postgres image for the testkit's Docker provider from the Postgres binaries already
 # on this machine, with no registry: `docker import` of a small root filesystem holding the
-# server, its shared libraries, the time zone data, a pre-initialised data directory (trust
-# auth, listening on all addresses) and an unprivileged `postgres` user.
+# server, its shared libraries, the time zone data, a pre-initialised data directory and an
+# unprivileged `postgres` user. TCP connections need a password (scram-sha-256): the entry
+# point sets the superuser's from POSTGRES_PASSWORD at every start and refuses to start
+# without one (the testkit passes a random one per test process); only the socket inside the
+# container trusts its users.
 #
 #   testkit/docker/build-local-image.sh [--force] [TAG]      (default tag postbox/postgres-local:15)
 #
@@ -16,7 +19,9 @@ force=0
 if [ "${1:-}" = "--force" ]; then force=1; shift; fi
 tag="${1:-postbox/postgres-local:15}"
 
-if [ "$force" = 0 ] && docker image inspect "$tag" >/dev/null 2>&1; then
+# An image of an older build of this script (which trusted every TCP connection) is rebuilt.
+auth=$(docker image inspect --format '{{ index .Config.Labels "postbox.auth" }}' "$tag" 2>/dev/null || true)
+if [ "$force" = 0 ] && [ "$auth" = "scram-sha-256" ]; then
   echo "image $tag exists"
   exit 0
 fi
@@ -60,9 +65,30 @@ printf 'root:x:0:\n%s:x:%s:\n' "$pguser" "$gid" > "$root/etc/group"
 data="$root/var/lib/postgresql/data"
 chown -R "$uid:$gid" "$root/var/lib/postgresql" "$root/var/run/postgresql" "$stage"
 chmod 755 "$stage"
-runuser -u "$pguser" -- "$bindir/initdb" -D "$data" -U postgres --auth=trust --no-sync \
-  -E UTF8 --locale=C >/dev/null
-echo "host all all all trust" >> "$data/pg_hba.conf"
+runuser -u "$pguser" -- "$bindir/initdb" -D "$data" -U postgres --auth-local=trust \
+  --auth-host=scram-sha-256 --no-sync -E UTF8 --locale=C >/dev/null
+echo "host all all all scram-sha-256" >> "$data/pg_hba.conf"
+
+# The entry point: the password from the environment, then the server. The image has /bin/sh
+# and nothing else, so this uses shell builtins only.
+cat > "$root/entrypoint.sh" <<'ENTRY'
+#!/bin/sh
+set -e
+if [ -z "$POSTGRES_PASSWORD" ]; then
+  echo "postbox/postgres-local: set POSTGRES_PASSWORD (TCP connections need it)" >&2
+  exit 1
+fi
+case "$POSTGRES_PASSWORD" in
+  *'$postbox$'*) echo 'postbox/postgres-local: the password may not contain $postbox$' >&2; exit 1 ;;
+esac
+if ! printf 'ALTER ROLE postgres PASSWORD $postbox$%s$postbox$\n' "$POSTGRES_PASSWORD" \
+    | "$PGBIN/postgres" --single -D "$PGDATA" postgres >/tmp/password.log 2>&1; then
+  while IFS= read -r line; do printf '%s\n' "$line" >&2; done </tmp/password.log
+  exit 1
+fi
+exec "$PGBIN/postgres" -D "$PGDATA"
+ENTRY
+chmod 755 "$root/entrypoint.sh"
 cat >> "$data/postgresql.conf" <<CONF
 listen_addresses = '*'
 unix_socket_directories = '/tmp'
@@ -76,6 +102,8 @@ tar -C "$root" -c . | docker import \
   --change "USER $pguser" \
   --change "EXPOSE 5432" \
   --change "ENV PGDATA=/var/lib/postgresql/data" \
-  --change "ENTRYPOINT [\"$bindir/postgres\", \"-D\", \"/var/lib/postgresql/data\"]" \
+  --change "ENV PGBIN=$bindir" \
+  --change "LABEL postbox.auth=scram-sha-256" \
+  --change "ENTRYPOINT [\"/entrypoint.sh\"]" \
   - "$tag" >/dev/null
 echo "built $tag from $pgroot ($(du -sh "$root" | cut -f1))"

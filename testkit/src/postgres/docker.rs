@@ -6,7 +6,9 @@
 //! Readiness: the official image prints "ready to accept connections" twice (its init phase
 //! runs a temporary server on a unix socket only), a pre-initialised image once. The wait
 //! condition accepts the first line and the testkit then connects over TCP until a query
-//! succeeds, which works for both. The port is published on 127.0.0.1 only.
+//! succeeds, which works for both. The port is published on 127.0.0.1 only, and the
+//! superuser's password is random, made for this test process (`POSTGRES_PASSWORD`, which both
+//! the official image and the locally built one apply; neither trusts TCP connections).
 //!
 //! Offline (no registry), build an image from the machine's own Postgres binaries with
 //! `testkit/docker/build-local-image.sh` and set `POSTBOX_TEST_PG_IMAGE=postbox/postgres-local:15`.
@@ -43,6 +45,8 @@ impl DockerServer {
 pub(crate) fn start(image: &(String, String)) -> Result<DockerServer, String> {
     docker_answers()?;
     let (name, tag) = image.clone();
+    // 128 random bits, hex: nothing to escape in a URL or in SQL.
+    let password = uuid::Uuid::new_v4().simple().to_string();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("postbox-pg-docker".into())
@@ -63,8 +67,7 @@ pub(crate) fn start(image: &(String, String)) -> Result<DockerServer, String> {
                     .with_wait_for(WaitFor::message_on_stderr(
                         "database system is ready to accept connections",
                     ))
-                    .with_env_var("POSTGRES_HOST_AUTH_METHOD", "trust")
-                    .with_env_var("POSTGRES_PASSWORD", "postgres")
+                    .with_env_var("POSTGRES_PASSWORD", password.as_str())
                     .with_label("postbox.testkit.pid", std::process::id().to_string())
                     .with_host_config_modifier(loopback_only)
                     .with_startup_timeout(Duration::from_secs(120));
@@ -82,7 +85,7 @@ pub(crate) fn start(image: &(String, String)) -> Result<DockerServer, String> {
                         return;
                     }
                 };
-                let url = format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres");
+                let url = format!("postgres://postgres:{password}@127.0.0.1:{port}/postgres");
                 let ready = wait_for_queries(&url).await;
                 let _ = tx.send(ready.map(|()| DockerServer {
                     url,

@@ -1,8 +1,15 @@
 //! A throwaway Postgres cluster from the binaries installed on this machine.
 //!
-//! `initdb` into a temp dir, then `postgres` as a child of a dedicated keeper thread, on a free
-//! loopback port with `fsync=off`. Postgres refuses to run as root, so when the test process is
-//! root both run as the `postgres` user (or `nobody`), in a directory chowned to it.
+//! `initdb` into a temp dir, then `postgres` as a child of a dedicated keeper thread, with
+//! `fsync=off`. Postgres refuses to run as root, so when the test process is root both run as
+//! the `postgres` user (or `nobody`), in a directory chowned to it.
+//!
+//! **Who can connect.** The cluster trusts whoever reaches it (superuser `postgres`, no
+//! password), so it must be reachable by the test process only: it listens on no TCP address
+//! (`listen_addresses = ''`), only on a unix socket inside its own directory, which is mode
+//! 0700 and owned by the user the server runs as (the test process's user, or the unprivileged
+//! user a root test process starts it as; root passes the permission check). Any other local
+//! user gets `permission denied` on the socket: tested in `tests/testkit_fixture.rs`.
 //!
 //! Nothing outlives the test process: the server gets `SIGQUIT` through `PR_SET_PDEATHSIG`
 //! when the keeper thread (which lives as long as the process) goes away, an exit hook stops it
@@ -19,6 +26,10 @@ use std::time::{Duration, Instant};
 /// Prefix of the temp dirs, for sweeping.
 const DIR_PREFIX: &str = "postbox-pg-";
 
+/// The port number that names the socket (`.s.PGSQL.5432`). No TCP port is opened, and the
+/// socket lives in the cluster's own directory, so every cluster can use the same number.
+const SOCKET_PORT: u16 = 5432;
+
 /// A running local cluster.
 #[derive(Debug)]
 pub(crate) struct LocalCluster {
@@ -30,7 +41,25 @@ pub(crate) struct LocalCluster {
 impl LocalCluster {
     /// The admin URL (superuser `postgres`, trust auth, database `postgres`).
     pub(crate) fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        self.url_of("postgres")
+    }
+
+    /// The URL of `database`: the unix socket in the cluster's directory, as the `host`
+    /// parameter (percent-encoded), which libpq, psql and sqlx all understand.
+    pub(crate) fn url_of(&self, database: &str) -> String {
+        let dir = self.dir.to_string_lossy();
+        let mut host = String::with_capacity(dir.len() * 3);
+        for b in dir.bytes() {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                host.push(char::from(b));
+            } else {
+                host.push_str(&format!("%{b:02X}"));
+            }
+        }
+        format!(
+            "postgres://postgres@localhost:{}/{database}?host={host}",
+            self.port
+        )
     }
 
     /// Stops the server at once and removes its directory. Best effort; used at exit.
@@ -117,19 +146,17 @@ pub(crate) fn start() -> Result<LocalCluster, String> {
         ));
     }
 
-    // A port freed just now may be taken by someone else before postgres binds it: retry.
-    let mut last_error = String::new();
-    for _ in 0..3 {
-        let port = free_port()?;
-        match spawn_server(&bin, &dir, &data, port, user) {
-            Ok(pid) => {
-                return Ok(LocalCluster { pid, port, dir });
-            }
-            Err(e) => last_error = e,
+    match spawn_server(&bin, &dir, &data, SOCKET_PORT, user) {
+        Ok(pid) => Ok(LocalCluster {
+            pid,
+            port: SOCKET_PORT,
+            dir,
+        }),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&dir);
+            Err(e)
         }
     }
-    let _ = fs::remove_dir_all(&dir);
-    Err(last_error)
 }
 
 fn spawn_server(
@@ -150,7 +177,9 @@ fn spawn_server(
         .arg(dir)
         .args([
             "-c",
-            "listen_addresses=127.0.0.1",
+            "listen_addresses=",
+            "-c",
+            "unix_socket_permissions=0700",
             "-c",
             "fsync=off",
             "-c",
@@ -212,7 +241,7 @@ fn spawn_server(
             let log = fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(10).collect();
             return Err(format!(
-                "postgres did not become ready on port {port}: {}",
+                "postgres did not become ready on its socket (port {port}): {}",
                 tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
             ));
         }
@@ -224,13 +253,6 @@ fn spawn_server(
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(pid, 0) == 0 }
-}
-
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot find a free port: {e}"))
 }
 
 /// The directory holding `initdb` and `postgres`: on PATH, else the newest

@@ -62,8 +62,17 @@ static OWNED: parking_lot::Mutex<Vec<Owned>> = parking_lot::Mutex::new(Vec::new(
 /// 2. `docker`: a testcontainers Postgres when a Docker engine answers; image
 ///    [`DEFAULT_IMAGE`] unless `POSTBOX_TEST_PG_IMAGE=name:tag`;
 /// 3. `local`: a throwaway cluster from the local `initdb`/`postgres` binaries (on `PATH` or
-///    under `/usr/lib/postgresql/<version>/bin`), in a temp dir, on a free port, with
-///    `fsync=off`; run as the `postgres` user when the tests run as root.
+///    under `/usr/lib/postgresql/<version>/bin`), in a temp dir, with `fsync=off`; run as the
+///    `postgres` user when the tests run as root.
+///
+/// # Who else can connect
+///
+/// The servers the testkit starts are for the test process alone, even on a shared machine or
+/// CI runner. The local cluster opens no TCP port: it listens on a unix socket inside its own
+/// directory (mode 0700, owned by the user the server runs as), so another local user cannot
+/// reach it. A container gets a random password, generated per test process, and publishes
+/// its port on 127.0.0.1 only. Fixture URLs carry what is needed to connect (the socket
+/// directory, or the password): do not print them where others can read them.
 ///
 /// A started container or cluster is removed when the test process exits.
 ///

@@ -29,7 +29,7 @@ pub struct LocalServer {
 }
 
 impl LocalServer {
-    /// Runs `initdb` and starts the server on a free port (blocking: call it from
+    /// Runs `initdb` and starts the server on a private unix socket (blocking: call it from
     /// `spawn_blocking` in async code).
     ///
     /// # Errors
@@ -46,10 +46,11 @@ impl LocalServer {
         })
     }
 
-    /// The URL of `database` on this server (superuser `postgres`, trust authentication).
+    /// The URL of `database` on this server (superuser `postgres`, trust authentication,
+    /// through a unix socket only this process's user can reach: see
+    /// [`postgres()`](super::postgres()) for who can connect).
     pub fn url(&self, database: &str) -> String {
-        let port = self.cluster.lock().port;
-        format!("postgres://postgres@127.0.0.1:{port}/{database}")
+        self.cluster.lock().url_of(database)
     }
 
     /// Restarts the server in place, as `pg_ctl restart -m fast` does: every connection is
