@@ -213,3 +213,109 @@ proptest! {
         prop_assert_eq!(seen, ((after + 1)..=n).collect::<Vec<_>>());
     }
 }
+
+/// `NOTIFY` has no privileges: a role that may only connect can `LISTEN` and `NOTIFY` on the
+/// journal channel. By default that gives it nothing: a forged event (even a terminal one) is
+/// never yielded by a tail, and what it hears carries no payload. The same forgery is yielded
+/// by a tail that opted in to [`JournalLive::Payloads`], which is why that mode is opt-in.
+#[tokio::test]
+async fn a_connect_only_role_can_neither_inject_into_nor_read_a_tail_on_postgres()
+-> anyhow::Result<()> {
+    use postbox::JournalLive;
+    use postbox::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+    use postbox::sqlx::{self, AssertSqlSafe};
+
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let role = format!(
+        "intruder_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'intruder'"
+    )))
+    .execute(db.pool())
+    .await?;
+    let server: PgConnectOptions = db.url().parse()?;
+    let intruder = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(server.username(&role).password("intruder"))
+        .await?;
+    let denied = sqlx::query("SELECT payload FROM postbox_events")
+        .fetch_all(&intruder)
+        .await
+        .expect_err("the journal table is not the intruder's to read");
+    assert!(denied.to_string().contains("permission denied"), "{denied}");
+    let mut ears = PgListener::connect_with(&intruder).await?;
+    ears.listen("postbox_ev_postbox").await?;
+    let forge = |text: &'static str| {
+        let intruder = intruder.clone();
+        async move {
+            sqlx::query("SELECT pg_notify('postbox_ev_postbox', $1)")
+                .bind(text)
+                .execute(&intruder)
+                .await
+        }
+    };
+
+    let mut secret = EventPayload::new();
+    secret.insert("secret".into(), "hunter2".into());
+    let w = BatchedJournalWriter::new(backend.clone(), "s", WriterOptions::default());
+    let mut tail = snapshot_and_tail(backend.clone(), "s", 0, TailOptions::default()).await?;
+    w.record(1, "delta", secret).await?;
+    let first = tail.next().await.expect("seq 1")?;
+    assert_eq!(first.payload.get("secret"), Some(&"hunter2".into()));
+
+    // Forgeries: a whole terminal event, and an announcement of a seq that does not exist.
+    forge(r#"{"s":"s","q":2,"t":"done","p":{"forged":true}}"#).await?;
+    forge(r#"{"s":"s","q":99,"c":true}"#).await?;
+    w.record(2, "delta", payload(2)).await?;
+    w.record(3, "done", payload(3)).await?;
+    w.close().await?;
+    let mut rest = Vec::new();
+    while let Some(event) = postbox::testkit::within("the real seqs 2 and 3", tail.next()).await {
+        let event = event?;
+        rest.push((event.seq, event.event_type.clone(), event.payload.clone()));
+    }
+    assert_eq!(
+        rest,
+        [
+            (2, "delta".to_owned(), payload(2)),
+            (3, "done".to_owned(), payload(3))
+        ],
+        "the tail yields what the table holds, nothing forged"
+    );
+
+    // What the intruder heard: announcements, never the payload.
+    let mut heard = Vec::new();
+    let seq_of = |n: &String| {
+        serde_json::from_str::<serde_json::Value>(n)
+            .ok()
+            .and_then(|v| v.get("q").and_then(serde_json::Value::as_i64))
+    };
+    while !heard.iter().any(|n| seq_of(n) == Some(3)) {
+        let n = postbox::testkit::within("the announcement of seq 3", ears.recv()).await?;
+        heard.push(n.payload().to_owned());
+    }
+    assert!(
+        heard.iter().all(|n| !n.contains("hunter2")),
+        "a payload reached the intruder: {heard:?}"
+    );
+
+    // The opt-in mode trusts the channel: the same forgery ends its tail.
+    let trusting = backend.clone().journal_live(JournalLive::Payloads);
+    let mut gullible = snapshot_and_tail(trusting, "u", 0, TailOptions::default()).await?;
+    forge(r#"{"s":"u","q":1,"t":"done","p":{"forged":true}}"#).await?;
+    let forged = postbox::testkit::within("the forged event", gullible.next())
+        .await
+        .expect("an event")?;
+    assert_eq!(forged.payload.get("forged"), Some(&true.into()));
+
+    drop(ears);
+    intruder.close().await;
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP ROLE {role}")))
+        .execute(db.pool())
+        .await?;
+    db.close().await?;
+    Ok(())
+}

@@ -260,7 +260,10 @@ pub trait Backend: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<JournalEvent>>;
 
-    /// Publishes `event` on the stream's live channel (not durable).
+    /// Publishes `event` on the stream's live channel (not durable), if the backend's
+    /// [`JournalLive`](crate::JournalLive) sends payloads; under the default,
+    /// `JournalLive::Stored`, it only validates the event: events go live when
+    /// [`journal_append`](Self::journal_append) stores them.
     ///
     /// # Errors
     ///

@@ -44,8 +44,8 @@ pub use coop::{
 pub use error::{Error, Result, SchemaProblems};
 pub use inspect::{DeadLetter, MessageState, StoredMessage};
 pub use journal::{
-    BatchedJournalWriter, EventPayload, JournalEvent, JournalTail, LiveEvent, LiveEvents,
-    MAX_REWRITES_KEPT, Rewrite, TailOptions, WriterOptions, WriterStats, record_event,
+    BatchedJournalWriter, EventPayload, JournalEvent, JournalLive, JournalTail, LiveEvent,
+    LiveEvents, MAX_REWRITES_KEPT, Rewrite, TailOptions, WriterOptions, WriterStats, record_event,
     snapshot_and_tail,
 };
 pub use message::{

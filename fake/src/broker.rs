@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use postbox_core::{
     Availability, Backend, CoopReceive, DeadLetter, Delivery, Engine, FetchParams, JournalEvent,
-    Lease, LiveEvents, Member, MemberInfo, Message, MessageId, Registration, Result, RetryParams,
-    StoredMessage, TableName, Unregister, validate_reason,
+    JournalLive, Lease, LiveEvents, Member, MemberInfo, Message, MessageId, Registration, Result,
+    RetryParams, StoredMessage, TableName, Unregister, validate_reason,
 };
 use uuid::Uuid;
 
@@ -62,6 +62,8 @@ pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
     /// How long each fetch and cooperative receive takes (`set_fetch_latency`).
     pub(crate) fetch_latency: Mutex<Duration>,
+    /// What the journal's live channel carries (`journal_live`).
+    pub(crate) journal_live: Mutex<JournalLive>,
 }
 
 impl Default for FakeBroker {
@@ -85,6 +87,7 @@ impl FakeBroker {
                 clock: Clock::new(),
                 state: Mutex::new(State::default()),
                 fetch_latency: Mutex::new(Duration::ZERO),
+                journal_live: Mutex::new(JournalLive::default()),
             }),
         }
     }

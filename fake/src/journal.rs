@@ -1,7 +1,11 @@
 //! Journal streams in memory, mirroring `postbox_core`'s `pg/journal.rs`: a table keyed by
-//! `(stream, seq)` and an in-process broadcast as the live channel.
+//! `(stream, seq)` and an in-process broadcast as the live channel, which carries what the
+//! Postgres channel would under the broker's [`JournalLive`]: announcements of stored events
+//! (the highest seq per stream of each append), or whole events at publish time.
 
-use postbox_core::{Error, JournalEvent, LiveEvents, Result};
+use std::collections::BTreeMap;
+
+use postbox_core::{Error, JournalEvent, JournalLive, LiveEvents, Result};
 
 use crate::broker::FakeBroker;
 use crate::faults;
@@ -24,12 +28,24 @@ impl FakeBroker {
                 seq: Some(taken.seq),
             });
         }
+        let mut highest: BTreeMap<&str, &JournalEvent> = BTreeMap::new();
         for event in events {
             let mut stored = event.clone();
             stored.created_at = Some(now);
             state
                 .journal
                 .insert((event.stream.clone(), event.seq), stored);
+            let top = highest.entry(event.stream.as_str()).or_insert(event);
+            if event.seq > top.seq {
+                *top = event;
+            }
+        }
+        drop(state);
+        if self.journal_live_mode() == JournalLive::Stored {
+            for event in highest.into_values() {
+                // No subscriber is fine: announcements are not durable.
+                let _ = self.shared.live.send(event.clone());
+            }
         }
         Ok(())
     }
@@ -59,12 +75,32 @@ impl FakeBroker {
     }
 
     pub(crate) fn journal_publish_now(&self, event: &JournalEvent) {
-        // No subscriber is fine: live events are not durable.
-        let _ = self.shared.live.send(event.clone());
+        if self.journal_live_mode() == JournalLive::Payloads {
+            // No subscriber is fine: live events are not durable.
+            let _ = self.shared.live.send(event.clone());
+        }
     }
 
     pub(crate) fn journal_subscribe_now(&self, stream: &str) -> LiveEvents {
-        LiveEvents::from_broadcast(self.shared.live.subscribe(), stream)
+        LiveEvents::from_broadcast(
+            self.shared.live.subscribe(),
+            stream,
+            self.journal_live_mode(),
+        )
+    }
+
+    fn journal_live_mode(&self) -> JournalLive {
+        *self.shared.journal_live.lock()
+    }
+
+    /// What the journal's live channel carries, as `PgBackend::journal_live` sets it on
+    /// Postgres: [`JournalLive::Stored`] (the default) announces events once they are stored
+    /// and readers read them from the journal; [`JournalLive::Payloads`] sends each event
+    /// whole when it is published. Applies to this broker and every clone of it.
+    #[must_use]
+    pub fn journal_live(self, live: JournalLive) -> Self {
+        *self.shared.journal_live.lock() = live;
+        self
     }
 
     /// Makes the next `n` journal writes fail with `fault`.

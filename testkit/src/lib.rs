@@ -27,6 +27,7 @@ mod assert;
 pub mod conformance;
 mod drain;
 mod error;
+mod live;
 pub mod postgres;
 pub mod props;
 mod time;
@@ -38,6 +39,7 @@ pub use assert::{
 };
 pub use drain::{DrainOptions, DrainReport, RunOutcome, drain, run_one};
 pub use error::TestkitError;
+pub use live::JournalLiveControl;
 pub use postgres::{PgFixture, Provider, postgres};
 pub use time::TimeControl;
 pub use wait::{deadline, until_within, wait_for_event, wait_for_event_within, within};

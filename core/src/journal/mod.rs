@@ -1,14 +1,15 @@
 //! Journal streams: per-stream, append-only event logs with a live channel.
 //!
 //! - [`record_event`]: one committed insert plus a live publish, for occasional events.
-//! - [`BatchedJournalWriter`]: for streams of many small events (a streamed answer): each
-//!   event is published live at once and written in batches (16 events or 100 ms), so ~100
-//!   single-row commits become ~7.
+//! - [`BatchedJournalWriter`]: for streams of many small events (a streamed answer): events
+//!   are written in batches (16 events or 100 ms), so ~100 single-row commits become ~7, and
+//!   go live when stored (or, with [`JournalLive::Payloads`], at once).
 //! - [`snapshot_and_tail`]: replay the committed events after a seq, then follow the live
 //!   channel, with no gap and no duplicate at the boundary.
 //!
-//! Live delivery is Postgres `NOTIFY` on the real backend (events over ~7.9 kB travel as a
-//! pointer the reader resolves), an in-process broadcast on the fake.
+//! Live delivery is Postgres `NOTIFY` on the real backend, an in-process broadcast on the
+//! fake. By default the channel only announces stored events and readers read them from the
+//! table, because anyone who can connect can `NOTIFY`: see [`JournalLive`].
 
 mod live;
 mod tail;
@@ -16,7 +17,7 @@ mod writer;
 
 use chrono::{DateTime, Utc};
 
-pub use live::{LiveEvent, LiveEvents};
+pub use live::{JournalLive, LiveEvent, LiveEvents};
 pub use tail::{JournalTail, TailOptions, snapshot_and_tail};
 pub use writer::{BatchedJournalWriter, MAX_REWRITES_KEPT, Rewrite, WriterOptions, WriterStats};
 

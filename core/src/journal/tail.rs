@@ -195,6 +195,13 @@ impl<B: Backend> JournalTail<B> {
                         self.read_journal = true;
                     }
                 }
+                Ok(Some(LiveEvent::Stored { seq })) => {
+                    // Committed before it was announced: one read, no waiting. A forged
+                    // announcement finds nothing new and costs just that read.
+                    if seq > self.last {
+                        self.read_journal = true;
+                    }
+                }
                 Ok(Some(LiveEvent::Pointer { seq })) => {
                     if seq > self.last {
                         // Too large to notify: read it (and anything before it) from the journal.

@@ -1,4 +1,4 @@
-//! [`BatchedJournalWriter`]: live at once, durable in batches.
+//! [`BatchedJournalWriter`]: durable in batches, live when stored (or at once, opted in).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -93,10 +93,14 @@ struct Inner<B: Backend> {
     live_failures: AtomicU64,
 }
 
-/// Writes one journal stream: each event is published live at once and buffered; the buffer
-/// is written in one multi-row insert when it holds `max_batch` events, when `max_delay` has
-/// passed since the last flush (a background timer flushes quiet streams), and on
-/// [`close`](Self::close).
+/// Writes one journal stream: each event is published and buffered; the buffer is written in
+/// one multi-row insert when it holds `max_batch` events, when `max_delay` has passed since the
+/// last flush (a background timer flushes quiet streams), and on [`close`](Self::close).
+///
+/// When readers see an event depends on the backend's [`JournalLive`](crate::JournalLive): by
+/// default once its flush has stored it (the flush announces it; readers read it from the
+/// table), so within `max_delay`; with `JournalLive::Payloads` (opt-in: the channel is open to
+/// every role that can connect) at once, before it is stored.
 ///
 /// `record` checks the event first ([`JournalEvent::validate`]): one Postgres cannot store is
 /// refused at once and never published live. A flush that fails (a taken seq, or any other
@@ -114,7 +118,7 @@ struct Inner<B: Backend> {
 /// for (seq, token) in [(1, "Hel"), (2, "lo")] {
 ///     let mut payload = serde_json::Map::new();
 ///     payload.insert("text".into(), token.into());
-///     writer.record(seq, "delta", payload).await?; // live now, durable within 100 ms
+///     writer.record(seq, "delta", payload).await?; // durable and live within 100 ms
 /// }
 /// writer.record(3, "done", serde_json::Map::new()).await?;
 /// let stats = writer.close().await?; // everything durable
@@ -166,7 +170,8 @@ impl<B: Backend> BatchedJournalWriter<B> {
         &self.inner.stream
     }
 
-    /// Publishes the event live and buffers it for the durable write.
+    /// Publishes the event (live at once only under `JournalLive::Payloads`) and buffers it
+    /// for the durable write, whose commit announces it by default.
     ///
     /// # Errors
     ///
@@ -209,7 +214,7 @@ impl<B: Backend> BatchedJournalWriter<B> {
     }
 
     /// Flushes and closes; idempotent. Once it returns, every recorded event is durable (or
-    /// counted as dropped) and has been published live.
+    /// counted as dropped) and has been published or announced live.
     ///
     /// # Errors
     ///

@@ -1,7 +1,12 @@
 //! Journal streams on Postgres: the events table and the live channel (`NOTIFY`).
 //!
-//! Live notifications carry the whole event as JSON when it fits well under the 8000-byte
-//! NOTIFY limit, and a pointer (stream and seq) otherwise; the reader then fetches the row.
+//! `NOTIFY` has no privileges, so by default ([`JournalLive::Stored`]) the channel carries no
+//! event: the statement that stores events also announces, per stream, the highest seq it
+//! wrote (`{"s": stream, "q": seq, "c": true}`, delivered when it commits), and readers read
+//! the events from the table. Whatever else arrives on the channel is, for such a reader, only
+//! a reason to read the table again. With [`JournalLive::Payloads`] (opt-in) publishes carry
+//! the whole event as JSON when it fits well under the 8000-byte NOTIFY limit, and a pointer
+//! (stream and seq) otherwise; the reader then fetches the row.
 
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -10,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::PgBackend;
 use crate::error::{Error, Result};
-use crate::journal::{JournalEvent, LiveEvent, LiveEvents};
+use crate::journal::{JournalEvent, JournalLive, LiveEvent, LiveEvents};
 
 // $1 streams, $2 seqs, $3 types, $4 payloads, $5 pinned now
 pub(crate) const APPEND: &str = r#"
@@ -19,7 +24,18 @@ SELECT e.stream_id, e.seq, e.event_type, e.payload, coalesce($5::timestamptz, no
 FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[])
      AS e(stream_id, seq, event_type, payload)"#;
 
-// $1 stream
+// As APPEND, and announces per stream the highest seq written, to channel $6, on commit.
+pub(crate) const APPEND_ANNOUNCE: &str = r#"
+WITH stored AS (
+    INSERT INTO {events} (stream_id, seq, event_type, payload, created_at)
+    SELECT e.stream_id, e.seq, e.event_type, e.payload, coalesce($5::timestamptz, now())
+    FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[])
+         AS e(stream_id, seq, event_type, payload)
+    RETURNING stream_id, seq
+)
+SELECT count(pg_notify($6, json_build_object('s', stream_id, 'q', seq, 'c', true)::text))
+FROM (SELECT stream_id, max(seq) AS seq FROM stored GROUP BY stream_id) AS announced"#;
+
 // $1 streams, $2 seqs (pairwise): which of them are stored
 pub(crate) const TAKEN: &str = r#"
 SELECT e.stream_id, e.seq
@@ -46,6 +62,7 @@ fn wire_text(event: &JournalEvent) -> Result<String> {
     let mut wire = Wire {
         s: event.stream.clone(),
         q: event.seq,
+        c: false,
         t: Some(event.event_type.clone()),
         p: Some(event.payload.clone()),
     };
@@ -66,6 +83,9 @@ const MAX_INLINE: usize = 7_900;
 struct Wire {
     s: String,
     q: i64,
+    /// Set by the storing transaction's announcement: events up to `q` are committed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    c: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     t: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -84,14 +104,22 @@ impl PgBackend {
             .iter()
             .map(|e| serde_json::Value::Object(e.payload.clone()))
             .collect();
-        let result = sqlx::query(self.shared().sql.journal_append.clone())
+        let announce = self.journal_live == JournalLive::Stored;
+        let statement = if announce {
+            self.shared().sql.journal_append_announce.clone()
+        } else {
+            self.shared().sql.journal_append.clone()
+        };
+        let mut query = sqlx::query(statement)
             .bind(&streams)
             .bind(&seqs)
             .bind(&types)
             .bind(&payloads)
-            .bind(self.shared().now())
-            .execute(&self.shared().pool)
-            .await;
+            .bind(self.shared().now());
+        if announce {
+            query = query.bind(self.shared().table.journal_channel());
+        }
+        let result = query.execute(&self.shared().pool).await;
         match result {
             Ok(_) => Ok(()),
             Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
@@ -173,9 +201,10 @@ impl PgBackend {
         self.journal_notify_many(std::slice::from_ref(event)).await
     }
 
-    /// One statement for all of `events`, notified in order.
+    /// One statement for all of `events`, notified in order; nothing unless the backend
+    /// sends payloads ([`JournalLive::Stored`] announces events when they are stored).
     pub(crate) async fn journal_notify_many(&self, events: &[JournalEvent]) -> Result<()> {
-        if events.is_empty() {
+        if events.is_empty() || self.journal_live == JournalLive::Stored {
             return Ok(());
         }
         let texts = events.iter().map(wire_text).collect::<Result<Vec<_>>>()?;
@@ -200,23 +229,44 @@ impl PgBackend {
             .listen(&self.shared().table.journal_channel())
             .await?;
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(forward(listener, stream.to_owned(), tx));
+        let task = tokio::spawn(forward(listener, stream.to_owned(), self.journal_live, tx));
         Ok(LiveEvents::from_channel(rx, task))
     }
 }
 
+/// What a notification means to a reader of `stream` under `live`: under
+/// [`JournalLive::Stored`] never an event, only a reason to read the journal (so a forged
+/// notification cannot inject anything); under [`JournalLive::Payloads`] the event it carries.
+fn live_event(wire: Wire, stream: &str, live: JournalLive) -> Option<LiveEvent> {
+    if wire.s != stream {
+        return None;
+    }
+    Some(match (live, wire.c, wire.t, wire.p) {
+        (JournalLive::Stored, ..) | (_, true, ..) => LiveEvent::Stored { seq: wire.q },
+        (JournalLive::Payloads, false, Some(t), Some(p)) => {
+            LiveEvent::Event(JournalEvent::new(wire.s, wire.q, t, p))
+        }
+        (JournalLive::Payloads, false, ..) => LiveEvent::Pointer { seq: wire.q },
+    })
+}
+
 /// Forwards the stream's notifications; reports a lost connection or a full buffer as
 /// [`LiveEvent::Lagged`] so the reader re-reads the journal.
-async fn forward(mut listener: PgListener, stream: String, tx: mpsc::Sender<LiveEvent>) {
+async fn forward(
+    mut listener: PgListener,
+    stream: String,
+    live: JournalLive,
+    tx: mpsc::Sender<LiveEvent>,
+) {
     let mut lagged = false;
     loop {
         let event = match listener.try_recv().await {
             Ok(Some(n)) => match serde_json::from_str::<Wire>(n.payload()) {
-                Ok(w) if w.s == stream => match (w.t, w.p) {
-                    (Some(t), Some(p)) => LiveEvent::Event(JournalEvent::new(w.s, w.q, t, p)),
-                    _ => LiveEvent::Pointer { seq: w.q },
+                Ok(wire) => match live_event(wire, &stream, live) {
+                    Some(event) => event,
+                    None => continue,
                 },
-                _ => continue,
+                Err(_) => continue,
             },
             // The connection dropped (and was re-established): notifications may be lost.
             Ok(None) => LiveEvent::Lagged,

@@ -38,7 +38,7 @@ use crate::backend::{Backend, FetchParams, RetryParams};
 use crate::coop::{CoopReceive, Member, MemberInfo, Registration, Unregister};
 use crate::error::Result;
 use crate::inspect::{DeadLetter, StoredMessage};
-use crate::journal::{JournalEvent, LiveEvents};
+use crate::journal::{JournalEvent, JournalLive, LiveEvents};
 use crate::message::{Delivery, Lease, Message, MessageId};
 use crate::table::TableName;
 
@@ -79,6 +79,7 @@ use crate::table::TableName;
 #[derive(Clone)]
 pub struct PgBackend {
     engine: Engine,
+    journal_live: JournalLive,
 }
 
 /// State shared by a backend, its clones and its engine.
@@ -129,7 +130,20 @@ impl PgBackend {
                 }),
                 limit: None,
             },
+            journal_live: JournalLive::default(),
         }
+    }
+
+    /// What the journal's live channel carries for this backend and its later clones: by
+    /// default [`JournalLive::Stored`], announcements of stored events that readers resolve
+    /// from the table, because any role that can connect can `LISTEN` and `NOTIFY` on the
+    /// channel. [`JournalLive::Payloads`] sends each event whole when it is published (before
+    /// it is stored): lower latency for streamed answers, for databases whose every role is
+    /// trusted. Writers and readers may differ: a `Stored` reader treats whatever arrives as a
+    /// reason to read the table, a `Payloads` reader resolves announcements from the table too.
+    pub fn journal_live(mut self, live: JournalLive) -> Self {
+        self.journal_live = live;
+        self
     }
 
     /// Caps the fetch statements that run at once: those of every subscriber built from this

@@ -3,11 +3,12 @@
 use std::time::Duration;
 
 use postbox_core::{
-    Backend, BatchedJournalWriter, Error, EventPayload, JournalEvent, LiveEvent, TailOptions,
-    WriterOptions, record_event, snapshot_and_tail,
+    Backend, BatchedJournalWriter, Error, EventPayload, JournalEvent, JournalLive, LiveEvent,
+    TailOptions, WriterOptions, record_event, snapshot_and_tail,
 };
 
 use super::Harness;
+use crate::live::JournalLiveControl;
 use crate::wait::deadline;
 
 fn payload(n: i64) -> EventPayload {
@@ -29,7 +30,8 @@ fn never() -> WriterOptions {
     WriterOptions::default().max_delay(Duration::from_secs(3600))
 }
 
-/// `record_event` commits the event and publishes it live.
+/// `record_event` commits the event and announces it live (by default, its seq only; with
+/// [`JournalLive::Payloads`], the whole event).
 pub async fn journal_record_event_writes_and_publishes<H: Harness>(h: &H) {
     let b = h.backend();
     let mut live = b.journal_subscribe("s").await.expect("subscribe");
@@ -42,17 +44,31 @@ pub async fn journal_record_event_writes_and_publishes<H: Harness>(h: &H) {
     let got = tokio::time::timeout(deadline(), live.recv())
         .await
         .expect("live in time");
+    assert_eq!(got, Some(LiveEvent::Stored { seq: 1 }), "an announcement");
+
+    let p = b.with_journal_live(JournalLive::Payloads);
+    let mut live = p.journal_subscribe("s").await.expect("subscribe");
+    assert_eq!(
+        record_event(&p, "s", 2, "delta", payload(2))
+            .await
+            .expect("record"),
+        2
+    );
+    let got = tokio::time::timeout(deadline(), live.recv())
+        .await
+        .expect("live in time");
     match got {
         Some(LiveEvent::Event(e)) => assert_eq!(
             (e.seq, e.event_type.as_str(), e.payload),
-            (1, "delta", payload(1))
+            (2, "delta", payload(2))
         ),
         other => panic!("expected the event, got {other:?}"),
     }
+    let b = &p;
     let stored = b.journal_read_after("s", 0, 10).await.expect("read");
-    assert_eq!(stored.len(), 1);
+    assert_eq!(stored.len(), 2);
     assert!(stored[0].created_at.is_some());
-    assert_eq!(b.journal_latest_seq("s").await.expect("latest"), Some(1));
+    assert_eq!(b.journal_latest_seq("s").await.expect("latest"), Some(2));
     assert_eq!(b.journal_latest_seq("other").await.expect("latest"), None);
 }
 
@@ -170,9 +186,20 @@ pub async fn journal_writer_collision_falls_back_per_row<H: Harness>(h: &H) {
 }
 
 /// The tail replays the committed events after a seq, then follows live ones, each once, in
-/// order, and ends on a terminal event.
+/// order, and ends on a terminal event. By default events go live once stored, so the last
+/// ones (buffered by the writer) arrive with the flush.
 pub async fn journal_snapshot_then_tail_has_no_gap_and_no_duplicate<H: Harness>(h: &H) {
-    let b = h.backend();
+    snapshot_then_tail(h.backend(), true).await;
+}
+
+/// As above with [`JournalLive::Payloads`]: the buffered events arrive before any flush.
+pub async fn journal_snapshot_then_tail_with_payloads_has_no_gap_and_no_duplicate<H: Harness>(
+    h: &H,
+) {
+    snapshot_then_tail(&h.backend().with_journal_live(JournalLive::Payloads), false).await;
+}
+
+async fn snapshot_then_tail<B: Backend + Clone>(b: &B, flush_live_ones: bool) {
     let w = BatchedJournalWriter::new(b.clone(), "s", never().max_batch(4));
     for seq in 1..=10 {
         w.record(seq, "delta", payload(seq)).await.expect("record");
@@ -189,6 +216,9 @@ pub async fn journal_snapshot_then_tail_has_no_gap_and_no_duplicate<H: Harness>(
         w.record(seq, "delta", payload(seq)).await.expect("record");
     }
     w.record(16, "done", payload(16)).await.expect("record");
+    if flush_live_ones {
+        w.flush().await;
+    }
     while let Some(event) = tokio::time::timeout(deadline(), tail.next())
         .await
         .expect("in time")
@@ -198,6 +228,66 @@ pub async fn journal_snapshot_then_tail_has_no_gap_and_no_duplicate<H: Harness>(
     assert_eq!(got, (4..=16).collect::<Vec<_>>());
     w.close().await.expect("close");
     assert_eq!(seqs(b, "s").await, (1..=16).collect::<Vec<_>>());
+}
+
+/// With [`JournalLive::Payloads`] the writer publishes each event whole at once, before it is
+/// stored; by default the only live thing is the announcement its flush makes.
+pub async fn journal_payloads_go_live_before_they_are_stored<H: Harness>(h: &H) {
+    let b = h.backend();
+    let mut quiet = b.journal_subscribe("s").await.expect("subscribe");
+    let w = BatchedJournalWriter::new(b.clone(), "s", never());
+    w.record(1, "delta", payload(1)).await.expect("record");
+    w.record(2, "delta", payload(2)).await.expect("record");
+    w.close().await.expect("close");
+    assert_eq!(
+        next(&mut quiet).await,
+        Some(LiveEvent::Stored { seq: 2 }),
+        "by default: one announcement for the flush, after it"
+    );
+
+    let p = b.with_journal_live(JournalLive::Payloads);
+    let mut live = p.journal_subscribe("t").await.expect("subscribe");
+    let wp = BatchedJournalWriter::new(p.clone(), "t", never());
+    wp.record(1, "delta", payload(1)).await.expect("record");
+    match next(&mut live).await {
+        Some(LiveEvent::Event(e)) => assert_eq!((e.stream.as_str(), e.seq), ("t", 1)),
+        other => panic!("expected the whole event, got {other:?}"),
+    }
+    assert!(seqs(&p, "t").await.is_empty(), "live before it is stored");
+    wp.close().await.expect("close");
+    assert_eq!(seqs(&p, "t").await, [1]);
+}
+
+async fn next(live: &mut postbox_core::LiveEvents) -> Option<LiveEvent> {
+    tokio::time::timeout(deadline(), live.recv())
+        .await
+        .expect("a live event in time")
+}
+
+/// An append announces, per stream it wrote, the highest seq, once: a reader reads the rest
+/// from the journal.
+pub async fn journal_stored_events_are_announced_once_per_append_and_stream<H: Harness>(h: &H) {
+    let b = h.backend();
+    let mut a = b.journal_subscribe("a").await.expect("subscribe");
+    let mut c = b.journal_subscribe("c").await.expect("subscribe");
+    b.journal_append(&[
+        JournalEvent::new("a", 1, "delta", payload(1)),
+        JournalEvent::new("c", 7, "delta", payload(7)),
+        JournalEvent::new("a", 3, "delta", payload(3)),
+        JournalEvent::new("a", 2, "delta", payload(2)),
+    ])
+    .await
+    .expect("append");
+    assert_eq!(next(&mut a).await, Some(LiveEvent::Stored { seq: 3 }));
+    assert_eq!(next(&mut c).await, Some(LiveEvent::Stored { seq: 7 }));
+    b.journal_append(&[JournalEvent::new("a", 4, "done", payload(4))])
+        .await
+        .expect("append");
+    assert_eq!(
+        next(&mut a).await,
+        Some(LiveEvent::Stored { seq: 4 }),
+        "nothing else was announced to a in between"
+    );
 }
 
 /// A payload that is not a JSON object is refused before anything is written or published.

@@ -43,6 +43,7 @@ pub use runtime::*;
 pub use tx::*;
 pub use validation::*;
 
+use crate::live::JournalLiveControl;
 use crate::postgres::PgFixture;
 use crate::time::TimeControl;
 
@@ -50,7 +51,7 @@ use crate::time::TimeControl;
 #[async_trait]
 pub trait Harness: Send + Sync + Sized + 'static {
     /// The backend under test.
-    type Backend: Backend + TimeControl + Clone;
+    type Backend: Backend + TimeControl + JournalLiveControl + Clone;
 
     /// The backend, empty at the start of the case.
     fn backend(&self) -> &Self::Backend;
@@ -213,6 +214,9 @@ macro_rules! conformance_tests {
             journal_writer_flushes_a_quiet_stream_on_time,
             journal_writer_collision_falls_back_per_row,
             journal_snapshot_then_tail_has_no_gap_and_no_duplicate,
+            journal_snapshot_then_tail_with_payloads_has_no_gap_and_no_duplicate,
+            journal_payloads_go_live_before_they_are_stored,
+            journal_stored_events_are_announced_once_per_append_and_stream,
             journal_non_object_payloads_are_refused,
             journal_seq_conflict_names_the_first_taken_event,
             validation_publish_refuses_what_postgres_cannot_store,

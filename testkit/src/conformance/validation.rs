@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use postbox_core::{
-    Backend, BatchedJournalWriter, Error, EventPayload, HandlerError, JournalEvent, LiveEvent,
-    MAX_DELAY, Message, MessageState, RetryParams, RetryPolicy, WriterOptions,
+    Backend, BatchedJournalWriter, Error, EventPayload, HandlerError, JournalEvent, JournalLive,
+    LiveEvent, MAX_DELAY, Message, MessageState, RetryParams, RetryPolicy, WriterOptions,
 };
 
 use super::{Harness, fetch, publish};
+use crate::live::JournalLiveControl;
 use crate::wait::deadline;
 
 fn invalid(result: Result<impl std::fmt::Debug, Error>, field: &str) {
@@ -194,9 +195,10 @@ pub async fn validation_journal_refuses_nul<H: Harness>(h: &H) {
 }
 
 /// The batched writer refuses a bad event in `record` and never publishes it live; the good
-/// events around it are published and stored.
+/// events around it are published and stored. Run with [`JournalLive::Payloads`], where
+/// `record` publishes at once (by default nothing is live before it is stored).
 pub async fn validation_journal_writer_refuses_a_bad_event_and_keeps_the_rest<H: Harness>(h: &H) {
-    let b = h.backend();
+    let b = &h.backend().with_journal_live(JournalLive::Payloads);
     let mut live = b.journal_subscribe("s").await.expect("subscribe");
     let w = BatchedJournalWriter::new(
         b.clone(),
