@@ -121,3 +121,94 @@ async fn hostile_and_overlong_table_names_never_reach_the_database() -> Result<(
     db.close().await?;
     Ok(())
 }
+
+/// A pool on the fixture's database as `role` (created here with `grants`), password `pw`.
+async fn pool_as(
+    db: &postbox::testkit::PgFixture,
+    role: &str,
+    grants: &str,
+) -> Result<postbox::sqlx::PgPool> {
+    use postbox::sqlx::{self, AssertSqlSafe};
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'pw'; {grants}"
+    )))
+    .execute(db.pool())
+    .await?;
+    let options: sqlx::postgres::PgConnectOptions = db.url().parse()?;
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options.username(role).password("pw"))
+        .await?)
+}
+
+/// `migrate()` at start-up under a role that may not create anything: when the schema is
+/// current it only reads the recorded versions (it used to run its `CREATE ... IF NOT EXISTS`
+/// statements and fail with `permission denied for schema public`).
+#[tokio::test]
+async fn migrate_under_a_role_that_may_not_create_is_a_no_op_when_current() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let role = format!("svc_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let pool = pool_as(
+        &db,
+        &role,
+        &format!("REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT SELECT ON postbox_migrations TO {role};"),
+    )
+    .await?;
+    let backend = PgBackend::new(pool.clone());
+    assert_eq!(backend.migrate().await?, Vec::<i32>::new());
+    // What it may not do is still refused: a missing table would need creating.
+    let other = PgBackend::with_table(pool.clone(), TableName::new("not_yet")?);
+    let err = other.migrate().await.expect_err("may not create");
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    pool.close().await;
+    exec(
+        db.pool(),
+        &format!("DROP OWNED BY {role}; DROP ROLE {role}"),
+    )
+    .await;
+    db.close().await?;
+    Ok(())
+}
+
+/// `migrate()` refuses a table of the outbox's name that it did not create, naming it and
+/// what to do, and changes nothing.
+#[tokio::test]
+async fn migrate_refuses_a_table_postbox_did_not_create() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    exec(
+        db.pool(),
+        "CREATE TABLE orders_box (id bigserial PRIMARY KEY, queue text, payload bytea)",
+    )
+    .await;
+    let backend = PgBackend::with_table(db.pool().clone(), TableName::new("orders_box")?);
+    let err = backend.migrate().await.expect_err("a foreign table");
+    assert!(matches!(err, Error::ForeignObjects { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("orders_box") && text.contains("choose another TableName"),
+        "{text}"
+    );
+    let migrations: bool =
+        postbox::sqlx::query_scalar("SELECT to_regclass('orders_box_migrations') IS NOT NULL")
+            .fetch_one(db.pool())
+            .await?;
+    assert!(!migrations, "nothing was created");
+    db.close().await?;
+    Ok(())
+}
+
+/// The DDL from `ddl()`, run by another migration tool, records its versions: `migrate()`
+/// then has nothing to do and the schema validates.
+#[tokio::test]
+async fn the_ddl_run_by_hand_is_a_migrated_schema() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let table = TableName::new("by_hand")?;
+    postbox::sqlx::raw_sql(postbox::sqlx::AssertSqlSafe(postbox::ddl(&table)))
+        .execute(db.pool())
+        .await?;
+    let backend = PgBackend::with_table(db.pool().clone(), table);
+    backend.validate_schema().await?;
+    assert_eq!(backend.migrate().await?, Vec::<i32>::new());
+    db.close().await?;
+    Ok(())
+}

@@ -65,6 +65,21 @@ pub enum Error {
         problems: SchemaProblems,
     },
 
+    /// `migrate()` found objects with the names of an outbox's tables that postbox did not
+    /// create (there is no record of its migrations), and refuses to adopt them: it would run
+    /// its `CREATE ... IF NOT EXISTS` statements past a table of another shape.
+    #[error(
+        "outbox table {table:?} cannot be created: {found} already exist(s) and postbox did not create them (no migrations recorded in {migrations}); rename or drop them, or choose another TableName"
+    )]
+    ForeignObjects {
+        /// The outbox table being migrated.
+        table: String,
+        /// The relations found, comma-separated.
+        found: String,
+        /// The migrations table that was missing or empty.
+        migrations: String,
+    },
+
     /// A migration could not be applied.
     #[error("migration {version} ({description}) of outbox table {table:?} failed: {source}")]
     Migration {

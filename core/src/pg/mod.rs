@@ -226,9 +226,14 @@ impl PgBackend {
     ///
     /// Idempotent and safe to run concurrently: versions are recorded in `T_migrations` and
     /// applied under an advisory lock, in one transaction. Returns the versions applied now.
+    /// When the schema is current it only reads `T_migrations` (no lock, no DDL), so a service
+    /// role without `CREATE` can call it at start-up once an owner has migrated. It refuses to
+    /// adopt tables of the outbox's names that it did not create.
     ///
     /// # Errors
     ///
+    /// [`Error::ForeignObjects`](crate::Error::ForeignObjects) when `T`, `T_dead`,
+    /// `T_members` or `T_events` exist but no migration is recorded;
     /// [`Error::Migration`](crate::Error::Migration) naming the failing version, or
     /// [`Error::Database`](crate::Error::Database).
     pub async fn migrate(&self) -> Result<Vec<i32>> {

@@ -294,6 +294,14 @@ pub fn ddl(table: &TableName) -> String {
         out.push_str(&format!("\n-- version {}: {}\n", m.version, m.description));
         out.push_str(render(m.sql, table).trim());
         out.push('\n');
+        // Recorded as `migrate()` records it, so `migrate()` and `validate_schema()` know
+        // the schema afterwards.
+        out.push_str(&format!(
+            "INSERT INTO {} (version, description) VALUES ({}, '{}') ON CONFLICT DO NOTHING;\n",
+            TableName::quoted(&table.migrations()),
+            m.version,
+            m.description.replace('\'', "''")
+        ));
     }
     out
 }
@@ -307,13 +315,75 @@ pub(crate) async fn migrate(
     migrate_to(pool, table, sql, SCHEMA_VERSION).await
 }
 
+/// The versions recorded in `T_migrations`, or `None` when it does not exist. Read without
+/// a lock and without DDL, so a role that may not create anything can check the schema.
+async fn recorded_versions(
+    conn: &mut sqlx::PgConnection,
+    table: &TableName,
+    sql: &Statements,
+) -> Result<Option<Vec<i32>>> {
+    let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
+        .bind(table.migrations())
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        return Ok(None);
+    }
+    Ok(Some(
+        sqlx::query_scalar(sql.applied_migrations.clone())
+            .fetch_all(&mut *conn)
+            .await?,
+    ))
+}
+
+/// Refuses to migrate over relations named like the outbox's that postbox did not create:
+/// called when no migration is recorded.
+async fn refuse_foreign_objects(conn: &mut sqlx::PgConnection, table: &TableName) -> Result<()> {
+    let mut found = Vec::new();
+    for name in [
+        table.to_string(),
+        table.dead_letter(),
+        table.members(),
+        table.events(),
+    ] {
+        let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
+            .bind(&name)
+            .fetch_one(&mut *conn)
+            .await?;
+        if exists {
+            found.push(name);
+        }
+    }
+    if found.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::ForeignObjects {
+            table: table.to_string(),
+            found: found.join(", "),
+            migrations: table.migrations(),
+        })
+    }
+}
+
 /// Applies the migrations not yet recorded up to `target`, in one transaction.
+///
+/// When every version up to `target` is recorded already, returns at once without a lock or
+/// any DDL, so a service role that may not create objects can call it at start-up.
 pub(crate) async fn migrate_to(
     pool: &PgPool,
     table: &TableName,
     sql: &Statements,
     target: i32,
 ) -> Result<Vec<i32>> {
+    {
+        let mut conn = pool.acquire().await?;
+        if let Some(recorded) = recorded_versions(&mut conn, table, sql).await? {
+            let wanted = sql.migrations.iter().map(|m| m.0).filter(|v| *v <= target);
+            if wanted.clone().all(|v| recorded.contains(&v)) {
+                return Ok(Vec::new());
+            }
+        }
+    }
     let mut tx = pool.begin().await?;
     sqlx::query(LOCK)
         .bind(format!("postbox:migrate:{table}"))
@@ -325,6 +395,9 @@ pub(crate) async fn migrate_to(
     let applied: Vec<i32> = sqlx::query_scalar(sql.applied_migrations.clone())
         .fetch_all(&mut *tx)
         .await?;
+    if applied.is_empty() {
+        refuse_foreign_objects(&mut tx, table).await?;
+    }
     let mut done = Vec::new();
     for (version, description, ddl) in &sql.migrations {
         if applied.contains(version) || *version > target {
