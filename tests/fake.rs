@@ -180,6 +180,66 @@ async fn counters_count_each_outcome() {
     );
 }
 
+/// Both paths that dead-letter without a `dead_letter` call count: a row leased
+/// `max_deliveries` times, and a member's held row whose requeue exhausts its attempts.
+#[tokio::test]
+async fn counters_count_dead_letters_by_max_deliveries_and_by_an_exhausted_requeue() {
+    use postbox::{CoopReceive, Member, Unregister};
+
+    let b = FakeBroker::new();
+    publish(&b, 2).await;
+    let params = FetchParams::new(["q"], 1).max_deliveries(1);
+    let first = b.fetch(&params).await.expect("fetch");
+    assert_eq!(first.len(), 1);
+    b.advance(Duration::from_secs(3600));
+    // The expired row was leased once already: the next fetch picks it first and buries it
+    // (it counts against that fetch's limit); the one after leases the other row.
+    assert!(b.fetch(&params).await.expect("fetch").is_empty());
+    assert_eq!(b.counters().dead_lettered, 1);
+    let second = b.fetch(&params).await.expect("fetch");
+    assert_eq!(second.len(), 1);
+    assert_ne!(second[0].id, first[0].id);
+    assert!(b.ack(second[0].lease()).await.expect("ack"));
+
+    publish(&b, 1).await;
+    let member = Member::new("g", "m").expect("valid");
+    b.coop_register(&member, &["q".to_owned()])
+        .await
+        .expect("register");
+    let held = b
+        .coop_receive(&CoopReceive::new(member.clone(), ["q"], 10))
+        .await
+        .expect("receive");
+    assert_eq!(held.len(), 1);
+    assert!(
+        b.coop_unregister(&member, Unregister::Requeue { max_attempts: 1 })
+            .await
+            .expect("unregister")
+    );
+    assert_eq!(b.dead(Some("q")).len(), 2);
+    assert_eq!(
+        b.counters().dead_lettered,
+        2,
+        "the exhausted requeue counts"
+    );
+}
+
+/// The broker's Debug shows its table and counts, never payloads.
+#[tokio::test]
+async fn a_broker_debug_shows_its_table_and_counts() {
+    let b = FakeBroker::new();
+    let mut tx = b.begin().await.expect("begin");
+    b.publish(&mut tx, Message::new("q", "secret payload"))
+        .await
+        .expect("publish");
+    b.commit(tx).await.expect("commit");
+    let shown = format!("{b:?}");
+    assert_eq!(
+        shown,
+        r#"FakeBroker { table: "postbox", messages: 1, dead: 0, .. }"#
+    );
+}
+
 /// A broker for another table reports that table and works like the default one.
 #[tokio::test]
 async fn a_broker_for_another_table_names_it() {

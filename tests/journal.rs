@@ -263,7 +263,9 @@ async fn a_connect_only_role_can_neither_inject_into_nor_read_a_tail_on_postgres
     let w = BatchedJournalWriter::new(backend.clone(), "s", WriterOptions::default());
     let mut tail = snapshot_and_tail(backend.clone(), "s", 0, TailOptions::default()).await?;
     w.record(1, "delta", secret).await?;
-    let first = tail.next().await.expect("seq 1")?;
+    let first = postbox::testkit::within("seq 1", tail.next())
+        .await
+        .expect("seq 1")?;
     assert_eq!(first.payload.get("secret"), Some(&"hunter2".into()));
 
     // Forgeries: a whole terminal event, and an announcement of a seq that does not exist.

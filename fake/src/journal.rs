@@ -28,21 +28,23 @@ impl FakeBroker {
                 seq: Some(taken.seq),
             });
         }
-        let mut highest: BTreeMap<&str, &JournalEvent> = BTreeMap::new();
+        // The highest seq stored per stream: what the Postgres statement announces.
+        let mut highest: BTreeMap<&str, i64> = BTreeMap::new();
         for event in events {
             let mut stored = event.clone();
             stored.created_at = Some(now);
             state
                 .journal
                 .insert((event.stream.clone(), event.seq), stored);
-            let top = highest.entry(event.stream.as_str()).or_insert(event);
-            if event.seq > top.seq {
-                *top = event;
-            }
+            let top = highest.entry(event.stream.as_str()).or_insert(event.seq);
+            *top = (*top).max(event.seq);
         }
         drop(state);
         if self.journal_live_mode() == JournalLive::Stored {
-            for event in highest.into_values() {
+            let announced = events
+                .iter()
+                .filter(|e| highest.get(e.stream.as_str()) == Some(&e.seq));
+            for event in announced {
                 // No subscriber is fine: announcements are not durable.
                 let _ = self.shared.live.send(event.clone());
             }

@@ -210,7 +210,10 @@ async fn snapshot_then_tail<B: Backend + Clone>(b: &B, flush_live_ones: bool) {
         .expect("tail");
     let mut got = Vec::new();
     for _ in 4..=10 {
-        got.push(tail.next().await.expect("event").expect("ok").seq);
+        let event = tokio::time::timeout(deadline(), tail.next())
+            .await
+            .unwrap_or_else(|_| panic!("waiting for the snapshot after {got:?}"));
+        got.push(event.expect("event").expect("ok").seq);
     }
     for seq in 11..=15 {
         w.record(seq, "delta", payload(seq)).await.expect("record");
