@@ -52,8 +52,8 @@ pub use message::{
     Availability, Delivery, Headers, Lease, MAX_QUEUE_LEN, Message, MessageId, validate_queue,
 };
 pub use pg::{
-    Engine, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME, PgBackend, Rotation, RotationReport,
-    SCHEMA_VERSION, ddl,
+    Access, Engine, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME, PgBackend, Rotation,
+    RotationReport, SCHEMA_VERSION, ddl,
 };
 pub use retry::{
     Backoff, HandlerError, HandlerErrorKind, RetryDecision, RetryPolicy, RetryPredicate,

@@ -50,6 +50,16 @@ pub(crate) enum OutcomeFunction {
 }
 
 impl OutcomeFunction {
+    /// The argument types, as `GRANT` and `ALTER FUNCTION` name the function.
+    pub(crate) fn signature(self) -> &'static str {
+        match self {
+            OutcomeFunction::Ack | OutcomeFunction::Release => "(bigint, uuid)",
+            OutcomeFunction::Retry => "(bigint, uuid, double precision, text, timestamptz)",
+            OutcomeFunction::Bury => "(bigint, uuid, text, timestamptz)",
+            OutcomeFunction::Renew => "(bigint, uuid, timestamptz)",
+        }
+    }
+
     /// Every outcome function, for schema checks.
     pub(crate) const ALL: [OutcomeFunction; 5] = [
         OutcomeFunction::Ack,

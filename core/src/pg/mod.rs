@@ -11,6 +11,7 @@
 mod coop;
 mod engine;
 mod fetch;
+mod grants;
 mod inspect;
 mod journal;
 mod limit;
@@ -30,6 +31,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 pub(crate) use engine::PermitWait;
 pub use engine::{Engine, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME};
+pub use grants::Access;
 pub use rotate::{Rotation, RotationReport};
 pub use schema::{SCHEMA_VERSION, ddl};
 use statements::Statements;

@@ -1,0 +1,242 @@
+//! Least privilege: each kind of access from `PgBackend::grants`, given to a role of its own,
+//! does its work (publish, a `Subscriber`, cooperative members, the journal, inspection) and
+//! is refused everything else.
+
+mod support;
+
+use anyhow::Result;
+use postbox::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use postbox::sqlx::{self, AssertSqlSafe, PgPool};
+use postbox::testkit::{PgFixture, within};
+use postbox::{
+    Access, Backend, BatchedJournalWriter, CoopReceive, Delivery, FetchParams, HandlerError,
+    JournalEvent, Member, Message, PgBackend, Rotation, Subscriber, SubscriberOptions, TailOptions,
+    WriterOptions, snapshot_and_tail,
+};
+
+/// A login role holding exactly `access` on the fixture's outbox, and a pool connected as it.
+struct Role {
+    name: String,
+    pool: PgPool,
+}
+
+impl Role {
+    async fn new(db: &PgFixture, access: &[Access]) -> Result<Role> {
+        let name = format!("r_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE ROLE {name} LOGIN PASSWORD 'pw'"
+        )))
+        .execute(db.pool())
+        .await?;
+        for a in access {
+            let grants = db.backend().grants(*a, &name).await?;
+            sqlx::raw_sql(AssertSqlSafe(grants))
+                .execute(db.pool())
+                .await?;
+        }
+        let options: PgConnectOptions = db.url().parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.username(&name).password("pw"))
+            .await?;
+        Ok(Role { name, pool })
+    }
+
+    fn backend(&self) -> PgBackend {
+        PgBackend::new(self.pool.clone()).rotation(Rotation::new().automatic(false))
+    }
+
+    async fn drop_in(self, db: &PgFixture) -> Result<()> {
+        self.pool.close().await;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP OWNED BY {0}; DROP ROLE {0}",
+            self.name
+        )))
+        .execute(db.pool())
+        .await?;
+        Ok(())
+    }
+}
+
+/// `result` failed because the role lacks a privilege.
+fn denied<T: std::fmt::Debug>(what: &str, result: postbox::Result<T>) {
+    match result {
+        Err(e) if e.to_string().contains("permission denied") => {}
+        other => panic!("{what}: expected permission denied, got {other:?}"),
+    }
+}
+
+fn payload(n: i64) -> postbox::EventPayload {
+    let mut map = serde_json::Map::new();
+    map.insert("n".into(), n.into());
+    map
+}
+
+#[tokio::test]
+async fn each_access_does_its_work_and_nothing_else() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+
+    // Publisher: publishes, and checks the schema at start-up; nothing else.
+    let publisher = Role::new(&db, &[Access::Publisher]).await?;
+    let p = publisher.backend();
+    assert_eq!(
+        p.migrate().await?,
+        Vec::<i32>::new(),
+        "migrate() when current"
+    );
+    let mut tx = publisher.pool.begin().await?;
+    p.publish_batch(
+        &mut tx,
+        (0..40).map(|i| Message::new("q", i.to_string())).collect(),
+    )
+    .await?;
+    p.publish(&mut tx, Message::new("coop", "for the member"))
+        .await?;
+    tx.commit().await?;
+    denied(
+        "publisher fetch",
+        p.fetch(&FetchParams::new(["q"], 1)).await,
+    );
+    denied("publisher inspect", p.messages(Some("q")).await);
+    denied(
+        "publisher journal",
+        p.journal_append(&[JournalEvent::new("s", 1, "delta", payload(1))])
+            .await,
+    );
+
+    // Consumer: a Subscriber drains the queue; a rotation by hand works; no publishing.
+    let consumer = Role::new(&db, &[Access::Consumer]).await?;
+    let c = consumer.backend();
+    let (tx_ids, mut handled) = tokio::sync::mpsc::unbounded_channel();
+    let handler = move |d: Delivery| {
+        let _ = tx_ids.send(d.id);
+        std::future::ready(Ok::<(), HandlerError>(()))
+    };
+    let sub = Subscriber::new(c.clone(), SubscriberOptions::new(["q"]), handler)?.spawn();
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 40 {
+        let id = within(
+            "the consumer's subscriber to handle 40 messages",
+            handled.recv(),
+        )
+        .await
+        .expect("handler channel open");
+        seen.insert(id);
+    }
+    within("shutdown", sub.shutdown()).await?;
+    // Rotation under the consumer's grants: advance past the drained generation, then
+    // reclaim it (lock, count, move, TRUNCATE).
+    let rotating = PgBackend::new(consumer.pool.clone()).rotation(
+        Rotation::new()
+            .automatic(false)
+            .rotate_bytes(0)
+            .max_age(std::time::Duration::ZERO),
+    );
+    let mut truncated = 0;
+    for _ in 0..6 {
+        let report = rotating.rotate().await?;
+        assert!(report.busy.is_empty(), "{report:?}");
+        truncated += report.truncated.len();
+    }
+    assert!(truncated > 0, "a generation was reclaimed");
+    let mut tx = consumer.pool.begin().await?;
+    denied(
+        "consumer publish",
+        c.publish(&mut tx, Message::new("q", "x")).await,
+    );
+    drop(tx);
+    denied(
+        "consumer coop",
+        c.coop_register(&Member::new("g", "m")?, &["coop".to_owned()])
+            .await,
+    );
+    denied("consumer journal", c.journal_read_after("s", 0, 10).await);
+
+    // Coop member: registers, receives and acks.
+    let member = Role::new(&db, &[Access::CoopMember]).await?;
+    let m = member.backend();
+    let me = Member::new("g", "m")?;
+    m.coop_register(&me, &["coop".to_owned()]).await?;
+    let got = m
+        .coop_receive(&CoopReceive::new(me.clone(), ["coop"], 10))
+        .await?;
+    assert_eq!(got.len(), 1);
+    assert!(m.ack(got[0].lease()).await?);
+    m.coop_unregister(&me, postbox::Unregister::Fail).await?;
+
+    // Journal writer and reader.
+    let writer = Role::new(&db, &[Access::JournalWriter]).await?;
+    let reader = Role::new(&db, &[Access::JournalReader]).await?;
+    let w = BatchedJournalWriter::new(writer.backend(), "s", WriterOptions::default());
+    let mut tail = snapshot_and_tail(reader.backend(), "s", 0, TailOptions::default()).await?;
+    w.record(1, "delta", payload(1)).await?;
+    w.record(2, "done", payload(2)).await?;
+    let stats = w.close().await?;
+    assert_eq!((stats.written, stats.dropped), (2, 0));
+    let mut read = Vec::new();
+    while let Some(event) = within("the reader's tail", tail.next()).await {
+        read.push(event?.seq);
+    }
+    assert_eq!(read, [1, 2]);
+    denied(
+        "reader append",
+        reader
+            .backend()
+            .journal_append(&[JournalEvent::new("s", 3, "delta", payload(3))])
+            .await,
+    );
+    denied(
+        "writer fetch",
+        writer.backend().fetch(&FetchParams::new(["q"], 1)).await,
+    );
+
+    // Inspector: reads everything, changes nothing.
+    let inspector = Role::new(&db, &[Access::Inspector]).await?;
+    let i = inspector.backend();
+    assert!(i.messages(Some("q")).await?.is_empty(), "all drained");
+    assert!(i.dead_letters(None).await?.is_empty());
+    assert_eq!(i.journal_read_after("s", 0, 10).await?.len(), 2);
+    denied(
+        "inspector fetch",
+        i.fetch(&FetchParams::new(["q"], 1)).await,
+    );
+
+    // Admin: owns the outbox (so later migrations can alter it) and may create another.
+    let admin = Role::new(&db, &[Access::Admin]).await?;
+    admin.backend().migrate().await?;
+    admin.backend().validate_schema().await?;
+    let owner: String =
+        sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE tablename = 'postbox_p1'")
+            .fetch_one(db.pool())
+            .await?;
+    assert_eq!(owner, admin.name);
+    let second = PgBackend::with_table(admin.pool.clone(), postbox::TableName::new("admin_box")?);
+    assert_eq!(
+        second.migrate().await?.len(),
+        postbox::SCHEMA_VERSION as usize
+    );
+
+    for role in [
+        publisher, consumer, member, writer, reader, inspector, admin,
+    ] {
+        role.drop_in(&db).await?;
+    }
+    db.close().await?;
+    Ok(())
+}
+
+/// Role names reach the SQL only validated and quoted.
+#[tokio::test]
+async fn a_hostile_role_name_is_refused() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    for bad in ["x\"; DROP TABLE postbox; --", "Admin", "", "a b"] {
+        let err = db
+            .backend()
+            .grants(Access::Consumer, bad)
+            .await
+            .expect_err(bad);
+        assert!(err.to_string().contains("role name"), "{bad}: {err}");
+    }
+    db.close().await?;
+    Ok(())
+}
