@@ -127,6 +127,7 @@ impl Inner {
         params.validate()?;
         let member = params.member();
         let rows = sqlx::query(self.sql.coop_receive.clone())
+            .persistent(self.persistent())
             .bind(params.queues())
             .bind(i64::from(params.max_messages()))
             .bind(params.dead_after().map(|d| d.as_secs_f64() * 1000.0))
@@ -155,6 +156,7 @@ impl PgBackend {
         queues: &[String],
     ) -> Result<Registration> {
         let inserted = sqlx::query(self.shared().sql.coop_register.clone())
+            .persistent(self.shared().persistent())
             .bind(member.group())
             .bind(member.name())
             .bind(queues)
@@ -170,6 +172,7 @@ impl PgBackend {
 
     pub(crate) async fn coop_touch_one(&self, member: &Member) -> Result<bool> {
         Ok(sqlx::query(self.shared().sql.coop_touch.clone())
+            .persistent(self.shared().persistent())
             .bind(member.group())
             .bind(member.name())
             .bind(self.shared().now())
@@ -188,6 +191,7 @@ impl PgBackend {
         let mut conn = self.shared().pool.acquire().await?;
         let mut tx = conn.begin().await?;
         let exists = sqlx::query(sql.coop_lock_member.clone())
+            .persistent(self.shared().persistent())
             .bind(member.group())
             .bind(member.name())
             .fetch_optional(&mut *tx)
@@ -227,6 +231,7 @@ impl PgBackend {
             }
         }
         sqlx::query(sql.coop_delete_member.clone())
+            .persistent(self.shared().persistent())
             .bind(member.group())
             .bind(member.name())
             .execute(&mut *tx)
@@ -237,6 +242,7 @@ impl PgBackend {
 
     pub(crate) async fn coop_members_of(&self, group: &str) -> Result<Vec<MemberInfo>> {
         let rows = sqlx::query(self.shared().sql.coop_members.clone())
+            .persistent(self.shared().persistent())
             .bind(group)
             .fetch_all(&self.shared().pool)
             .await?;

@@ -172,6 +172,7 @@ impl Inner {
         params.validate()?;
         let token = Uuid::new_v4();
         let rows = bind_fetch(self.sql.fetch.clone(), params, token, self.now())
+            .persistent(self.persistent())
             .fetch_all(conn)
             .await?;
         let deliveries = rows.iter().map(delivery).collect::<Result<Vec<_>, _>>()?;

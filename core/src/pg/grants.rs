@@ -219,6 +219,7 @@ impl PgBackend {
         quoted_role(role)?;
         let table = &self.shared().table;
         let row = sqlx::query(OBJECTS)
+            .persistent(false)
             .bind(table.as_str())
             .fetch_optional(&self.shared().pool)
             .await?;

@@ -49,6 +49,7 @@ impl PgBackend {
     /// [`Error::Database`](crate::Error::Database).
     pub async fn database_now(&self) -> Result<DateTime<Utc>> {
         Ok(sqlx::query_scalar(NOW)
+            .persistent(self.shared().persistent())
             .bind(self.shared().now())
             .fetch_one(&self.shared().pool)
             .await?)
@@ -56,6 +57,7 @@ impl PgBackend {
 
     pub(crate) async fn list_messages(&self, queue: Option<&str>) -> Result<Vec<StoredMessage>> {
         let rows = sqlx::query(self.shared().sql.messages.clone())
+            .persistent(self.shared().persistent())
             .bind(queue)
             .bind(self.shared().now())
             .fetch_all(&self.shared().pool)
@@ -87,6 +89,7 @@ impl PgBackend {
 
     pub(crate) async fn list_dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>> {
         let rows = sqlx::query(self.shared().sql.dead_letters.clone())
+            .persistent(self.shared().persistent())
             .bind(queue)
             .fetch_all(&self.shared().pool)
             .await?;

@@ -75,6 +75,10 @@ fn wire_text(event: &JournalEvent) -> Result<String> {
     Ok(text)
 }
 
+/// How often a journal tail reads the journal behind a transaction pooler, where it cannot
+/// `LISTEN` ([`PgBackend::transaction_pooler`]).
+const POOLER_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Notifications above this size travel as a pointer (Postgres refuses 8000 bytes and more).
 const MAX_INLINE: usize = 7_900;
 
@@ -111,6 +115,7 @@ impl PgBackend {
             self.shared().sql.journal_append.clone()
         };
         let mut query = sqlx::query(statement)
+            .persistent(self.shared().persistent())
             .bind(&streams)
             .bind(&seqs)
             .bind(&types)
@@ -138,6 +143,7 @@ impl PgBackend {
         seqs: &[i64],
     ) -> Result<Error> {
         let stored: Vec<(String, i64)> = sqlx::query_as(self.shared().sql.journal_taken.clone())
+            .persistent(self.shared().persistent())
             .bind(streams)
             .bind(seqs)
             .fetch_all(&self.shared().pool)
@@ -162,6 +168,7 @@ impl PgBackend {
 
     pub(crate) async fn journal_latest(&self, stream: &str) -> Result<Option<i64>> {
         Ok(sqlx::query_scalar(self.shared().sql.journal_latest.clone())
+            .persistent(self.shared().persistent())
             .bind(stream)
             .fetch_one(&self.shared().pool)
             .await?)
@@ -174,6 +181,7 @@ impl PgBackend {
         limit: u32,
     ) -> Result<Vec<JournalEvent>> {
         let rows = sqlx::query(self.shared().sql.journal_read_after.clone())
+            .persistent(self.shared().persistent())
             .bind(stream)
             .bind(after)
             .bind(i64::from(limit))
@@ -209,6 +217,7 @@ impl PgBackend {
         }
         let texts = events.iter().map(wire_text).collect::<Result<Vec<_>>>()?;
         sqlx::query(NOTIFY_MANY)
+            .persistent(self.shared().persistent())
             .bind(self.shared().table.journal_channel())
             .bind(&texts)
             .execute(&self.shared().pool)
@@ -217,6 +226,22 @@ impl PgBackend {
     }
 
     pub(crate) async fn journal_listen(&self, stream: &str) -> Result<LiveEvents> {
+        if self.pooler {
+            // No LISTEN through a transaction pooler: tell the reader to read the journal
+            // every POOLER_POLL instead.
+            let (tx, rx) = mpsc::channel(1);
+            let task = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(POOLER_POLL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if tx.send(LiveEvent::Lagged).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            return Ok(LiveEvents::from_channel(rx, task));
+        }
         // A private one-connection pool: a reader never holds one of the application's.
         let options = (*self.shared().pool.connect_options())
             .clone()

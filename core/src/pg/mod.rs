@@ -82,6 +82,8 @@ use crate::table::TableName;
 pub struct PgBackend {
     engine: Engine,
     journal_live: JournalLive,
+    /// [`transaction_pooler`](Self::transaction_pooler).
+    pub(crate) pooler: bool,
 }
 
 /// State shared by a backend, its clones and its engine.
@@ -90,6 +92,9 @@ pub(crate) struct Inner {
     pub(crate) table: TableName,
     pub(crate) sql: Statements,
     pub(crate) rotator: Arc<rotate::Rotator>,
+    /// Whether statements are prepared and named (false behind a transaction pooler); shared
+    /// with the rotator.
+    pub(crate) persistent: Arc<std::sync::atomic::AtomicBool>,
     now: parking_lot::RwLock<Option<DateTime<Utc>>>,
     #[cfg(feature = "test-util")]
     listen_faults: std::sync::atomic::AtomicU32,
@@ -103,6 +108,12 @@ impl Inner {
         self.listen_faults
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
+    }
+
+    /// Whether to prepare statements (named, cached per connection): not behind a
+    /// transaction pooler, where the next transaction may run on another server session.
+    pub(crate) fn persistent(&self) -> bool {
+        self.persistent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The clock to bind: `None` means the database's `now()`.
@@ -119,11 +130,17 @@ impl PgBackend {
 
     /// A backend for the outbox table `table`.
     pub fn with_table(pool: PgPool, table: TableName) -> Self {
+        let persistent = Arc::new(std::sync::atomic::AtomicBool::new(true));
         PgBackend {
             engine: Engine {
                 inner: Arc::new(Inner {
                     sql: Statements::new(&table),
-                    rotator: Arc::new(rotate::Rotator::new(pool.clone(), &table)),
+                    rotator: Arc::new(rotate::Rotator::new(
+                        pool.clone(),
+                        &table,
+                        Arc::clone(&persistent),
+                    )),
+                    persistent,
                     pool,
                     table,
                     now: parking_lot::RwLock::new(None),
@@ -133,7 +150,32 @@ impl PgBackend {
                 limit: None,
             },
             journal_live: JournalLive::default(),
+            pooler: false,
         }
+    }
+
+    /// Runs behind a pooler in transaction mode (PgBouncer `pool_mode = transaction`), where
+    /// consecutive transactions of one client connection may run on different server
+    /// sessions, so nothing may rely on session state:
+    ///
+    /// - every statement is unnamed (`persistent(false)`): a prepared statement would be
+    ///   created on one server session and looked for, or collide with another client's of
+    ///   the same name, on the next;
+    /// - [`engine`](Backend::engine) returns `None`, so a `Subscriber` keeps no dedicated
+    ///   connection and no `LISTEN` (it polls, fetching through the pool in transactions that
+    ///   set their plan settings with `SET LOCAL`);
+    /// - a journal tail cannot `LISTEN` either: it reads the journal every 100 ms.
+    ///
+    /// The cost: each statement is planned on every call (the fetch plans in 1.5-3.6 ms, more
+    /// than it runs), and wake-ups wait for the poll. Settings for PgBouncer:
+    /// `pool_mode = transaction`, and `ignore_startup_parameters = extra_float_digits` (sqlx
+    /// sends it). In session mode (`pool_mode = session`) the default settings work.
+    pub fn transaction_pooler(mut self) -> Self {
+        self.pooler = true;
+        self.shared()
+            .persistent
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self
     }
 
     /// What the journal's live channel carries for this backend and its later clones: by
@@ -330,7 +372,7 @@ impl Backend for PgBackend {
     }
 
     fn engine(&self) -> Option<&Engine> {
-        Some(&self.engine)
+        (!self.pooler).then_some(&self.engine)
     }
 
     fn is_closed(&self) -> bool {

@@ -59,6 +59,7 @@ pub(crate) const RELEASE: &str = "SELECT {release_fn}($1, $2)";
 impl PgBackend {
     pub(crate) async fn ack_one(&self, lease: Lease) -> Result<bool> {
         let done = sqlx::query_scalar::<_, bool>(self.shared().sql.ack.clone())
+            .persistent(self.shared().persistent())
             .bind(lease.id)
             .bind(lease.token)
             .fetch_one(&self.shared().pool)
@@ -86,6 +87,7 @@ impl PgBackend {
     pub(crate) async fn retry_one(&self, lease: Lease, params: RetryParams) -> Result<bool> {
         params.validate()?;
         let done = sqlx::query_scalar::<_, bool>(self.shared().sql.retry.clone())
+            .persistent(self.shared().persistent())
             .bind(lease.id)
             .bind(lease.token)
             .bind(params.delay().as_secs_f64() * 1000.0)
@@ -100,6 +102,7 @@ impl PgBackend {
     pub(crate) async fn dead_letter_one(&self, lease: Lease, reason: &str) -> Result<bool> {
         crate::backend::validate_reason(reason)?;
         let done = sqlx::query_scalar::<_, bool>(self.shared().sql.dead_letter.clone())
+            .persistent(self.shared().persistent())
             .bind(lease.id)
             .bind(lease.token)
             .bind(reason)
@@ -113,6 +116,7 @@ impl PgBackend {
     pub(crate) async fn renew_one(&self, lease: Lease) -> Result<bool> {
         Ok(
             sqlx::query_scalar::<_, bool>(self.shared().sql.renew.clone())
+                .persistent(self.shared().persistent())
                 .bind(lease.id)
                 .bind(lease.token)
                 .bind(self.shared().now())
@@ -123,6 +127,7 @@ impl PgBackend {
 
     pub(crate) async fn release_one(&self, lease: Lease) -> Result<bool> {
         let done = sqlx::query_scalar::<_, bool>(self.shared().sql.release.clone())
+            .persistent(self.shared().persistent())
             .bind(lease.id)
             .bind(lease.token)
             .fetch_one(&self.shared().pool)

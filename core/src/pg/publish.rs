@@ -99,6 +99,7 @@ impl PgBackend {
         message.validate()?;
         let row = columns(&message);
         let id = sqlx::query_scalar(self.shared().sql.publish.clone())
+            .persistent(self.shared().persistent())
             .bind(self.shared().table.channel())
             .bind(&message.queue)
             .bind(&message.payload)
@@ -152,6 +153,7 @@ impl PgBackend {
             .into_iter()
             .collect();
         let ids: Vec<MessageId> = sqlx::query_scalar(self.shared().sql.publish_batch.clone())
+            .persistent(self.shared().persistent())
             .bind(self.shared().table.channel())
             .bind(&queues)
             .bind(&payloads)

@@ -202,18 +202,25 @@ pub(crate) struct Rotator {
     advance: SqlStr,
     partitions: Vec<PartitionSql>,
     running: AtomicBool,
+    /// Shared with the backend: whether statements are prepared.
+    persistent: Arc<AtomicBool>,
     last_check: parking_lot::Mutex<Instant>,
     last_advance: parking_lot::Mutex<Instant>,
 }
 
 impl Rotator {
-    pub(crate) fn new(pool: PgPool, table: &TableName) -> Self {
+    fn persistent(&self) -> bool {
+        self.persistent.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn new(pool: PgPool, table: &TableName, persistent: Arc<AtomicBool>) -> Self {
         let per_part = |template: &str, slot: usize| {
             let quoted = TableName::quoted(&table.partition(slot));
             sql(&render(template, table).replace("{part}", &quoted), table)
         };
         Rotator {
             pool,
+            persistent,
             table: table.clone(),
             options: parking_lot::RwLock::new(Rotation::default()),
             state: sql(STATE, table),
@@ -325,6 +332,7 @@ impl Rotator {
                     .await?
             {
                 sqlx::query(self.advance.clone())
+                    .persistent(self.persistent())
                     .bind(state.generation + 1)
                     .execute(&mut *tx)
                     .await?;
@@ -356,6 +364,7 @@ impl Rotator {
             return Ok(false);
         }
         let rows: i64 = sqlx::query_scalar(part.count.clone())
+            .persistent(self.persistent())
             .bind(0_i64)
             .fetch_one(&mut *sub)
             .await?;
@@ -364,6 +373,7 @@ impl Rotator {
             return Ok(false);
         }
         sqlx::query(part.truncate.clone())
+            .persistent(self.persistent())
             .execute(&mut *sub)
             .await?;
         sub.commit().await?;
@@ -385,12 +395,17 @@ impl Rotator {
         } else {
             let ms = wait.as_millis().max(1);
             sqlx::query(LOCK_TIMEOUT)
+                .persistent(self.persistent())
                 .bind(format!("{ms}ms"))
                 .execute(&mut *conn)
                 .await?;
             part.lock.clone()
         };
-        match sqlx::query(lock).execute(conn).await {
+        match sqlx::query(lock)
+            .persistent(self.persistent())
+            .execute(conn)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => Ok(false),
             Err(e) => Err(e.into()),
@@ -399,7 +414,10 @@ impl Rotator {
 
     /// The generation counter and each partition's size and live-row estimate.
     async fn state(&self, conn: &mut PgConnection) -> Result<State> {
-        let row = sqlx::query(self.state.clone()).fetch_one(conn).await?;
+        let row = sqlx::query(self.state.clone())
+            .persistent(self.persistent())
+            .fetch_one(conn)
+            .await?;
         Ok(State {
             generation: row.try_get("gen")?,
             bytes: row.try_get("bytes")?,
@@ -409,6 +427,7 @@ impl Rotator {
 
     async fn try_lock(&self, conn: &mut PgConnection) -> Result<bool> {
         Ok(sqlx::query_scalar(TRY_LOCK)
+            .persistent(self.persistent())
             .bind(format!("postbox:rotate:{}", self.table))
             .fetch_one(conn)
             .await?)
@@ -449,6 +468,7 @@ impl Rotator {
             }
             let max_moved = i64::from(options.max_moved);
             let rows: i64 = sqlx::query_scalar(part.count.clone())
+                .persistent(self.persistent())
                 .bind(max_moved)
                 .fetch_one(&mut *tx)
                 .await?;
@@ -458,6 +478,7 @@ impl Rotator {
             }
             let moved = if rows > 0 {
                 sqlx::query(part.moved.clone())
+                    .persistent(self.persistent())
                     .bind(i16::try_from(current).unwrap_or_default())
                     .execute(&mut *tx)
                     .await?
@@ -465,7 +486,10 @@ impl Rotator {
             } else {
                 0
             };
-            sqlx::query(part.truncate.clone()).execute(&mut *tx).await?;
+            sqlx::query(part.truncate.clone())
+                .persistent(self.persistent())
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             return Ok(Reclaim::Done { moved });
         }

@@ -3,6 +3,9 @@
 //! `migrate()` runs in one transaction under an advisory lock keyed by the table name, so
 //! concurrent migrators (several service instances starting together) apply each version
 //! exactly once. Applied versions are recorded in `T_migrations`.
+//!
+//! Every statement here runs unnamed (`persistent(false)`): they run rarely, and so work
+//! unchanged behind a transaction pooler.
 
 use sqlx::{PgPool, Row};
 
@@ -323,6 +326,7 @@ async fn recorded_versions(
     sql: &Statements,
 ) -> Result<Option<Vec<i32>>> {
     let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
+        .persistent(false)
         .bind(table.migrations())
         .fetch_one(&mut *conn)
         .await?;
@@ -331,6 +335,7 @@ async fn recorded_versions(
     }
     Ok(Some(
         sqlx::query_scalar(sql.applied_migrations.clone())
+            .persistent(false)
             .fetch_all(&mut *conn)
             .await?,
     ))
@@ -347,6 +352,7 @@ async fn refuse_foreign_objects(conn: &mut sqlx::PgConnection, table: &TableName
         table.events(),
     ] {
         let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
+            .persistent(false)
             .bind(&name)
             .fetch_one(&mut *conn)
             .await?;
@@ -386,6 +392,7 @@ pub(crate) async fn migrate_to(
     }
     let mut tx = pool.begin().await?;
     sqlx::query(LOCK)
+        .persistent(false)
         .bind(format!("postbox:migrate:{table}"))
         .execute(&mut *tx)
         .await?;
@@ -393,6 +400,7 @@ pub(crate) async fn migrate_to(
         .execute(&mut *tx)
         .await?;
     let applied: Vec<i32> = sqlx::query_scalar(sql.applied_migrations.clone())
+        .persistent(false)
         .fetch_all(&mut *tx)
         .await?;
     if applied.is_empty() {
@@ -414,6 +422,7 @@ pub(crate) async fn migrate_to(
             .await
             .map_err(failed)?;
         sqlx::query(sql.record_migration.clone())
+            .persistent(false)
             .bind(version)
             .bind(description)
             .execute(&mut *tx)
@@ -495,6 +504,7 @@ pub(crate) async fn problems(
     ];
     for (kind, name, expected) in relations {
         let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
+            .persistent(false)
             .bind(&name)
             .fetch_one(&mut *conn)
             .await?;
@@ -503,6 +513,7 @@ pub(crate) async fn problems(
             continue;
         }
         let present: Vec<String> = sqlx::query_scalar(COLUMNS_OF)
+            .persistent(false)
             .bind(&name)
             .fetch_all(&mut *conn)
             .await?;
@@ -521,6 +532,7 @@ pub(crate) async fn problems(
     let sequence = ("generation sequence", table.generation_sequence());
     for (kind, name) in generations.chain(indexes).chain([sequence]) {
         let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
+            .persistent(false)
             .bind(&name)
             .fetch_one(&mut *conn)
             .await?;
@@ -530,6 +542,7 @@ pub(crate) async fn problems(
     }
     for function in OutcomeFunction::ALL.map(|f| table.outcome_function(f)) {
         let exists: bool = sqlx::query_scalar(FUNCTION_EXISTS)
+            .persistent(false)
             .bind(&function)
             .fetch_one(&mut *conn)
             .await?;
@@ -538,6 +551,7 @@ pub(crate) async fn problems(
         }
     }
     let check: bool = sqlx::query_scalar(CONSTRAINT_EXISTS)
+        .persistent(false)
         .bind(table.lease_check())
         .bind(table.as_str())
         .fetch_one(&mut *conn)
@@ -549,11 +563,13 @@ pub(crate) async fn problems(
         ));
     }
     let migrations_exist: bool = sqlx::query_scalar(RELATION_EXISTS)
+        .persistent(false)
         .bind(table.migrations())
         .fetch_one(&mut *conn)
         .await?;
     let latest = if migrations_exist {
         sqlx::query(sql.applied_migrations.clone())
+            .persistent(false)
             .fetch_all(&mut *conn)
             .await?
             .iter()

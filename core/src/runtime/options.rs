@@ -178,9 +178,11 @@ impl SubscriberOptions {
         self
     }
 
-    /// Whether to LISTEN for wake-ups when the backend has an engine. Turn it off behind a
-    /// pooler in transaction mode (which cannot hold a LISTEN session): the subscriber then
-    /// polls only, and opens just its fetch connection. Defaults to `true`.
+    /// Whether to LISTEN for wake-ups when the backend has an engine. Off, the subscriber
+    /// polls only and opens just its fetch connection. Behind a pooler in transaction mode
+    /// this is not enough (the fetch connection and prepared statements keep session state):
+    /// build the backend with `PgBackend::transaction_pooler`, which has no engine at all.
+    /// Defaults to `true`.
     #[must_use]
     pub fn listen(mut self, listen: bool) -> Self {
         self.listen = listen;
