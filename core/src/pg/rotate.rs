@@ -569,6 +569,7 @@ mod tests {
                 .connect_lazy("postgres://localhost/x")
                 .expect("lazy pool"),
             &TableName::new("jobs").expect("valid"),
+            Arc::new(AtomicBool::new(true)),
         );
         assert_eq!(
             rotator.partitions[2].truncate.as_str(),
