@@ -212,3 +212,162 @@ async fn the_ddl_run_by_hand_is_a_migrated_schema() -> Result<()> {
     db.close().await?;
     Ok(())
 }
+
+/// Outboxes of one name in two Postgres schemas (neither on the search path): `migrate()`
+/// creates the schemas, and publish, fetch, the outcomes, coop, the journal, rotation,
+/// inspection and the grants all work on each, apart.
+#[tokio::test]
+async fn outboxes_in_their_own_schemas_work_on_every_path_and_stay_apart() -> Result<()> {
+    use postbox::{
+        Access, BatchedJournalWriter, CoopReceive, JournalEvent, Member, RetryParams, Rotation,
+        TailOptions, Unregister, WriterOptions, snapshot_and_tail,
+    };
+
+    let db = postbox::testkit::postgres().await?;
+    let billing = PgBackend::with_table(
+        db.pool().clone(),
+        TableName::in_schema("billing", "outbox")?,
+    )
+    .rotation(
+        Rotation::new()
+            .automatic(false)
+            .rotate_bytes(0)
+            .max_age(std::time::Duration::ZERO),
+    );
+    let sales = PgBackend::with_table(db.pool().clone(), TableName::in_schema("sales", "outbox")?);
+    assert_eq!(
+        billing.migrate().await?,
+        (1..=SCHEMA_VERSION).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        sales.migrate().await?,
+        (1..=SCHEMA_VERSION).collect::<Vec<_>>()
+    );
+    assert_eq!(billing.migrate().await?, Vec::<i32>::new());
+    billing.validate_schema().await?;
+    sales.validate_schema().await?;
+    let recorded: i64 =
+        postbox::sqlx::query_scalar("SELECT count(*) FROM billing.outbox_migrations")
+            .fetch_one(db.pool())
+            .await?;
+    assert_eq!(recorded, i64::from(SCHEMA_VERSION));
+    let in_public: Option<String> =
+        postbox::sqlx::query_scalar("SELECT to_regclass('public.outbox')::text")
+            .fetch_one(db.pool())
+            .await?;
+    assert_eq!(in_public, None, "nothing in the search path's schema");
+    assert_ne!(
+        billing.engine().map(|e| e.channel()),
+        sales.engine().map(|e| e.channel())
+    );
+
+    let mut tx = db.pool().begin().await?;
+    billing
+        .publish_batch(
+            &mut tx,
+            (0..6).map(|i| Message::new("q", i.to_string())).collect(),
+        )
+        .await?;
+    sales.publish(&mut tx, Message::new("q", "sales")).await?;
+    tx.commit().await?;
+    let got = billing.fetch(&FetchParams::new(["q"], 6)).await?;
+    assert_eq!(got.len(), 6);
+    assert!(billing.ack(got[0].lease()).await?);
+    assert!(
+        billing
+            .retry(
+                got[1].lease(),
+                RetryParams::new(std::time::Duration::from_secs(60))
+            )
+            .await?
+    );
+    assert!(billing.dead_letter(got[2].lease(), "bad").await?);
+    assert!(billing.renew_lease(got[3].lease()).await?);
+    assert!(billing.release(got[3].lease()).await?);
+    assert_eq!(
+        billing
+            .ack_batch(&[got[4].lease(), got[5].lease()])
+            .await?
+            .len(),
+        2
+    );
+    assert_eq!(billing.dead_letters(Some("q")).await?.len(), 1);
+    assert_eq!(
+        billing.messages(Some("q")).await?.len(),
+        2,
+        "the retried and the released"
+    );
+    assert_eq!(sales.messages(Some("q")).await?.len(), 1, "apart");
+
+    let me = Member::new("g", "m")?;
+    sales.coop_register(&me, &["q".to_owned()]).await?;
+    let held = sales
+        .coop_receive(&CoopReceive::new(me.clone(), ["q"], 5))
+        .await?;
+    assert_eq!(held.len(), 1);
+    assert!(sales.ack(held[0].lease()).await?);
+    assert!(sales.coop_unregister(&me, Unregister::Fail).await?);
+
+    let w = BatchedJournalWriter::new(billing.clone(), "s", WriterOptions::default());
+    let mut tail = snapshot_and_tail(billing.clone(), "s", 0, TailOptions::default()).await?;
+    w.record(1, "done", serde_json::Map::new()).await?;
+    w.close().await?;
+    let first = postbox::testkit::within("the billing tail", tail.next())
+        .await
+        .expect("an event")?;
+    assert_eq!(first.seq, 1);
+    assert!(
+        sales.journal_read_after("s", 0, 10).await?.is_empty(),
+        "apart"
+    );
+    sales
+        .journal_append(&[JournalEvent::new("s", 1, "done", serde_json::Map::new())])
+        .await?;
+
+    let mut truncated = 0;
+    for _ in 0..6 {
+        truncated += billing.rotate().await?.truncated.len();
+    }
+    assert!(truncated > 0, "billing's generations rotate");
+    assert_eq!(
+        billing.messages(Some("q")).await?.len(),
+        2,
+        "moved, not lost"
+    );
+
+    // LISTEN on the schema's channel: with polling every 30 s, only a notification explains
+    // a pick-up within the deadline.
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let handler = move |d: postbox::Delivery| {
+        let _ = seen_tx.send(d.id);
+        std::future::ready(Ok::<(), postbox::HandlerError>(()))
+    };
+    let slow = postbox::SubscriberOptions::new(["wake"])
+        .min_fetch_interval(std::time::Duration::from_secs(30))
+        .max_fetch_interval(std::time::Duration::from_secs(30));
+    let sub = postbox::Subscriber::new(billing.clone(), slow, handler)?.spawn();
+    let mut events = sub.events();
+    support::until(&mut events, "LISTEN", |e| {
+        *e == postbox::SubscriberEvent::ListenerConnected
+    })
+    .await;
+    support::until(&mut events, "idle", |e| {
+        *e == postbox::SubscriberEvent::Idle
+    })
+    .await;
+    let mut tx = db.pool().begin().await?;
+    let id = billing.publish(&mut tx, Message::new("wake", "up")).await?;
+    tx.commit().await?;
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), seen.recv()).await?;
+    assert_eq!(
+        got,
+        Some(id),
+        "woken by the schema's channel, not by the 30 s poll"
+    );
+    postbox::testkit::within("shutdown", sub.shutdown()).await?;
+
+    let grants = billing.grants(Access::Publisher, "someone").await?;
+    assert!(grants.contains(r#""billing"."outbox""#), "{grants}");
+    db.close().await?;
+    Ok(())
+}

@@ -118,7 +118,12 @@ const fn longest_suffix() -> usize {
 /// # Ok::<(), postbox_core::Error>(())
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct TableName(String);
+pub struct TableName {
+    name: String,
+    /// The Postgres schema (namespace) holding the outbox; `None`: the first schema of the
+    /// connection's `search_path` (usually `public`).
+    schema: Option<String>,
+}
 
 impl TableName {
     /// Validates `name` as an outbox table name.
@@ -144,7 +149,7 @@ impl TableName {
         {
             return Err(invalid("it contains a character other than [a-z0-9_]"));
         }
-        let table = TableName(name);
+        let table = TableName { name, schema: None };
         if let Some(derived) = table
             .derived_names()
             .into_iter()
@@ -153,7 +158,7 @@ impl TableName {
             return Err(Error::IdentifierTooLong {
                 len: derived.len(),
                 derived,
-                name: table.0,
+                name: table.name,
                 max: MAX_IDENTIFIER_LEN,
                 max_table: MAX_TABLE_LEN,
             });
@@ -161,39 +166,131 @@ impl TableName {
         Ok(table)
     }
 
-    /// The table name itself.
+    /// An outbox table in the Postgres schema (namespace) `schema` rather than the first of
+    /// the connection's `search_path`. The schema name follows the table name's rules (and may
+    /// not start with `pg_`, which Postgres reserves); `migrate()` creates the schema when it
+    /// does not exist. The notification channels name both, `postbox_<schema>.<table>`, so
+    /// outboxes of one name in two schemas never share a channel.
+    ///
+    /// ```
+    /// use postbox_core::TableName;
+    ///
+    /// let t = TableName::in_schema("billing", "outbox")?;
+    /// assert_eq!(t.schema(), Some("billing"));
+    /// assert_eq!(t.dead_letter(), "outbox_dead"); // in schema billing
+    /// assert_eq!(t.channel(), "postbox_billing.outbox");
+    /// assert_eq!(t.to_string(), "billing.outbox");
+    /// assert!(TableName::in_schema("pg_catalog", "outbox").is_err());
+    /// # Ok::<(), postbox_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Self::new), for the table name and for the schema name;
+    /// [`Error::InvalidTableName`] also for a schema starting with `pg_`.
+    pub fn in_schema(schema: impl Into<String>, name: impl Into<String>) -> Result<Self> {
+        let schema = schema.into();
+        TableName::new(schema.clone()).map_err(|e| match e {
+            Error::InvalidTableName { reason, .. } => Error::InvalidTableName {
+                name: schema.clone(),
+                reason: match reason {
+                    "it is empty" => "the schema name is empty",
+                    "it starts with a digit" => "the schema name starts with a digit",
+                    _ => "the schema name contains a character other than [a-z0-9_]",
+                },
+            },
+            other => other,
+        })?;
+        if schema.starts_with("pg_") {
+            return Err(Error::InvalidTableName {
+                name: schema,
+                reason: "schema names starting with pg_ are reserved by Postgres",
+            });
+        }
+        let mut table = TableName::new(name)?;
+        table.schema = Some(schema);
+        if let Some(derived) = table
+            .derived_names()
+            .into_iter()
+            .find(|d| d.len() > MAX_IDENTIFIER_LEN)
+        {
+            return Err(Error::IdentifierTooLong {
+                len: derived.len(),
+                derived,
+                name: table.to_string(),
+                max: MAX_IDENTIFIER_LEN,
+                max_table: MAX_TABLE_LEN.min(
+                    MAX_IDENTIFIER_LEN
+                        .saturating_sub(JOURNAL_CHANNEL_PREFIX.len())
+                        .saturating_sub(table.schema.as_ref().map_or(0, |s| s.len() + 1)),
+                ),
+            });
+        }
+        Ok(table)
+    }
+
+    /// The table name itself (without the schema).
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.name
+    }
+
+    /// The schema given to [`in_schema`](Self::in_schema), if any.
+    pub fn schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+
+    /// `object` (one of the derived names) as SQL: quoted, and qualified with the schema when
+    /// there is one. Safe because both names admit only `[a-z0-9_]`.
+    pub(crate) fn qualified(&self, object: &str) -> String {
+        match &self.schema {
+            Some(schema) => format!("{}.{}", Self::quoted(schema), Self::quoted(object)),
+            None => Self::quoted(object),
+        }
+    }
+
+    /// `object` as text for `to_regclass` / `to_regproc` (`schema.object`, or `object`).
+    pub(crate) fn regclass(&self, object: &str) -> String {
+        match &self.schema {
+            Some(schema) => format!("{schema}.{object}"),
+            None => object.to_owned(),
+        }
+    }
+
+    /// `schema.` or nothing, for channel names.
+    fn schema_prefix(&self) -> String {
+        self.schema
+            .as_ref()
+            .map_or_else(String::new, |s| format!("{s}."))
     }
 
     /// The dead-letter table, `T_dead`.
     pub fn dead_letter(&self) -> String {
-        format!("{}_dead", self.0)
+        format!("{}_dead", self.name)
     }
 
     /// The partial index serving the ready-rows fetch branch, `T_pending_idx`.
     pub fn pending_index(&self) -> String {
-        format!("{}_pending_idx", self.0)
+        format!("{}_pending_idx", self.name)
     }
 
     /// The partial index serving the expired-lease reclaim branch, `T_lease_idx`.
     pub fn lease_index(&self) -> String {
-        format!("{}_lease_idx", self.0)
+        format!("{}_lease_idx", self.name)
     }
 
     /// The CHECK constraint tying `acquired_token` and `acquired_at` together, `T_lease_check`.
     pub fn lease_check(&self) -> String {
-        format!("{}_lease_check", self.0)
+        format!("{}_lease_check", self.name)
     }
 
     /// The cooperative members registry, `T_members`.
     pub fn members(&self) -> String {
-        format!("{}_members", self.0)
+        format!("{}_members", self.name)
     }
 
     /// The partial index of rows by holder, `T_member_idx`.
     pub fn member_index(&self) -> String {
-        format!("{}_member_idx", self.0)
+        format!("{}_member_idx", self.name)
     }
 
     /// Partition `slot` of the outbox table, `T_p0`, `T_p1` or `T_p2`: the generations that
@@ -204,12 +301,12 @@ impl TableName {
     /// If `slot` is not below [`GENERATIONS`](crate::GENERATIONS).
     pub fn partition(&self, slot: usize) -> String {
         assert!(slot < GENERATIONS, "slot {slot} out of range");
-        format!("{}_p{slot}", self.0)
+        format!("{}_p{slot}", self.name)
     }
 
     /// The sequence whose value names the generation publishes write to, `T_gen`.
     pub fn generation_sequence(&self) -> String {
-        format!("{}_gen", self.0)
+        format!("{}_gen", self.name)
     }
 
     /// The function behind a single-row outcome, `T_ack`, `T_retry`, `T_bury` (dead letter),
@@ -222,33 +319,37 @@ impl TableName {
             OutcomeFunction::Renew => "renew",
             OutcomeFunction::Release => "release",
         };
-        format!("{}_{suffix}", self.0)
+        format!("{}_{suffix}", self.name)
     }
 
     /// The name the schema-v3 table takes while the v4 migration copies it, `T_v3`.
     pub(crate) fn legacy(&self) -> String {
-        format!("{}_v3", self.0)
+        format!("{}_v3", self.name)
     }
 
     /// The table recording applied migrations, `T_migrations`.
     pub fn migrations(&self) -> String {
-        format!("{}_migrations", self.0)
+        format!("{}_migrations", self.name)
     }
 
-    /// The LISTEN/NOTIFY channel, `postbox_T`. Publishers notify it with the queue name as
-    /// payload.
+    /// The LISTEN/NOTIFY channel, `postbox_T` (`postbox_S.T` in schema `S`). Publishers
+    /// notify it with the queue name as payload.
     pub fn channel(&self) -> String {
-        format!("{CHANNEL_PREFIX}{}", self.0)
+        format!("{CHANNEL_PREFIX}{}{}", self.schema_prefix(), self.name)
     }
 
     /// The journal table, `T_events`.
     pub fn events(&self) -> String {
-        format!("{}_events", self.0)
+        format!("{}_events", self.name)
     }
 
-    /// The journal's live channel, `postbox_ev_T`.
+    /// The journal's live channel, `postbox_ev_T` (`postbox_ev_S.T` in schema `S`).
     pub fn journal_channel(&self) -> String {
-        format!("{JOURNAL_CHANNEL_PREFIX}{}", self.0)
+        format!(
+            "{JOURNAL_CHANNEL_PREFIX}{}{}",
+            self.schema_prefix(),
+            self.name
+        )
     }
 
     /// `name` quoted as an SQL identifier. Safe because validation admits only `[a-z0-9_]`.
@@ -261,29 +362,36 @@ impl TableName {
     }
 
     fn derived_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = SUFFIXES.iter().map(|s| format!("{}{s}", self.0)).collect();
+        let mut names: Vec<String> = SUFFIXES
+            .iter()
+            .map(|s| format!("{}{s}", self.name))
+            .collect();
         names.push(self.channel());
         names.push(self.journal_channel());
-        names.push(self.0.clone());
+        names.push(self.name.clone());
         names
     }
 }
 
 impl Default for TableName {
     fn default() -> Self {
-        TableName("postbox".to_owned())
+        TableName {
+            name: "postbox".to_owned(),
+            schema: None,
+        }
     }
 }
 
 impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.schema_prefix())?;
+        f.write_str(&self.name)
     }
 }
 
 impl fmt::Debug for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
+        fmt::Debug::fmt(&self.to_string(), f)
     }
 }
 
@@ -360,6 +468,32 @@ mod tests {
         assert!(
             text.contains(&format!("at most {MAX_TABLE_LEN} bytes")),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_schema_is_validated_and_counted_in_the_channel_limit() {
+        let t = TableName::in_schema("billing", "jobs").expect("valid");
+        assert_eq!(t.qualified(&t.dead_letter()), r#""billing"."jobs_dead""#);
+        assert_eq!(t.regclass(&t.dead_letter()), "billing.jobs_dead");
+        assert_eq!(t.journal_channel(), "postbox_ev_billing.jobs");
+        assert_eq!(format!("{t:?}"), r#""billing.jobs""#);
+        for bad in ["", "Billing", "1s", "a b", "pg_temp", "x\"; --"] {
+            assert!(TableName::in_schema(bad, "jobs").is_err(), "{bad:?}");
+        }
+        // The journal channel, postbox_ev_<schema>.<table>, must fit in 63 bytes too.
+        let schema = "s".repeat(40);
+        let fits = "t".repeat(63 - "postbox_ev_".len() - 41);
+        TableName::in_schema(schema.as_str(), fits.as_str()).expect("fits exactly");
+        let err =
+            TableName::in_schema(schema.as_str(), format!("{fits}t")).expect_err("one too long");
+        assert!(
+            matches!(err, Error::IdentifierTooLong { max_table, .. } if max_table == fits.len()),
+            "{err}"
+        );
+        assert_eq!(
+            TableName::new("jobs").expect("valid").qualified("jobs"),
+            r#""jobs""#
         );
     }
 

@@ -100,7 +100,7 @@ pub(crate) fn statements(
     let role = quoted_role(role)?;
     let schema = quoted_identifier(schema);
     let q = |name: String| format!("{schema}.{}", TableName::quoted(&name));
-    let t = q(table.to_string());
+    let t = q(table.as_str().to_owned());
     let generations: Vec<String> = (0..GENERATIONS).map(|s| q(table.partition(s))).collect();
     let generations = generations.join(", ");
     let gen_seq = q(table.generation_sequence());
@@ -166,7 +166,7 @@ pub(crate) fn statements(
         Access::Admin => {
             out.push(format!("GRANT CREATE ON SCHEMA {schema} TO {role}"));
             for relation in [
-                table.to_string(),
+                table.as_str().to_owned(),
                 table.dead_letter(),
                 table.members(),
                 table.events(),
@@ -220,7 +220,7 @@ impl PgBackend {
         let table = &self.shared().table;
         let row = sqlx::query(OBJECTS)
             .persistent(false)
-            .bind(table.as_str())
+            .bind(table.to_string())
             .fetch_optional(&self.shared().pool)
             .await?;
         let Some(row) = row else {

@@ -215,7 +215,7 @@ impl Rotator {
 
     pub(crate) fn new(pool: PgPool, table: &TableName, persistent: Arc<AtomicBool>) -> Self {
         let per_part = |template: &str, slot: usize| {
-            let quoted = TableName::quoted(&table.partition(slot));
+            let quoted = table.qualified(&table.partition(slot));
             sql(&render(template, table).replace("{part}", &quoted), table)
         };
         Rotator {

@@ -132,7 +132,7 @@ const V4: &str = r#"
 CREATE SEQUENCE {gen_seq} AS bigint MINVALUE 0 START 0;
 SELECT setval('{gen_seq}', 0, true);
 
-ALTER TABLE {table} RENAME TO {legacy};
+ALTER TABLE {table} RENAME TO {legacy_name};
 
 CREATE TABLE {table} (
     id               bigint      NOT NULL,
@@ -301,7 +301,7 @@ pub fn ddl(table: &TableName) -> String {
         // the schema afterwards.
         out.push_str(&format!(
             "INSERT INTO {} (version, description) VALUES ({}, '{}') ON CONFLICT DO NOTHING;\n",
-            TableName::quoted(&table.migrations()),
+            table.qualified(&table.migrations()),
             m.version,
             m.description.replace('\'', "''")
         ));
@@ -327,7 +327,7 @@ async fn recorded_versions(
 ) -> Result<Option<Vec<i32>>> {
     let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
         .persistent(false)
-        .bind(table.migrations())
+        .bind(table.regclass(&table.migrations()))
         .fetch_one(&mut *conn)
         .await?;
     if !exists {
@@ -347,9 +347,9 @@ async fn refuse_foreign_objects(conn: &mut sqlx::PgConnection, table: &TableName
     let mut found = Vec::new();
     for name in [
         table.to_string(),
-        table.dead_letter(),
-        table.members(),
-        table.events(),
+        table.regclass(&table.dead_letter()),
+        table.regclass(&table.members()),
+        table.regclass(&table.events()),
     ] {
         let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
             .persistent(false)
@@ -366,7 +366,7 @@ async fn refuse_foreign_objects(conn: &mut sqlx::PgConnection, table: &TableName
         Err(Error::ForeignObjects {
             table: table.to_string(),
             found: found.join(", "),
-            migrations: table.migrations(),
+            migrations: table.regclass(&table.migrations()),
         })
     }
 }
@@ -396,6 +396,23 @@ pub(crate) async fn migrate_to(
         .bind(format!("postbox:migrate:{table}"))
         .execute(&mut *tx)
         .await?;
+    if let Some(schema) = table.schema() {
+        // Only when missing: CREATE SCHEMA IF NOT EXISTS checks the privilege to create one
+        // even when it exists.
+        let exists: bool = sqlx::query_scalar(SCHEMA_EXISTS)
+            .persistent(false)
+            .bind(schema)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !exists {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "CREATE SCHEMA {}",
+                TableName::quoted(schema)
+            )))
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
     sqlx::raw_sql(sql.create_migrations.clone())
         .execute(&mut *tx)
         .await?;
@@ -482,6 +499,8 @@ const RELATION_EXISTS: &str = "SELECT to_regclass($1) IS NOT NULL";
 // $1 relation name
 const COLUMNS_OF: &str = "SELECT attname::text FROM pg_attribute \
      WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped";
+// $1 schema name
+const SCHEMA_EXISTS: &str = "SELECT to_regnamespace($1) IS NOT NULL";
 // $1 function name
 const FUNCTION_EXISTS: &str = "SELECT to_regproc($1) IS NOT NULL";
 // $1 constraint name, $2 relation name
@@ -498,9 +517,21 @@ pub(crate) async fn problems(
     let mut problems = Vec::new();
     let relations = [
         ("table", table.to_string(), COLUMNS),
-        ("dead-letter table", table.dead_letter(), DEAD_COLUMNS),
-        ("members table", table.members(), MEMBER_COLUMNS),
-        ("journal table", table.events(), EVENT_COLUMNS),
+        (
+            "dead-letter table",
+            table.regclass(&table.dead_letter()),
+            DEAD_COLUMNS,
+        ),
+        (
+            "members table",
+            table.regclass(&table.members()),
+            MEMBER_COLUMNS,
+        ),
+        (
+            "journal table",
+            table.regclass(&table.events()),
+            EVENT_COLUMNS,
+        ),
     ];
     for (kind, name, expected) in relations {
         let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
@@ -521,15 +552,18 @@ pub(crate) async fn problems(
             problems.push(format!("column {name}.{column} is missing"));
         }
     }
-    let generations =
-        (0..crate::table::GENERATIONS).map(|slot| ("partition", table.partition(slot)));
+    let generations = (0..crate::table::GENERATIONS)
+        .map(|slot| ("partition", table.regclass(&table.partition(slot))));
     let indexes = [
         table.pending_index(),
         table.lease_index(),
         table.member_index(),
     ]
-    .map(|index| ("index", index));
-    let sequence = ("generation sequence", table.generation_sequence());
+    .map(|index| ("index", table.regclass(&index)));
+    let sequence = (
+        "generation sequence",
+        table.regclass(&table.generation_sequence()),
+    );
     for (kind, name) in generations.chain(indexes).chain([sequence]) {
         let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
             .persistent(false)
@@ -540,7 +574,7 @@ pub(crate) async fn problems(
             problems.push(format!("{kind} {name} is missing"));
         }
     }
-    for function in OutcomeFunction::ALL.map(|f| table.outcome_function(f)) {
+    for function in OutcomeFunction::ALL.map(|f| table.regclass(&table.outcome_function(f))) {
         let exists: bool = sqlx::query_scalar(FUNCTION_EXISTS)
             .persistent(false)
             .bind(&function)
@@ -553,7 +587,7 @@ pub(crate) async fn problems(
     let check: bool = sqlx::query_scalar(CONSTRAINT_EXISTS)
         .persistent(false)
         .bind(table.lease_check())
-        .bind(table.as_str())
+        .bind(table.to_string())
         .fetch_one(&mut *conn)
         .await?;
     if !check && !problems.iter().any(|p| p.starts_with("table ")) {
@@ -564,7 +598,7 @@ pub(crate) async fn problems(
     }
     let migrations_exist: bool = sqlx::query_scalar(RELATION_EXISTS)
         .persistent(false)
-        .bind(table.migrations())
+        .bind(table.regclass(&table.migrations()))
         .fetch_one(&mut *conn)
         .await?;
     let latest = if migrations_exist {

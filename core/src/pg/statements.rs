@@ -16,25 +16,28 @@ use crate::table::{OutcomeFunction, TableName};
 /// Substitutes the identifier placeholders of `template` for `table`, after repeating each
 /// per-generation block (see [`each_generation`]).
 pub(crate) fn render(template: &str, table: &TableName) -> String {
-    let function = |f| TableName::quoted(&table.outcome_function(f));
+    // Relations, sequences and functions are named with the schema when there is one; index
+    // and constraint names are not (Postgres creates them in their table's schema), nor the
+    // new name of a RENAME.
+    let q = |name: String| table.qualified(&name);
+    let bare = |name: String| TableName::quoted(&name);
+    let function = |f| table.qualified(&table.outcome_function(f));
     each_generation(template)
-        .replace("{table}", &TableName::quoted(table.as_str()))
-        .replace("{dead}", &TableName::quoted(&table.dead_letter()))
-        .replace("{migrations}", &TableName::quoted(&table.migrations()))
-        .replace("{pending_idx}", &TableName::quoted(&table.pending_index()))
-        .replace("{lease_idx}", &TableName::quoted(&table.lease_index()))
-        .replace("{lease_check}", &TableName::quoted(&table.lease_check()))
-        .replace("{members}", &TableName::quoted(&table.members()))
-        .replace("{member_idx}", &TableName::quoted(&table.member_index()))
-        .replace("{events}", &TableName::quoted(&table.events()))
-        .replace("{p0}", &TableName::quoted(&table.partition(0)))
-        .replace("{p1}", &TableName::quoted(&table.partition(1)))
-        .replace("{p2}", &TableName::quoted(&table.partition(2)))
-        .replace(
-            "{gen_seq}",
-            &TableName::quoted(&table.generation_sequence()),
-        )
-        .replace("{legacy}", &TableName::quoted(&table.legacy()))
+        .replace("{table}", &q(table.as_str().to_owned()))
+        .replace("{dead}", &q(table.dead_letter()))
+        .replace("{migrations}", &q(table.migrations()))
+        .replace("{pending_idx}", &bare(table.pending_index()))
+        .replace("{lease_idx}", &bare(table.lease_index()))
+        .replace("{lease_check}", &bare(table.lease_check()))
+        .replace("{members}", &q(table.members()))
+        .replace("{member_idx}", &bare(table.member_index()))
+        .replace("{events}", &q(table.events()))
+        .replace("{p0}", &q(table.partition(0)))
+        .replace("{p1}", &q(table.partition(1)))
+        .replace("{p2}", &q(table.partition(2)))
+        .replace("{gen_seq}", &q(table.generation_sequence()))
+        .replace("{legacy_name}", &bare(table.legacy()))
+        .replace("{legacy}", &q(table.legacy()))
         .replace("{ack_fn}", &function(OutcomeFunction::Ack))
         .replace("{retry_fn}", &function(OutcomeFunction::Retry))
         .replace("{bury_fn}", &function(OutcomeFunction::Bury))
