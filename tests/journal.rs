@@ -222,25 +222,13 @@ proptest! {
 async fn a_connect_only_role_can_neither_inject_into_nor_read_a_tail_on_postgres()
 -> anyhow::Result<()> {
     use postbox::JournalLive;
-    use postbox::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-    use postbox::sqlx::{self, AssertSqlSafe};
+    use postbox::sqlx;
+    use postbox::sqlx::postgres::PgListener;
 
     let db = postbox::testkit::postgres().await?;
     let backend = db.backend();
-    let role = format!(
-        "intruder_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "CREATE ROLE {role} LOGIN PASSWORD 'intruder'"
-    )))
-    .execute(db.pool())
-    .await?;
-    let server: PgConnectOptions = db.url().parse()?;
-    let intruder = PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(server.username(&role).password("intruder"))
-        .await?;
+    // A role with nothing but what every role has (CONNECT, LISTEN, NOTIFY).
+    let (role, intruder) = support::login_role(&db, "", 2).await?;
     let denied = sqlx::query("SELECT payload FROM postbox_events")
         .fetch_all(&intruder)
         .await
@@ -314,10 +302,7 @@ async fn a_connect_only_role_can_neither_inject_into_nor_read_a_tail_on_postgres
     assert_eq!(forged.payload.get("forged"), Some(&true.into()));
 
     drop(ears);
-    intruder.close().await;
-    sqlx::raw_sql(AssertSqlSafe(format!("DROP ROLE {role}")))
-        .execute(db.pool())
-        .await?;
+    support::drop_role(&db, &role, intruder).await?;
     db.close().await?;
     Ok(())
 }

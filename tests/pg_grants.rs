@@ -5,7 +5,6 @@
 mod support;
 
 use anyhow::Result;
-use postbox::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use postbox::sqlx::{self, AssertSqlSafe, PgPool};
 use postbox::testkit::{PgFixture, within};
 use postbox::{
@@ -22,23 +21,13 @@ struct Role {
 
 impl Role {
     async fn new(db: &PgFixture, access: &[Access]) -> Result<Role> {
-        let name = format!("r_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "CREATE ROLE {name} LOGIN PASSWORD 'pw'"
-        )))
-        .execute(db.pool())
-        .await?;
+        let (name, pool) = support::login_role(db, "", 4).await?;
         for a in access {
             let grants = db.backend().grants(*a, &name).await?;
             sqlx::raw_sql(AssertSqlSafe(grants))
                 .execute(db.pool())
                 .await?;
         }
-        let options: PgConnectOptions = db.url().parse()?;
-        let pool = PgPoolOptions::new()
-            .max_connections(4)
-            .connect_with(options.username(&name).password("pw"))
-            .await?;
         Ok(Role { name, pool })
     }
 
@@ -47,14 +36,7 @@ impl Role {
     }
 
     async fn drop_in(self, db: &PgFixture) -> Result<()> {
-        self.pool.close().await;
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "DROP OWNED BY {0}; DROP ROLE {0}",
-            self.name
-        )))
-        .execute(db.pool())
-        .await?;
-        Ok(())
+        support::drop_role(db, &self.name, self.pool).await
     }
 }
 

@@ -122,36 +122,16 @@ async fn hostile_and_overlong_table_names_never_reach_the_database() -> Result<(
     Ok(())
 }
 
-/// A pool on the fixture's database as `role` (created here with `grants`), password `pw`.
-async fn pool_as(
-    db: &postbox::testkit::PgFixture,
-    role: &str,
-    grants: &str,
-) -> Result<postbox::sqlx::PgPool> {
-    use postbox::sqlx::{self, AssertSqlSafe};
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "CREATE ROLE {role} LOGIN PASSWORD 'pw'; {grants}"
-    )))
-    .execute(db.pool())
-    .await?;
-    let options: sqlx::postgres::PgConnectOptions = db.url().parse()?;
-    Ok(sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(options.username(role).password("pw"))
-        .await?)
-}
-
 /// `migrate()` at start-up under a role that may not create anything: when the schema is
 /// current it only reads the recorded versions (it used to run its `CREATE ... IF NOT EXISTS`
 /// statements and fail with `permission denied for schema public`).
 #[tokio::test]
 async fn migrate_under_a_role_that_may_not_create_is_a_no_op_when_current() -> Result<()> {
     let db = postbox::testkit::postgres().await?;
-    let role = format!("svc_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let pool = pool_as(
+    let (role, pool) = support::login_role(
         &db,
-        &role,
-        &format!("REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT SELECT ON postbox_migrations TO {role};"),
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT SELECT ON postbox_migrations TO {role};",
+        2,
     )
     .await?;
     let backend = PgBackend::new(pool.clone());

@@ -149,21 +149,7 @@ impl TableName {
         {
             return Err(invalid("it contains a character other than [a-z0-9_]"));
         }
-        let table = TableName { name, schema: None };
-        if let Some(derived) = table
-            .derived_names()
-            .into_iter()
-            .find(|d| d.len() > MAX_IDENTIFIER_LEN)
-        {
-            return Err(Error::IdentifierTooLong {
-                len: derived.len(),
-                derived,
-                name: table.name,
-                max: MAX_IDENTIFIER_LEN,
-                max_table: MAX_TABLE_LEN,
-            });
-        }
-        Ok(table)
+        TableName { name, schema: None }.fits()
     }
 
     /// An outbox table in the Postgres schema (namespace) `schema` rather than the first of
@@ -209,24 +195,32 @@ impl TableName {
         }
         let mut table = TableName::new(name)?;
         table.schema = Some(schema);
-        if let Some(derived) = table
+        table.fits()
+    }
+
+    /// `self`, if every identifier derived from it fits in Postgres' limit.
+    fn fits(self) -> Result<Self> {
+        let Some(derived) = self
             .derived_names()
             .into_iter()
             .find(|d| d.len() > MAX_IDENTIFIER_LEN)
-        {
-            return Err(Error::IdentifierTooLong {
-                len: derived.len(),
-                derived,
-                name: table.to_string(),
-                max: MAX_IDENTIFIER_LEN,
-                max_table: MAX_TABLE_LEN.min(
-                    MAX_IDENTIFIER_LEN
-                        .saturating_sub(JOURNAL_CHANNEL_PREFIX.len())
-                        .saturating_sub(table.schema.as_ref().map_or(0, |s| s.len() + 1)),
-                ),
-            });
-        }
-        Ok(table)
+        else {
+            return Ok(self);
+        };
+        // The longest table name that fits: the suffixes' limit, and with a schema the
+        // journal channel's (`postbox_ev_<schema>.<table>`).
+        let max_table = MAX_TABLE_LEN.min(
+            MAX_IDENTIFIER_LEN
+                .saturating_sub(JOURNAL_CHANNEL_PREFIX.len())
+                .saturating_sub(self.schema.as_ref().map_or(0, |s| s.len() + 1)),
+        );
+        Err(Error::IdentifierTooLong {
+            len: derived.len(),
+            derived,
+            name: self.to_string(),
+            max: MAX_IDENTIFIER_LEN,
+            max_table,
+        })
     }
 
     /// The table name itself (without the schema).

@@ -169,3 +169,42 @@ pub async fn kill(pool: &PgPool, app: &str) -> usize {
     .expect("pg_terminate_backend");
     killed.into_iter().filter(|k| *k).count()
 }
+
+/// A login role of this test's own (a random name, password `pw`; roles are shared by every
+/// database of the server) and a pool of `max` connections to the fixture's database as it.
+/// `setup` runs as the fixture's superuser right after the role is created, with `{role}`
+/// standing for its name. Drop it with [`drop_role`].
+pub async fn login_role(
+    db: &postbox::testkit::PgFixture,
+    setup: &str,
+    max: u32,
+) -> anyhow::Result<(String, PgPool)> {
+    let role = format!("r_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'pw'; {}",
+        setup.replace("{role}", &role)
+    )))
+    .execute(db.pool())
+    .await?;
+    let options: sqlx::postgres::PgConnectOptions = db.url().parse()?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max)
+        .connect_with(options.username(&role).password("pw"))
+        .await?;
+    Ok((role, pool))
+}
+
+/// Closes `pool` and drops `role` with what it owns and was granted in the fixture's database.
+pub async fn drop_role(
+    db: &postbox::testkit::PgFixture,
+    role: &str,
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    pool.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP OWNED BY {role}; DROP ROLE {role}"
+    )))
+    .execute(db.pool())
+    .await?;
+    Ok(())
+}
