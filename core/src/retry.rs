@@ -142,12 +142,9 @@ impl Backoff {
                 let factor = multiplier
                     .max(1.0)
                     .powi(i32::try_from(n - 1).unwrap_or(i32::MAX));
-                let secs = initial.as_secs_f64() * factor;
-                if secs.is_finite() && secs < cap.as_secs_f64() {
-                    Duration::from_secs_f64(secs)
-                } else {
-                    cap
-                }
+                // Overflow, infinity and NaN all mean "beyond the cap".
+                Duration::try_from_secs_f64(initial.as_secs_f64() * factor)
+                    .map_or(cap, |d| d.min(cap))
             }
         }
     }
@@ -365,6 +362,40 @@ impl fmt::Debug for RetryPolicy {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn debug_shows_the_policy_and_the_error_without_the_predicate() {
+        let policy = RetryPolicy::constant(Duration::from_secs(2))
+            .max_attempts(3)
+            .retry_if(|_| true);
+        let shown = format!("{policy:?}");
+        assert!(
+            shown.starts_with("RetryPolicy { backoff: Constant(2s), max_attempts: 3, jitter: "),
+            "{shown}"
+        );
+        assert!(shown.ends_with(r#"retry_if: Some("<fn>") }"#), "{shown}");
+        let error = HandlerError::reject("bad input");
+        assert_eq!(
+            format!("{error:?}"),
+            r#"HandlerError { kind: Reject, message: "bad input" }"#
+        );
+    }
+
+    #[test]
+    fn exponential_backoff_reaches_the_cap_exactly_and_stays_there() {
+        let b = Backoff::Exponential {
+            initial: Duration::from_secs(1),
+            multiplier: 2.0,
+            cap: Duration::from_secs(8),
+        };
+        let delays: Vec<u64> = (1..=6).map(|n| b.base_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 8, 8]);
+        assert_eq!(
+            b.base_delay(u32::MAX),
+            Duration::from_secs(8),
+            "overflow is the cap"
+        );
+    }
+
     use super::*;
 
     const S: Duration = Duration::from_secs(1);

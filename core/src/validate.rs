@@ -91,6 +91,14 @@ fn nul(field: &str) -> Error {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn max_delay_is_ten_thousand_julian_years() {
+        assert_eq!(
+            MAX_DELAY.as_secs(),
+            10_000 * 365 * 86_400 + 10_000 * 86_400 / 4
+        );
+    }
+
     use super::*;
 
     #[test]
