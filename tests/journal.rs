@@ -306,3 +306,28 @@ async fn a_connect_only_role_can_neither_inject_into_nor_read_a_tail_on_postgres
     db.close().await?;
     Ok(())
 }
+
+/// A tail's live subscription holds one LISTEN connection of its own; dropping the tail (a
+/// reader that went away) closes it, so readers that come and go leak no connections.
+#[tokio::test]
+async fn a_dropped_tail_closes_its_listen_connection_on_postgres() -> anyhow::Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let backend = db.backend();
+    let tails = futures_util::future::try_join_all(
+        (0..3).map(|_| snapshot_and_tail(backend.clone(), "s", 0, TailOptions::default())),
+    )
+    .await?;
+    support::eventually("three LISTEN connections", || {
+        let pool = db.pool().clone();
+        async move { support::pids_of(&pool, "postbox.journal").await.len() == 3 }
+    })
+    .await;
+    drop(tails);
+    support::eventually("no LISTEN connection left", || {
+        let pool = db.pool().clone();
+        async move { support::pids_of(&pool, "postbox.journal").await.is_empty() }
+    })
+    .await;
+    db.close().await?;
+    Ok(())
+}
