@@ -226,7 +226,7 @@ impl PgBackend {
     }
 
     pub(crate) async fn journal_listen(&self, stream: &str) -> Result<LiveEvents> {
-        if self.pooler {
+        if !self.shared().persistent() {
             // No LISTEN through a transaction pooler: tell the reader to read the journal
             // every POOLER_POLL instead.
             let (tx, rx) = mpsc::channel(1);

@@ -82,8 +82,6 @@ use crate::table::TableName;
 pub struct PgBackend {
     engine: Engine,
     journal_live: JournalLive,
-    /// [`transaction_pooler`](Self::transaction_pooler).
-    pub(crate) pooler: bool,
 }
 
 /// State shared by a backend, its clones and its engine.
@@ -150,7 +148,6 @@ impl PgBackend {
                 limit: None,
             },
             journal_live: JournalLive::default(),
-            pooler: false,
         }
     }
 
@@ -170,8 +167,9 @@ impl PgBackend {
     /// than it runs), and wake-ups wait for the poll. Settings for PgBouncer:
     /// `pool_mode = transaction`, and `ignore_startup_parameters = extra_float_digits` (sqlx
     /// sends it). In session mode (`pool_mode = session`) the default settings work.
-    pub fn transaction_pooler(mut self) -> Self {
-        self.pooler = true;
+    /// Applies to this backend and every clone of it, earlier ones included: set it before
+    /// use.
+    pub fn transaction_pooler(self) -> Self {
         self.shared()
             .persistent
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -372,7 +370,8 @@ impl Backend for PgBackend {
     }
 
     fn engine(&self) -> Option<&Engine> {
-        (!self.pooler).then_some(&self.engine)
+        // Behind a transaction pooler (unnamed statements) there is no session to keep.
+        self.shared().persistent().then_some(&self.engine)
     }
 
     fn is_closed(&self) -> bool {
