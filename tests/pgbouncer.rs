@@ -65,6 +65,23 @@ async fn every_path(backend: PgBackend) -> Result<()> {
     published.insert(backend.publish(&mut tx, Message::new("q", "one")).await?);
     backend.commit(tx).await?;
 
+    // Statements from every pool connection at once: the pooler hands its server sessions
+    // around between them, so each statement must keep one for its whole exchange (sqlx
+    // parses and binds in two, and Postgres names an unnamed statement per session).
+    let calls = (0..64).map(|i| {
+        let backend = backend.clone();
+        async move {
+            if i % 2 == 0 {
+                backend.messages(Some("q")).await.map(|m| m.len())
+            } else {
+                backend.dead_letters(Some("q")).await.map(|d| d.len() + 301)
+            }
+        }
+    });
+    for stored in futures_util::future::try_join_all(calls).await? {
+        assert_eq!(stored, 301);
+    }
+
     // Fetch and every outcome.
     let got = backend.fetch(&FetchParams::new(["q"], 8)).await?;
     assert_eq!(got.len(), 8);

@@ -155,14 +155,16 @@ impl PgBackend {
         member: &Member,
         queues: &[String],
     ) -> Result<Registration> {
+        let mut session = self.shared().session().await?;
         let inserted = sqlx::query(self.shared().sql.coop_register.clone())
             .persistent(self.shared().persistent())
             .bind(member.group())
             .bind(member.name())
             .bind(queues)
             .bind(self.shared().now())
-            .fetch_optional(&self.shared().pool)
+            .fetch_optional(&mut *session)
             .await?;
+        session.done().await?;
         if inserted.is_some() {
             return Ok(Registration::New);
         }
@@ -171,15 +173,17 @@ impl PgBackend {
     }
 
     pub(crate) async fn coop_touch_one(&self, member: &Member) -> Result<bool> {
-        Ok(sqlx::query(self.shared().sql.coop_touch.clone())
+        let mut session = self.shared().session().await?;
+        let touched = sqlx::query(self.shared().sql.coop_touch.clone())
             .persistent(self.shared().persistent())
             .bind(member.group())
             .bind(member.name())
             .bind(self.shared().now())
-            .execute(&self.shared().pool)
+            .execute(&mut *session)
             .await?
-            .rows_affected()
-            == 1)
+            .rows_affected();
+        session.done().await?;
+        Ok(touched == 1)
     }
 
     pub(crate) async fn coop_unregister_one(
@@ -241,11 +245,13 @@ impl PgBackend {
     }
 
     pub(crate) async fn coop_members_of(&self, group: &str) -> Result<Vec<MemberInfo>> {
+        let mut session = self.shared().session().await?;
         let rows = sqlx::query(self.shared().sql.coop_members.clone())
             .persistent(self.shared().persistent())
             .bind(group)
-            .fetch_all(&self.shared().pool)
+            .fetch_all(&mut *session)
             .await?;
+        session.done().await?;
         rows.iter()
             .map(|r| {
                 Ok(MemberInfo::__new(

@@ -201,12 +201,15 @@ impl super::PgBackend {
         let inner = &self.engine.inner;
         let explain =
             sqlx::AssertSqlSafe(format!("EXPLAIN {}", inner.sql.fetch.as_str())).into_sql_str();
+        let mut session = inner.session().await?;
         let lines: Vec<String> = bind_fetch(explain, params, Uuid::new_v4(), inner.now())
-            .fetch_all(&inner.pool)
+            .persistent(false)
+            .fetch_all(&mut *session)
             .await?
             .iter()
             .map(|r| r.try_get::<String, _>(0))
             .collect::<Result<_, _>>()?;
+        session.done().await?;
         Ok(lines.join("\n"))
     }
 }

@@ -218,11 +218,13 @@ impl PgBackend {
     pub async fn grants(&self, access: Access, role: &str) -> Result<String> {
         quoted_role(role)?;
         let table = &self.shared().table;
+        let mut session = self.shared().session().await?;
         let row = sqlx::query(OBJECTS)
             .persistent(false)
             .bind(table.to_string())
-            .fetch_optional(&self.shared().pool)
+            .fetch_optional(&mut *session)
             .await?;
+        session.done().await?;
         let Some(row) = row else {
             return Err(Error::Schema {
                 table: table.to_string(),

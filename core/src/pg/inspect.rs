@@ -48,20 +48,25 @@ impl PgBackend {
     ///
     /// [`Error::Database`](crate::Error::Database).
     pub async fn database_now(&self) -> Result<DateTime<Utc>> {
-        Ok(sqlx::query_scalar(NOW)
+        let mut session = self.shared().session().await?;
+        let now = sqlx::query_scalar(NOW)
             .persistent(self.shared().persistent())
             .bind(self.shared().now())
-            .fetch_one(&self.shared().pool)
-            .await?)
+            .fetch_one(&mut *session)
+            .await?;
+        session.done().await?;
+        Ok(now)
     }
 
     pub(crate) async fn list_messages(&self, queue: Option<&str>) -> Result<Vec<StoredMessage>> {
+        let mut session = self.shared().session().await?;
         let rows = sqlx::query(self.shared().sql.messages.clone())
             .persistent(self.shared().persistent())
             .bind(queue)
             .bind(self.shared().now())
-            .fetch_all(&self.shared().pool)
+            .fetch_all(&mut *session)
             .await?;
+        session.done().await?;
         rows.iter()
             .map(|row| {
                 let state = match row.try_get::<String, _>("state")?.as_str() {
@@ -88,11 +93,13 @@ impl PgBackend {
     }
 
     pub(crate) async fn list_dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>> {
+        let mut session = self.shared().session().await?;
         let rows = sqlx::query(self.shared().sql.dead_letters.clone())
             .persistent(self.shared().persistent())
             .bind(queue)
-            .fetch_all(&self.shared().pool)
+            .fetch_all(&mut *session)
             .await?;
+        session.done().await?;
         rows.iter()
             .map(|row| {
                 Ok(DeadLetter {

@@ -124,10 +124,12 @@ impl PgBackend {
         if announce {
             query = query.bind(self.shared().table.journal_channel());
         }
-        let result = query.execute(&self.shared().pool).await;
+        let mut session = self.shared().session().await?;
+        let result = query.execute(&mut *session).await;
         match result {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(session.done().await?),
             Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                drop(session);
                 Err(self.first_taken(events, &streams, &seqs).await?)
             }
             Err(e) => Err(e.into()),
@@ -142,12 +144,14 @@ impl PgBackend {
         streams: &[&str],
         seqs: &[i64],
     ) -> Result<Error> {
+        let mut session = self.shared().session().await?;
         let stored: Vec<(String, i64)> = sqlx::query_as(self.shared().sql.journal_taken.clone())
             .persistent(self.shared().persistent())
             .bind(streams)
             .bind(seqs)
-            .fetch_all(&self.shared().pool)
+            .fetch_all(&mut *session)
             .await?;
+        session.done().await?;
         let stored: std::collections::HashSet<(String, i64)> = stored.into_iter().collect();
         let mut seen = std::collections::HashSet::new();
         let taken = events.iter().find(|e| {
@@ -167,11 +171,14 @@ impl PgBackend {
     }
 
     pub(crate) async fn journal_latest(&self, stream: &str) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar(self.shared().sql.journal_latest.clone())
+        let mut session = self.shared().session().await?;
+        let latest = sqlx::query_scalar(self.shared().sql.journal_latest.clone())
             .persistent(self.shared().persistent())
             .bind(stream)
-            .fetch_one(&self.shared().pool)
-            .await?)
+            .fetch_one(&mut *session)
+            .await?;
+        session.done().await?;
+        Ok(latest)
     }
 
     pub(crate) async fn journal_read(
@@ -180,13 +187,15 @@ impl PgBackend {
         after: i64,
         limit: u32,
     ) -> Result<Vec<JournalEvent>> {
+        let mut session = self.shared().session().await?;
         let rows = sqlx::query(self.shared().sql.journal_read_after.clone())
             .persistent(self.shared().persistent())
             .bind(stream)
             .bind(after)
             .bind(i64::from(limit))
-            .fetch_all(&self.shared().pool)
+            .fetch_all(&mut *session)
             .await?;
+        session.done().await?;
         rows.iter()
             .map(|r| {
                 let payload = match r.try_get::<serde_json::Value, _>("payload")? {
@@ -216,13 +225,14 @@ impl PgBackend {
             return Ok(());
         }
         let texts = events.iter().map(wire_text).collect::<Result<Vec<_>>>()?;
+        let mut session = self.shared().session().await?;
         sqlx::query(NOTIFY_MANY)
             .persistent(self.shared().persistent())
             .bind(self.shared().table.journal_channel())
             .bind(&texts)
-            .execute(&self.shared().pool)
+            .execute(&mut *session)
             .await?;
-        Ok(())
+        Ok(session.done().await?)
     }
 
     pub(crate) async fn journal_listen(&self, stream: &str) -> Result<LiveEvents> {

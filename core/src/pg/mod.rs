@@ -19,6 +19,7 @@ mod outcome;
 mod publish;
 mod rotate;
 mod schema;
+mod session;
 mod statements;
 
 use std::fmt;
@@ -114,6 +115,12 @@ impl Inner {
         self.persistent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// A pool connection for one statement outside a caller's transaction: in a transaction
+    /// of its own behind a transaction pooler (see [`session`]).
+    pub(crate) async fn session(&self) -> Result<session::Session, sqlx::Error> {
+        session::Session::on(&self.pool, self.persistent()).await
+    }
+
     /// The clock to bind: `None` means the database's `now()`.
     pub(crate) fn now(&self) -> Option<DateTime<Utc>> {
         *self.now.read()
@@ -158,13 +165,18 @@ impl PgBackend {
     /// - every statement is unnamed (`persistent(false)`): a prepared statement would be
     ///   created on one server session and looked for, or collide with another client's of
     ///   the same name, on the next;
+    /// - every statement outside the caller's transaction runs in a transaction of its own:
+    ///   sqlx parses and binds a statement in two exchanges, and between them the pooler may
+    ///   hand the server session to another client, whose unnamed statement the bind would
+    ///   then meet. Publish in a transaction ([`begin`](Backend::begin)) for the same reason;
     /// - [`engine`](Backend::engine) returns `None`, so a `Subscriber` keeps no dedicated
     ///   connection and no `LISTEN` (it polls, fetching through the pool in transactions that
     ///   set their plan settings with `SET LOCAL`);
     /// - a journal tail cannot `LISTEN` either: it reads the journal every 100 ms.
     ///
     /// The cost: each statement is planned on every call (the fetch plans in 1.5-3.6 ms, more
-    /// than it runs), and wake-ups wait for the poll. Settings for PgBouncer:
+    /// than it runs), outcomes and reads take two more round trips (`BEGIN`, `COMMIT`), and
+    /// wake-ups wait for the poll. Settings for PgBouncer:
     /// `pool_mode = transaction`, and `ignore_startup_parameters = extra_float_digits` (sqlx
     /// sends it). In session mode (`pool_mode = session`) the default settings work.
     /// Applies to this backend and every clone of it, earlier ones included: set it before

@@ -58,12 +58,14 @@ pub(crate) const RELEASE: &str = "SELECT {release_fn}($1, $2)";
 
 impl PgBackend {
     pub(crate) async fn ack_one(&self, lease: Lease) -> Result<bool> {
+        let mut session = self.shared().session().await?;
         let done = sqlx::query_scalar::<_, bool>(self.shared().sql.ack.clone())
             .persistent(self.shared().persistent())
             .bind(lease.id)
             .bind(lease.token)
-            .fetch_one(&self.shared().pool)
+            .fetch_one(&mut *session)
             .await?;
+        session.done().await?;
         self.trace_outcome("ack", lease, done);
         Ok(done)
     }
@@ -74,18 +76,21 @@ impl PgBackend {
         }
         let (ids, tokens): (Vec<MessageId>, Vec<Uuid>) =
             leases.iter().map(|l| (l.id, l.token)).unzip();
+        let mut session = self.shared().session().await?;
         let acked: Vec<MessageId> = sqlx::query_scalar(self.shared().sql.ack_batch.clone())
             .persistent(false)
             .bind(&ids)
             .bind(&tokens)
-            .fetch_all(&self.shared().pool)
+            .fetch_all(&mut *session)
             .await?;
+        session.done().await?;
         tracing::debug!(target: "postbox", table = %self.shared().table, rows = acked.len(), lost = leases.len() - acked.len(), "postbox.outcome: ack_batch");
         Ok(acked)
     }
 
     pub(crate) async fn retry_one(&self, lease: Lease, params: RetryParams) -> Result<bool> {
         params.validate()?;
+        let mut session = self.shared().session().await?;
         let done = sqlx::query_scalar::<_, bool>(self.shared().sql.retry.clone())
             .persistent(self.shared().persistent())
             .bind(lease.id)
@@ -93,45 +98,51 @@ impl PgBackend {
             .bind(params.delay().as_secs_f64() * 1000.0)
             .bind(params.error_message())
             .bind(self.shared().now())
-            .fetch_one(&self.shared().pool)
+            .fetch_one(&mut *session)
             .await?;
+        session.done().await?;
         self.trace_outcome("retry", lease, done);
         Ok(done)
     }
 
     pub(crate) async fn dead_letter_one(&self, lease: Lease, reason: &str) -> Result<bool> {
         crate::backend::validate_reason(reason)?;
+        let mut session = self.shared().session().await?;
         let done = sqlx::query_scalar::<_, bool>(self.shared().sql.dead_letter.clone())
             .persistent(self.shared().persistent())
             .bind(lease.id)
             .bind(lease.token)
             .bind(reason)
             .bind(self.shared().now())
-            .fetch_one(&self.shared().pool)
+            .fetch_one(&mut *session)
             .await?;
+        session.done().await?;
         self.trace_outcome("dead_letter", lease, done);
         Ok(done)
     }
 
     pub(crate) async fn renew_one(&self, lease: Lease) -> Result<bool> {
-        Ok(
-            sqlx::query_scalar::<_, bool>(self.shared().sql.renew.clone())
-                .persistent(self.shared().persistent())
-                .bind(lease.id)
-                .bind(lease.token)
-                .bind(self.shared().now())
-                .fetch_one(&self.shared().pool)
-                .await?,
-        )
+        let mut session = self.shared().session().await?;
+        let done = sqlx::query_scalar::<_, bool>(self.shared().sql.renew.clone())
+            .persistent(self.shared().persistent())
+            .bind(lease.id)
+            .bind(lease.token)
+            .bind(self.shared().now())
+            .fetch_one(&mut *session)
+            .await?;
+        session.done().await?;
+        Ok(done)
     }
 
     pub(crate) async fn release_one(&self, lease: Lease) -> Result<bool> {
+        let mut session = self.shared().session().await?;
         let done = sqlx::query_scalar::<_, bool>(self.shared().sql.release.clone())
             .persistent(self.shared().persistent())
             .bind(lease.id)
             .bind(lease.token)
-            .fetch_one(&self.shared().pool)
+            .fetch_one(&mut *session)
             .await?;
+        session.done().await?;
         self.trace_outcome("release", lease, done);
         Ok(done)
     }

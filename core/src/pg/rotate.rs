@@ -283,7 +283,16 @@ impl Rotator {
     pub(crate) async fn rotate_on(&self, conn: &mut PgConnection) -> Result<RotationReport> {
         let options = self.options.read().clone();
         let mut report = RotationReport::default();
-        let state = self.state(conn).await?;
+        let state = if self.persistent() {
+            self.state(conn).await?
+        } else {
+            // Behind a transaction pooler, a statement outside a transaction may be bound on
+            // another server session than it was parsed on (see `session`).
+            let mut tx = conn.begin().await?;
+            let state = self.state(&mut tx).await?;
+            tx.commit().await?;
+            state
+        };
         let current = slot_of(state.generation);
         report.current = current;
         let mut empty = [false; GENERATIONS];

@@ -4,8 +4,9 @@
 //! concurrent migrators (several service instances starting together) apply each version
 //! exactly once. Applied versions are recorded in `T_migrations`.
 //!
-//! Every statement here runs unnamed (`persistent(false)`): they run rarely, and so work
-//! unchanged behind a transaction pooler.
+//! Every statement here runs unnamed (`persistent(false)`) and inside a transaction (the
+//! reads too): they run rarely, and so work unchanged behind a transaction pooler, which
+//! keeps one server session for a client only from `BEGIN` to `COMMIT` (see `session`).
 
 use sqlx::{PgPool, Row};
 
@@ -382,8 +383,10 @@ pub(crate) async fn migrate_to(
     target: i32,
 ) -> Result<Vec<i32>> {
     {
-        let mut conn = pool.acquire().await?;
-        if let Some(recorded) = recorded_versions(&mut conn, table, sql).await? {
+        let mut read = pool.begin().await?;
+        let recorded = recorded_versions(&mut read, table, sql).await?;
+        read.commit().await?;
+        if let Some(recorded) = recorded {
             let wanted = sql.migrations.iter().map(|m| m.0).filter(|v| *v <= target);
             if wanted.clone().all(|v| recorded.contains(&v)) {
                 return Ok(Vec::new());
@@ -513,7 +516,7 @@ pub(crate) async fn problems(
     table: &TableName,
     sql: &Statements,
 ) -> Result<Vec<String>> {
-    let mut conn = pool.acquire().await?;
+    let mut conn = pool.begin().await?;
     let mut problems = Vec::new();
     let relations = [
         ("table", table.to_string(), COLUMNS),
@@ -624,6 +627,7 @@ pub(crate) async fn problems(
         )),
         Some(_) => {}
     }
+    conn.commit().await?;
     Ok(problems)
 }
 
