@@ -134,6 +134,35 @@ async fn each_access_does_its_work_and_nothing_else() -> Result<()> {
     );
     denied("consumer journal", c.journal_read_after("s", 0, 10).await);
 
+    // Topics: the consumer subscribes, the publisher publishes, the consumer receives and
+    // settles; neither can do the other's part.
+    use postbox::{Receive, Settlement, Topics};
+    c.subscribe("events", "svc").await?;
+    let mut tx = publisher.pool.begin().await?;
+    let published = p
+        .publish_to_topics(
+            &mut tx,
+            vec![Message::new("events", "a"), Message::new("events", "b")],
+        )
+        .await?;
+    tx.commit().await?;
+    let got = c.receive(&Receive::new("svc", 10)).await?;
+    assert_eq!(got.iter().map(|d| d.id).collect::<Vec<_>>(), published);
+    let leases: Vec<_> = got.iter().map(Delivery::lease).collect();
+    assert_eq!(c.settle(&leases, Settlement::Ack).await?.len(), 2);
+    denied(
+        "publisher receive",
+        p.receive(&Receive::new("svc", 1)).await,
+    );
+    denied("publisher subscribe", p.subscribe("events", "mine").await);
+    let mut tx = consumer.pool.begin().await?;
+    denied(
+        "consumer publish to a topic",
+        c.publish_to_topics(&mut tx, vec![Message::new("events", "x")])
+            .await,
+    );
+    drop(tx);
+
     // Coop member: registers, receives and acks.
     let member = Role::new(&db, &[Access::CoopMember]).await?;
     let m = member.backend();
@@ -178,6 +207,11 @@ async fn each_access_does_its_work_and_nothing_else() -> Result<()> {
     assert!(i.messages(Some("q")).await?.is_empty(), "all drained");
     assert!(i.dead_letters(None).await?.is_empty());
     assert_eq!(i.journal_read_after("s", 0, 10).await?.len(), 2);
+    assert_eq!(i.subscriptions(None).await?[0].backlog, 0);
+    denied(
+        "inspector receive",
+        i.receive(&postbox::Receive::new("svc", 1)).await,
+    );
     denied(
         "inspector fetch",
         i.fetch(&FetchParams::new(["q"], 1)).await,

@@ -127,6 +127,38 @@ pub enum Error {
         seq: Option<i64>,
     },
 
+    /// No subscription of this name exists (it was never created, or was unsubscribed).
+    #[error("no subscription {subscription:?}; create it with subscribe(topic, subscription)")]
+    UnknownSubscription {
+        /// The subscription name.
+        subscription: String,
+    },
+
+    /// A subscription of this name exists for another topic.
+    #[error(
+        "subscription {subscription:?} already subscribes topic {existing:?}, not {topic:?}; choose another name"
+    )]
+    SubscriptionTopic {
+        /// The subscription name.
+        subscription: String,
+        /// The topic asked for.
+        topic: String,
+        /// The topic it subscribes.
+        existing: String,
+    },
+
+    /// [`Unsubscribe::IfDrained`](crate::Unsubscribe::IfDrained) found messages the
+    /// subscription has not processed.
+    #[error(
+        "subscription {subscription:?} still has {backlog} unprocessed message(s); drain it, or unsubscribe with Unsubscribe::Discard"
+    )]
+    SubscriptionNotDrained {
+        /// The subscription name.
+        subscription: String,
+        /// How many messages are unprocessed (not acked or dead-lettered).
+        backlog: i64,
+    },
+
     /// A journal writer was used after `close()`.
     #[error("journal writer of stream {stream:?} is closed; create a new writer")]
     WriterClosed {

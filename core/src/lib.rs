@@ -31,6 +31,7 @@ mod pg;
 mod retry;
 mod runtime;
 mod table;
+mod topic;
 mod validate;
 
 pub use backend::{
@@ -63,6 +64,9 @@ pub use runtime::{
     SubscriberHandle, SubscriberOptions,
 };
 pub use table::{GENERATIONS, MAX_IDENTIFIER_LEN, TableName};
+pub use topic::{
+    Receive, Settlement, Subscribed, SubscriptionInfo, Topics, Unsubscribe, validate_topic_message,
+};
 pub use validate::MAX_DELAY;
 
 /// Re-export of the sqlx version postbox is built on, so that connection types match.

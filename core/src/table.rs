@@ -36,6 +36,20 @@ const SUFFIXES: &[&str] = &[
     "_bury",
     "_renew",
     "_release",
+    "_log",
+    "_log_p0",
+    "_log_p1",
+    "_log_p2",
+    "_log_idx",
+    "_log_id",
+    "_log_gen",
+    "_subs",
+    "_batches",
+    "_batch_idx",
+    "_held",
+    "_held_idx",
+    "_receive",
+    "_settle",
 ];
 
 /// The single-row outcomes, each run by a function of its own (see
@@ -314,6 +328,74 @@ impl TableName {
             OutcomeFunction::Release => "release",
         };
         format!("{}_{suffix}", self.name)
+    }
+
+    /// The topic log, `T_log` (schema version 6): every message published to a topic, once,
+    /// whatever the number of its subscriptions. Partitioned like the outbox table into
+    /// generations reclaimed by `TRUNCATE` (see [`log_partition`](Self::log_partition)).
+    pub fn log(&self) -> String {
+        format!("{}_log", self.name)
+    }
+
+    /// Partition `slot` of the topic log, `T_log_p0`, `T_log_p1` or `T_log_p2`.
+    ///
+    /// # Panics
+    ///
+    /// If `slot` is not below [`GENERATIONS`](crate::GENERATIONS).
+    pub fn log_partition(&self, slot: usize) -> String {
+        assert!(slot < GENERATIONS, "slot {slot} out of range");
+        format!("{}_log_p{slot}", self.name)
+    }
+
+    /// The index a subscription reads the log through, `T_log_idx` on `(topic, xid, id)`.
+    pub fn log_index(&self) -> String {
+        format!("{}_log_idx", self.name)
+    }
+
+    /// The sequence of topic message ids, `T_log_id`.
+    pub fn log_ids(&self) -> String {
+        format!("{}_log_id", self.name)
+    }
+
+    /// The sequence whose value names the log generation publishes write to, `T_log_gen`.
+    pub fn log_generation_sequence(&self) -> String {
+        format!("{}_log_gen", self.name)
+    }
+
+    /// The subscriptions and their cursors, `T_subs`.
+    pub fn subscriptions(&self) -> String {
+        format!("{}_subs", self.name)
+    }
+
+    /// The batches a subscription has handed out and not settled, `T_batches`.
+    pub fn batches(&self) -> String {
+        format!("{}_batches", self.name)
+    }
+
+    /// The index of batches by subscription and lease expiry, `T_batch_idx`.
+    pub fn batch_index(&self) -> String {
+        format!("{}_batch_idx", self.name)
+    }
+
+    /// A subscription's exceptions, `T_held`: messages retried, released, taken back from an
+    /// expired batch, or dead-lettered, each a row of its own.
+    pub fn held(&self) -> String {
+        format!("{}_held", self.name)
+    }
+
+    /// The index of held messages by subscription and due time, `T_held_idx`.
+    pub fn held_index(&self) -> String {
+        format!("{}_held_idx", self.name)
+    }
+
+    /// The function a subscription receives through, `T_receive`.
+    pub(crate) fn receive_function(&self) -> String {
+        format!("{}_receive", self.name)
+    }
+
+    /// The function that settles received messages, `T_settle`.
+    pub(crate) fn settle_function(&self) -> String {
+        format!("{}_settle", self.name)
     }
 
     /// The name the schema-v3 table takes while the v4 migration copies it, `T_v3`.

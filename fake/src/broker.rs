@@ -196,12 +196,13 @@ impl FakeBroker {
         }
     }
 
-    pub(crate) fn commit_rows(&self, rows: Vec<Row>) {
+    pub(crate) fn commit_rows(&self, rows: Vec<Row>, topic_rows: Vec<crate::topics::LogRow>) {
         let mut state = self.shared.state.lock();
-        state.counters.published += rows.len() as u64;
+        state.counters.published += (rows.len() + topic_rows.len()) as u64;
         for row in rows {
             state.insert(row);
         }
+        state.topics.commit(topic_rows);
     }
 
     pub(crate) fn discard_rows(&self, n: usize) {

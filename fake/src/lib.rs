@@ -19,6 +19,7 @@ mod coop;
 mod faults;
 mod journal;
 mod state;
+mod topics;
 mod tx;
 
 pub use broker::FakeBroker;

@@ -123,6 +123,8 @@ pub(crate) struct State {
     pub(crate) journal: BTreeMap<(String, i64), postbox_core::JournalEvent>,
     pub(crate) faults: Faults,
     pub(crate) counters: FakeCounters,
+    /// Topics, their logs and subscriptions.
+    pub(crate) topics: crate::topics::TopicState,
 }
 
 impl State {

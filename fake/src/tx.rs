@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 
 use crate::broker::FakeBroker;
 use crate::state::Row;
+use crate::topics::LogRow;
 
 /// What the fake publishes on (its [`Backend::Conn`](postbox_core::Backend::Conn)): the
 /// messages of one open transaction.
@@ -17,6 +18,8 @@ use crate::state::Row;
 pub struct FakeConn {
     pub(crate) started_at: DateTime<Utc>,
     pub(crate) pending: Vec<Row>,
+    /// Messages published to topics, in publish order.
+    pub(crate) pending_topic: Vec<LogRow>,
 }
 
 impl fmt::Debug for FakeConn {
@@ -24,6 +27,7 @@ impl fmt::Debug for FakeConn {
         f.debug_struct("FakeConn")
             .field("started_at", &self.started_at)
             .field("pending", &self.pending.len())
+            .field("pending_topic", &self.pending_topic.len())
             .finish()
     }
 }
@@ -42,13 +46,15 @@ impl FakeTransaction {
             conn: FakeConn {
                 started_at,
                 pending: Vec::new(),
+                pending_topic: Vec::new(),
             },
         }
     }
 
     pub(crate) fn commit(mut self) {
         let rows = std::mem::take(&mut self.conn.pending);
-        self.broker.commit_rows(rows);
+        let topic_rows = std::mem::take(&mut self.conn.pending_topic);
+        self.broker.commit_rows(rows, topic_rows);
     }
 }
 
@@ -68,8 +74,9 @@ impl DerefMut for FakeTransaction {
 
 impl Drop for FakeTransaction {
     fn drop(&mut self) {
-        if !self.conn.pending.is_empty() {
-            self.broker.discard_rows(self.conn.pending.len());
+        let discarded = self.conn.pending.len() + self.conn.pending_topic.len();
+        if discarded > 0 {
+            self.broker.discard_rows(discarded);
         }
     }
 }

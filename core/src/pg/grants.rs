@@ -6,12 +6,12 @@
 //! | access | needs |
 //! |---|---|
 //! | every role | `USAGE` on the schema, `SELECT` on `T_migrations` (`migrate()` when current, `validate_schema()`) |
-//! | [`Access::Publisher`] | `INSERT` on `T`, `SELECT (id)` on `T` (`RETURNING id`), `USAGE` on the id sequence, `SELECT` on `T_gen` (the generation publishes go to) |
-//! | [`Access::Consumer`] | `SELECT, INSERT, UPDATE, DELETE` on `T`; `SELECT, UPDATE, DELETE, TRUNCATE` on each generation (the fetch reads them by name, `FOR UPDATE`; rotation moves rows, takes their `ACCESS EXCLUSIVE` lock and truncates them); `SELECT, UPDATE` on `T_gen` (rotation advances it); `INSERT` on `T_dead`; `EXECUTE` on the outcome functions |
+//! | [`Access::Publisher`] | `INSERT` on `T`, `SELECT (id)` on `T` (`RETURNING id`), `USAGE` on the id sequence, `SELECT` on `T_gen` (the generation publishes go to); the same on `T_log`, `T_log_id` and `T_log_gen` for topics |
+//! | [`Access::Consumer`] | `SELECT, INSERT, UPDATE, DELETE` on `T`; `SELECT, UPDATE, DELETE, TRUNCATE` on each generation (the fetch reads them by name, `FOR UPDATE`; rotation moves rows, takes their `ACCESS EXCLUSIVE` lock and truncates them); `SELECT, UPDATE` on `T_gen` (rotation advances it); `INSERT` on `T_dead`; `EXECUTE` on the outcome functions; for topics `SELECT` on `T_log`, `SELECT, INSERT, UPDATE, DELETE` on `T_subs`, `T_batches` and `T_held`, `EXECUTE` on `T_receive` and `T_settle` |
 //! | [`Access::CoopMember`] | a consumer's, and `SELECT, INSERT, UPDATE, DELETE` on `T_members` |
 //! | [`Access::JournalWriter`] | `SELECT, INSERT` on `T_events` |
 //! | [`Access::JournalReader`] | `SELECT` on `T_events` |
-//! | [`Access::Inspector`] | `SELECT` on `T`, `T_dead`, `T_members`, `T_events` |
+//! | [`Access::Inspector`] | `SELECT` on `T`, `T_dead`, `T_members`, `T_events`, `T_log`, `T_subs`, `T_batches`, `T_held` |
 //! | [`Access::Admin`] | ownership of every object (later migrations alter them) and `CREATE` on the schema |
 //!
 //! `NOTIFY` and `LISTEN` need no privilege (which is why the journal's live channel carries no
@@ -65,6 +65,12 @@ FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid = to_regclass($1)"#;
 
+/// The argument types of `T_receive`, as `GRANT` and `ALTER FUNCTION` name it.
+const RECEIVE_SIGNATURE: &str =
+    "(text, integer, double precision, uuid, text, integer, timestamptz)";
+/// The argument types of `T_settle`.
+const SETTLE_SIGNATURE: &str = "(text, bigint[], uuid, double precision, text, timestamptz)";
+
 /// Validates `role` as a plain role name and quotes it.
 fn quoted_role(role: &str) -> Result<String> {
     let mut bytes = role.bytes();
@@ -109,6 +115,18 @@ pub(crate) fn statements(
             .map(|f| format!("{}{}", q(table.outcome_function(f)), f.signature()))
             .join(", ")
     };
+    let log = q(table.log());
+    let log_gen = q(table.log_generation_sequence());
+    let subscriptions = [table.subscriptions(), table.batches(), table.held()]
+        .map(q)
+        .join(", ");
+    let topic_functions = format!(
+        "{}{}, {}{}",
+        q(table.receive_function()),
+        RECEIVE_SIGNATURE,
+        q(table.settle_function()),
+        SETTLE_SIGNATURE
+    );
     let mut out = vec![
         format!("GRANT USAGE ON SCHEMA {schema} TO {role}"),
         format!("GRANT SELECT ON {} TO {role}", q(table.migrations())),
@@ -131,12 +149,25 @@ pub(crate) fn statements(
             "GRANT EXECUTE ON FUNCTION {} TO {role}",
             functions()
         ));
+        out.push(format!("GRANT SELECT ON {log} TO {role}"));
+        out.push(format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON {subscriptions} TO {role}"
+        ));
+        out.push(format!(
+            "GRANT EXECUTE ON FUNCTION {topic_functions} TO {role}"
+        ));
     };
     match access {
         Access::Publisher => {
             out.push(format!("GRANT INSERT, SELECT (id) ON {t} TO {role}"));
             out.push(format!("GRANT USAGE ON SEQUENCE {id_seq} TO {role}"));
             out.push(format!("GRANT SELECT ON SEQUENCE {gen_seq} TO {role}"));
+            out.push(format!("GRANT INSERT, SELECT (id) ON {log} TO {role}"));
+            out.push(format!(
+                "GRANT USAGE ON SEQUENCE {} TO {role}",
+                q(table.log_ids())
+            ));
+            out.push(format!("GRANT SELECT ON SEQUENCE {log_gen} TO {role}"));
         }
         Access::Consumer => consumer(&mut out),
         Access::CoopMember => {
@@ -157,7 +188,7 @@ pub(crate) fn statements(
         }
         Access::Inspector => {
             out.push(format!(
-                "GRANT SELECT ON {t}, {}, {}, {} TO {role}",
+                "GRANT SELECT ON {t}, {}, {}, {}, {log}, {subscriptions} TO {role}",
                 q(table.dead_letter()),
                 q(table.members()),
                 q(table.events())
@@ -171,13 +202,27 @@ pub(crate) fn statements(
                 table.members(),
                 table.events(),
                 table.migrations(),
+                table.log(),
+                table.subscriptions(),
+                table.batches(),
+                table.held(),
             ]
             .into_iter()
             .chain((0..GENERATIONS).map(|s| table.partition(s)))
+            .chain((0..GENERATIONS).map(|s| table.log_partition(s)))
             {
                 out.push(format!("ALTER TABLE {} OWNER TO {role}", q(relation)));
             }
             out.push(format!("ALTER SEQUENCE {gen_seq} OWNER TO {role}"));
+            out.push(format!("ALTER SEQUENCE {log_gen} OWNER TO {role}"));
+            out.push(format!(
+                "ALTER FUNCTION {}{RECEIVE_SIGNATURE} OWNER TO {role}",
+                q(table.receive_function())
+            ));
+            out.push(format!(
+                "ALTER FUNCTION {}{SETTLE_SIGNATURE} OWNER TO {role}",
+                q(table.settle_function())
+            ));
             for f in OutcomeFunction::ALL {
                 out.push(format!(
                     "ALTER FUNCTION {}{} OWNER TO {role}",

@@ -21,6 +21,7 @@ mod rotate;
 mod schema;
 mod session;
 mod statements;
+mod topic;
 
 use std::fmt;
 use std::num::NonZeroUsize;

@@ -48,6 +48,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "single-row outcomes as functions planned without sequential scans",
         sql: V5,
     },
+    Migration {
+        version: 6,
+        description: "topics: the topic log, subscriptions, batches and held messages",
+        sql: super::topic::V6,
+    },
 ];
 
 const V1: &str = r#"
@@ -457,6 +462,63 @@ pub(crate) async fn migrate_to(
     Ok(done)
 }
 
+/// Columns of the topic log.
+const LOG_COLUMNS: &[&str] = &[
+    "slot",
+    "id",
+    "topic",
+    "xid",
+    "payload",
+    "headers",
+    "correlation_id",
+    "created_at",
+];
+/// Columns of the subscriptions table.
+const SUBSCRIPTION_COLUMNS: &[&str] = &[
+    "name",
+    "topic",
+    "created_at",
+    "lo",
+    "hi",
+    "pos_xid",
+    "pos_id",
+];
+/// Columns of the batches table.
+const BATCH_COLUMNS: &[&str] = &[
+    "token",
+    "sub",
+    "topic",
+    "lo",
+    "ids",
+    "xids",
+    "settled",
+    "holder",
+    "leased_at",
+    "ttl_ms",
+    "expires_at",
+];
+/// Columns of the held-messages table.
+const HELD_COLUMNS: &[&str] = &[
+    "id",
+    "sub",
+    "topic",
+    "payload",
+    "headers",
+    "correlation_id",
+    "created_at",
+    "attempts",
+    "deliveries",
+    "next_attempt_at",
+    "first_attempt_at",
+    "last_error",
+    "acquired_token",
+    "acquired_at",
+    "acquired_by",
+    "ttl_ms",
+    "dead_at",
+    "reason",
+];
+
 /// Columns of the outbox table and of the dead-letter table.
 const COLUMNS: &[&str] = &[
     "id",
@@ -535,6 +597,18 @@ pub(crate) async fn problems(
             table.regclass(&table.events()),
             EVENT_COLUMNS,
         ),
+        ("topic log", table.regclass(&table.log()), LOG_COLUMNS),
+        (
+            "subscriptions table",
+            table.regclass(&table.subscriptions()),
+            SUBSCRIPTION_COLUMNS,
+        ),
+        (
+            "batches table",
+            table.regclass(&table.batches()),
+            BATCH_COLUMNS,
+        ),
+        ("held table", table.regclass(&table.held()), HELD_COLUMNS),
     ];
     for (kind, name, expected) in relations {
         let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
@@ -557,17 +631,33 @@ pub(crate) async fn problems(
     }
     let generations = (0..crate::table::GENERATIONS)
         .map(|slot| ("partition", table.regclass(&table.partition(slot))));
+    let log_generations = (0..crate::table::GENERATIONS)
+        .map(|slot| ("log partition", table.regclass(&table.log_partition(slot))));
     let indexes = [
         table.pending_index(),
         table.lease_index(),
         table.member_index(),
+        table.log_index(),
+        table.batch_index(),
+        table.held_index(),
     ]
     .map(|index| ("index", table.regclass(&index)));
-    let sequence = (
-        "generation sequence",
-        table.regclass(&table.generation_sequence()),
-    );
-    for (kind, name) in generations.chain(indexes).chain([sequence]) {
+    let sequences = [
+        (
+            "generation sequence",
+            table.regclass(&table.generation_sequence()),
+        ),
+        (
+            "log generation sequence",
+            table.regclass(&table.log_generation_sequence()),
+        ),
+        ("log id sequence", table.regclass(&table.log_ids())),
+    ];
+    for (kind, name) in generations
+        .chain(log_generations)
+        .chain(indexes)
+        .chain(sequences)
+    {
         let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
             .persistent(false)
             .bind(&name)
@@ -577,7 +667,12 @@ pub(crate) async fn problems(
             problems.push(format!("{kind} {name} is missing"));
         }
     }
-    for function in OutcomeFunction::ALL.map(|f| table.regclass(&table.outcome_function(f))) {
+    let topic_functions = [table.receive_function(), table.settle_function()];
+    for function in OutcomeFunction::ALL
+        .map(|f| table.regclass(&table.outcome_function(f)))
+        .into_iter()
+        .chain(topic_functions.map(|f| table.regclass(&f)))
+    {
         let exists: bool = sqlx::query_scalar(FUNCTION_EXISTS)
             .persistent(false)
             .bind(&function)

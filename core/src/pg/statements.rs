@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
-use super::{coop, fetch, inspect, journal, outcome, publish, schema};
+use super::{coop, fetch, inspect, journal, outcome, publish, schema, topic};
 use crate::table::{OutcomeFunction, TableName};
 
 /// Substitutes the identifier placeholders of `template` for `table`, after repeating each
@@ -43,6 +43,20 @@ pub(crate) fn render(template: &str, table: &TableName) -> String {
         .replace("{bury_fn}", &function(OutcomeFunction::Bury))
         .replace("{renew_fn}", &function(OutcomeFunction::Renew))
         .replace("{release_fn}", &function(OutcomeFunction::Release))
+        .replace("{log}", &q(table.log()))
+        .replace("{log_p0}", &q(table.log_partition(0)))
+        .replace("{log_p1}", &q(table.log_partition(1)))
+        .replace("{log_p2}", &q(table.log_partition(2)))
+        .replace("{log_idx}", &bare(table.log_index()))
+        .replace("{log_id}", &q(table.log_ids()))
+        .replace("{log_gen}", &q(table.log_generation_sequence()))
+        .replace("{subs}", &q(table.subscriptions()))
+        .replace("{batches}", &q(table.batches()))
+        .replace("{batch_idx}", &bare(table.batch_index()))
+        .replace("{held}", &q(table.held()))
+        .replace("{held_idx}", &bare(table.held_index()))
+        .replace("{receive_fn}", &q(table.receive_function()))
+        .replace("{settle_fn}", &q(table.settle_function()))
         .replace("{generations}", &crate::table::GENERATIONS.to_string())
 }
 
@@ -113,6 +127,15 @@ pub(crate) struct Statements {
     pub(crate) journal_latest: SqlStr,
     pub(crate) journal_taken: SqlStr,
     pub(crate) journal_read_after: SqlStr,
+    pub(crate) topic_publish: SqlStr,
+    pub(crate) subscribe: SqlStr,
+    pub(crate) subscription_topic: SqlStr,
+    pub(crate) lock_subscription: SqlStr,
+    pub(crate) unsubscribe: SqlStr,
+    pub(crate) subscriptions: SqlStr,
+    pub(crate) receive: SqlStr,
+    pub(crate) settle: SqlStr,
+    pub(crate) topic_dead_letters: SqlStr,
     pub(crate) create_migrations: SqlStr,
     pub(crate) applied_migrations: SqlStr,
     pub(crate) record_migration: SqlStr,
@@ -147,6 +170,15 @@ impl Statements {
             journal_latest: sql(journal::LATEST, table),
             journal_taken: sql(journal::TAKEN, table),
             journal_read_after: sql(journal::READ_AFTER, table),
+            topic_publish: sql(topic::PUBLISH, table),
+            subscribe: sql(topic::SUBSCRIBE, table),
+            subscription_topic: sql(topic::SUBSCRIPTION_TOPIC, table),
+            lock_subscription: sql(topic::LOCK_SUBSCRIPTION, table),
+            unsubscribe: sql(topic::UNSUBSCRIBE, table),
+            subscriptions: sql(topic::SUBSCRIPTIONS, table),
+            receive: sql(topic::RECEIVE, table),
+            settle: sql(topic::SETTLE, table),
+            topic_dead_letters: sql(topic::DEAD_LETTERS, table),
             create_migrations: sql(schema::CREATE_MIGRATIONS, table),
             applied_migrations: sql(schema::APPLIED_MIGRATIONS, table),
             record_migration: sql(schema::RECORD_MIGRATION, table),

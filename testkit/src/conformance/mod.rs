@@ -12,7 +12,8 @@
 //!
 //! Areas: `tx` (publish and transactions), `fetch`, `lease`, `fence`, `retry`, `dead`,
 //! `inspect`, `runtime` (the subscriber on the backend), `coop` (cooperative subconsumers),
-//! `journal`, `validation` (what Postgres cannot store, refused alike). Time moves through
+//! `journal`, `topic` (topics and subscriptions), `validation` (what Postgres cannot store,
+//! refused alike). Time moves through
 //! [`TimeControl`], never by sleeping.
 
 mod coop;
@@ -24,11 +25,12 @@ mod journal;
 mod leases;
 mod retries;
 mod runtime;
+mod topics;
 mod tx;
 mod validation;
 
 use async_trait::async_trait;
-use postbox_core::{Backend, Delivery, FetchParams, Message, MessageId, PgBackend};
+use postbox_core::{Backend, Delivery, FetchParams, Message, MessageId, PgBackend, Topics};
 use postbox_fake::FakeBroker;
 
 pub use coop::*;
@@ -40,6 +42,7 @@ pub use journal::*;
 pub use leases::*;
 pub use retries::*;
 pub use runtime::*;
+pub use topics::*;
 pub use tx::*;
 pub use validation::*;
 
@@ -51,7 +54,7 @@ use crate::time::TimeControl;
 #[async_trait]
 pub trait Harness: Send + Sync + Sized + 'static {
     /// The backend under test.
-    type Backend: Backend + TimeControl + JournalLiveControl + Clone;
+    type Backend: Backend + Topics + TimeControl + JournalLiveControl + Clone;
 
     /// The backend, empty at the start of the case.
     fn backend(&self) -> &Self::Backend;
@@ -219,6 +222,20 @@ macro_rules! conformance_tests {
             journal_stored_events_are_announced_once_per_append_and_stream,
             journal_non_object_payloads_are_refused,
             journal_seq_conflict_names_the_first_taken_event,
+            topic_fan_out_delivers_every_message_to_every_subscription,
+            topic_late_subscription_receives_only_later_commits,
+            topic_rollback_drops_every_copy,
+            topic_and_queue_of_one_name_do_not_mix,
+            topic_subscribe_is_idempotent_and_race_free,
+            topic_unsubscribe_with_pending_messages,
+            topic_retry_is_isolated_per_subscription,
+            topic_dead_letter_is_isolated_per_subscription,
+            topic_receivers_split_a_subscription_without_duplicates,
+            topic_expired_batch_is_taken_back_and_the_late_holder_fenced,
+            topic_renew_and_release,
+            topic_max_deliveries_dead_letters_a_crash_loop,
+            topic_subscriptions_report_backlog_and_oldest,
+            topic_refuses_bad_input,
             validation_publish_refuses_what_postgres_cannot_store,
             validation_outcomes_refuse_what_postgres_cannot_store,
             validation_a_handler_error_with_nul_is_stored_replaced,

@@ -1,0 +1,330 @@
+//! Topics and subscriptions: a message published once to a topic is received by every
+//! subscription of that topic, each with its own progress, leases, retries and dead letters.
+//!
+//! A queue ([`Backend::fetch`]) hands each message to one consumer; a topic hands each
+//! message to every subscription, and within one subscription to one of its receivers, which
+//! may be many cooperating processes. Queues stay as they are: a queue is the right tool when
+//! every message has exactly one consumer; a topic when several services each need all of
+//! them.
+//!
+//! # Storage and cost (Postgres)
+//!
+//! A published message is one row of the topic log `T_log`, whatever the number of
+//! subscriptions. A subscription is a cursor over the log (a pair of snapshots and a position
+//! between them) plus the batches it has handed out; receiving writes one batch row and moves
+//! the cursor, and acking a whole batch deletes that row. Only exceptions are written per
+//! message: a retry, a release, a dead letter, a partial ack, or a batch whose lease expired
+//! (its unsettled messages are then taken back one by one). The log is never updated or
+//! deleted from row by row: space comes back when rotation truncates a generation every
+//! subscription has passed (see `docs/design/storage.md`).
+//!
+//! # What a subscription receives
+//!
+//! Every message whose publishing transaction was not yet committed when the subscription
+//! was created: a transaction in flight while `subscribe` runs is delivered once it commits;
+//! one that committed before is not. Unsubscribing drops what was still pending for that
+//! subscription only. A message rolled back is received by no one.
+//!
+//! # Order
+//!
+//! The messages of one transaction arrive in publish order. Across transactions, messages
+//! arrive roughly in commit order: a message whose transaction committed before a receive
+//! started is never overtaken by one committed after it. Retried and released messages come
+//! back when due, ahead of newer messages.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::backend::{Backend, DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT, RetryParams};
+use crate::error::{Error, Result};
+use crate::inspect::DeadLetter;
+use crate::message::{Delivery, Lease, Message, MessageId, validate_queue};
+
+/// What [`Topics::subscribe`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscribed {
+    /// The subscription was created now: it receives messages committed from now on.
+    New,
+    /// It existed already (for the same topic); its cursor is unchanged.
+    Existing,
+}
+
+/// What [`Topics::unsubscribe`] does with messages the subscription has not processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsubscribe {
+    /// Drops them with the subscription (other subscriptions keep their copies).
+    Discard,
+    /// Refuses with [`Error::SubscriptionNotDrained`] while any is unprocessed (received
+    /// or not, but neither acked nor dead-lettered).
+    IfDrained,
+}
+
+/// One subscription, as [`Topics::subscriptions`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscriptionInfo {
+    /// The subscription's name.
+    pub name: String,
+    /// The topic it subscribes.
+    pub topic: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// Messages neither acked nor dead-lettered: not yet received, received and unsettled,
+    /// or waiting for a retry.
+    pub backlog: i64,
+    /// When the oldest of those was published; `None` when the backlog is empty.
+    pub oldest_unprocessed: Option<DateTime<Utc>>,
+    /// Messages dead-lettered by this subscription.
+    pub dead_letters: i64,
+}
+
+impl SubscriptionInfo {
+    #[doc(hidden)]
+    pub fn __new(name: String, topic: String, created_at: DateTime<Utc>) -> Self {
+        SubscriptionInfo {
+            name,
+            topic,
+            created_at,
+            backlog: 0,
+            oldest_unprocessed: None,
+            dead_letters: 0,
+        }
+    }
+}
+
+/// Parameters of [`Topics::receive`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receive {
+    subscription: String,
+    limit: u32,
+    lease_ttl: Duration,
+    holder: Option<String>,
+    max_deliveries: Option<u32>,
+}
+
+impl Receive {
+    /// Receive up to `limit` messages of `subscription`, leased for [`DEFAULT_LEASE_TTL`].
+    pub fn new(subscription: impl Into<String>, limit: u32) -> Self {
+        Receive {
+            subscription: subscription.into(),
+            limit,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            holder: None,
+            max_deliveries: None,
+        }
+    }
+
+    /// How long the receiver holds the messages before another receive may take them back.
+    /// The default value is [`DEFAULT_LEASE_TTL`] (30 s).
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// A message already delivered `n` times is dead-lettered instead of delivered again.
+    /// Unlimited by default.
+    #[must_use]
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = Some(n);
+        self
+    }
+
+    /// Who receives (stored as the deliveries' `acquired_by`, for inspection).
+    #[must_use]
+    pub fn holder(mut self, holder: impl Into<String>) -> Self {
+        self.holder = Some(holder.into());
+        self
+    }
+
+    /// The subscription.
+    pub fn subscription(&self) -> &str {
+        &self.subscription
+    }
+
+    /// The most messages one receive hands out.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// The lease time-to-live.
+    pub fn ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    /// The holder, if set.
+    pub fn holder_name(&self) -> Option<&str> {
+        self.holder.as_deref()
+    }
+
+    /// The delivery limit, if set.
+    pub fn delivery_limit(&self) -> Option<u32> {
+        self.max_deliveries
+    }
+
+    /// Checks the parameters.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidQueue`] for a bad subscription name, [`Error::InvalidArgument`] for a
+    /// zero or too large limit, a zero lease, or a zero delivery limit.
+    pub fn validate(&self) -> Result<()> {
+        validate_queue(&self.subscription)?;
+        if self.limit == 0 || self.limit > MAX_FETCH_LIMIT {
+            return Err(Error::InvalidArgument(format!(
+                "receive limit must be 1..={MAX_FETCH_LIMIT}, got {}",
+                self.limit
+            )));
+        }
+        if self.lease_ttl.is_zero() {
+            return Err(Error::InvalidArgument(
+                "lease_ttl must be positive".to_owned(),
+            ));
+        }
+        if self.max_deliveries == Some(0) {
+            return Err(Error::InvalidArgument(
+                "max_deliveries must be at least 1".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What to do with received messages ([`Topics::settle`]).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Settlement {
+    /// Processed: the subscription is done with them.
+    Ack,
+    /// Failed: deliver again after the delay, counting an attempt.
+    Retry(RetryParams),
+    /// Give up: move them to the subscription's dead letters with this reason.
+    DeadLetter(String),
+    /// Hand them back for immediate redelivery, counting neither an attempt nor a delivery.
+    Release,
+    /// Extend their lease by the lease time-to-live they were received with.
+    Renew,
+}
+
+impl Settlement {
+    /// Checks the settlement's arguments.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a negative or too long retry delay, or an empty or
+    /// over-long dead-letter reason.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Settlement::Retry(params) => params.validate(),
+            Settlement::DeadLetter(reason) => crate::backend::validate_reason(reason),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Checks a message published to a topic: a valid topic name (the message's queue), and no
+/// delay: a topic's messages are due when committed; a subscription delays its own retries.
+///
+/// # Errors
+///
+/// [`Error::InvalidQueue`] for a bad topic name, [`Error::InvalidArgument`] for a delayed
+/// message.
+pub fn validate_topic_message(message: &Message) -> Result<()> {
+    message.validate()?;
+    if message.available != crate::message::Availability::Now {
+        return Err(Error::InvalidArgument(format!(
+            "message to topic {:?} is delayed; topic messages are due when committed (retry delays are per subscription)",
+            message.queue
+        )));
+    }
+    Ok(())
+}
+
+/// Publish to topics, subscribe to them, receive and settle: the fan-out side of a backend.
+///
+/// Implemented by [`PgBackend`](crate::PgBackend) and `postbox_fake::FakeBroker` with the same
+/// semantics (see the [module docs](self) and the testkit's conformance suite).
+///
+/// # Delivery contract
+///
+/// As for queues: at least once, and fenced. A received message is leased under the
+/// receive's token; [`settle`](Self::settle) acts only on leases still held and returns the
+/// ids it settled, leaving out lost ones. A lease expires after the receive's `lease_ttl`;
+/// the next receive of the subscription then takes its unsettled messages back and delivers
+/// them again, and the late holder can no longer settle them.
+#[async_trait]
+pub trait Topics: Backend {
+    /// Creates `subscription` on `topic`, or finds it. Idempotent and race-free: concurrent
+    /// first calls create it once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidQueue`] for a bad topic or subscription name,
+    /// [`Error::SubscriptionTopic`] if the name subscribes another topic,
+    /// [`Error::Database`].
+    async fn subscribe(&self, topic: &str, subscription: &str) -> Result<Subscribed>;
+
+    /// Removes `subscription`; `Ok(false)` if it did not exist. Its leases, retries and dead
+    /// letters go with it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SubscriptionNotDrained`] with [`Unsubscribe::IfDrained`],
+    /// [`Error::Database`].
+    async fn unsubscribe(&self, subscription: &str, pending: Unsubscribe) -> Result<bool>;
+
+    /// The subscriptions (of `topic`, or all), by name, with their backlog.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn subscriptions(&self, topic: Option<&str>) -> Result<Vec<SubscriptionInfo>>;
+
+    /// Publishes `messages` on the caller's connection or transaction, each to the topic
+    /// named by its queue, in one statement with one notification per topic; returns their
+    /// ids in input order. Nothing becomes visible before the caller commits.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidQueue`], [`Error::InvalidArgument`] for a delayed message (nothing is
+    /// written), [`Error::Database`].
+    async fn publish_to_topics(
+        &self,
+        conn: &mut Self::Conn,
+        messages: Vec<Message>,
+    ) -> Result<Vec<MessageId>>;
+
+    /// Leases up to `params.limit` messages of the subscription under one fresh token:
+    /// messages due again first (retried, released, taken back from an expired lease), then
+    /// the next ones of the topic. A message delivered `max_deliveries` times already is
+    /// dead-lettered instead.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSubscription`], bad parameters as [`Receive::validate`],
+    /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: a receive dropped after its statement ran leaves its messages leased
+    /// until `lease_ttl` passes; they are then delivered again. Nothing is lost.
+    async fn receive(&self, params: &Receive) -> Result<Vec<Delivery>>;
+
+    /// Applies `settlement` to the messages of `leases` still held; returns the ids it
+    /// applied to, in no particular order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a negative retry delay or an empty dead-letter reason,
+    /// [`Error::Database`].
+    async fn settle(&self, leases: &[Lease], settlement: Settlement) -> Result<Vec<MessageId>>;
+
+    /// The messages `subscription` dead-lettered, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn subscription_dead_letters(&self, subscription: &str) -> Result<Vec<DeadLetter>>;
+}
