@@ -2,7 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use postbox::{Delivery, HandlerError, Subscriber, SubscriberOptions};
+use postbox::{
+    Backend, Delivery, FetchParams, HandlerError, Message, PgBackend, Receive, Settlement,
+    Subscriber, SubscriberOptions, Topics,
+};
 use serde_json::{Value, json};
 
 use crate::Ctx;
@@ -65,6 +68,101 @@ pub(crate) async fn drain(ctx: &Ctx) -> anyhow::Result<Value> {
             }),
         );
     }
+    for (name, topic) in [
+        ("loop_fetch_ack_batch", false),
+        ("loop_topic_receive_settle", true),
+    ] {
+        let mut rates = Vec::new();
+        let mut wal = Vec::new();
+        let mut bytes_after = 0;
+        for rep in 0..ctx.reps {
+            ctx.progress(format!("drain {name}: repetition {}", rep + 1));
+            crate::server::vacuum(db.pool()).await?;
+            if topic {
+                backend.subscribe("drain", "bench").await?;
+                topic_batches(&backend, "drain", n, 1_000).await?;
+            } else {
+                batches(&backend, "drain", n, 1_000).await?;
+            }
+            let before = Wal::now(db.pool()).await?;
+            let start = Instant::now();
+            let drained = if topic {
+                receive_loop(&backend, "bench").await?
+            } else {
+                fetch_loop(&backend, "drain").await?
+            };
+            let elapsed = start.elapsed();
+            anyhow::ensure!(drained == n, "{name} drained {drained} of {n}");
+            rates.push(rate(n, elapsed));
+            wal.push(before.bytes_since(db.pool()).await? / n as f64);
+            bytes_after = table_bytes(db.pool()).await?;
+        }
+        out.insert(
+            name.into(),
+            json!({
+                "msgs_per_s": spread(rates),
+                "wal_bytes_per_msg": round(median_of(wal), 1),
+                "table_bytes_after_last_drain": bytes_after,
+                "settings": format!("one loop: {} {LOOP_BATCH}, then one settling statement", if topic { "receive" } else { "fetch" }),
+            }),
+        );
+    }
     db.close().await?;
     Ok(json!({ "workload": "drain", "messages": n, "results": out }))
+}
+
+/// Messages per fetch or receive in the loop variants.
+const LOOP_BATCH: u32 = 1_000;
+
+/// Fetches `LOOP_BATCH` at a time and acks each batch in one statement, until empty.
+async fn fetch_loop(backend: &PgBackend, queue: &str) -> anyhow::Result<usize> {
+    let mut drained = 0;
+    loop {
+        let got = backend
+            .fetch(&FetchParams::new([queue], LOOP_BATCH))
+            .await?;
+        if got.is_empty() {
+            return Ok(drained);
+        }
+        let leases: Vec<_> = got.iter().map(Delivery::lease).collect();
+        drained += backend.ack_batch(&leases).await?.len();
+    }
+}
+
+/// Receives `LOOP_BATCH` at a time and acks each batch in one statement, until empty.
+async fn receive_loop(backend: &PgBackend, subscription: &str) -> anyhow::Result<usize> {
+    let mut drained = 0;
+    loop {
+        let got = backend
+            .receive(&Receive::new(subscription, LOOP_BATCH))
+            .await?;
+        if got.is_empty() {
+            return Ok(drained);
+        }
+        let leases: Vec<_> = got.iter().map(Delivery::lease).collect();
+        drained += backend.settle(&leases, Settlement::Ack).await?.len();
+    }
+}
+
+/// Publishes `n` messages to `topic` in transactions of `per_tx`.
+async fn topic_batches(
+    backend: &PgBackend,
+    topic: &str,
+    n: usize,
+    per_tx: usize,
+) -> anyhow::Result<()> {
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(per_tx);
+        let mut tx = backend.begin().await?;
+        backend
+            .publish_to_topics(
+                &mut tx,
+                (0..k).map(|i| Message::new(topic, i.to_string())).collect(),
+            )
+            .await?;
+        backend.commit(tx).await?;
+        left -= k;
+    }
+    Ok(())
 }

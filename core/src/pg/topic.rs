@@ -255,13 +255,70 @@ DECLARE
     v_now  timestamptz := coalesce(p_now, now());
     v_n    integer;
     v_mine bigint[];
+    v_rest bigint[];
     b      record;
 BEGIN
-    -- Held messages leased under this token.
+    IF p_kind NOT IN ('ack', 'retry', 'bury', 'release', 'renew') THEN
+        RAISE EXCEPTION 'postbox: unknown settlement %', p_kind;
+    END IF;
+
+    -- Messages of the batch leased under this token, not settled yet.
+    v_rest := p_ids;
+    SELECT x.sub, x.topic, x.ids, x.xids, x.settled, x.leased_at, x.ttl_ms INTO b
+    FROM {batches} AS x WHERE x.token = p_token FOR UPDATE;
+    IF FOUND THEN
+        IF cardinality(b.settled) = 0 AND p_ids = b.ids THEN
+            -- The whole batch, as received: no set arithmetic.
+            v_mine := b.ids;
+        ELSE
+            v_mine := ARRAY(SELECT unnest(p_ids) INTERSECT SELECT unnest(b.ids)
+                            EXCEPT SELECT unnest(b.settled));
+        END IF;
+        IF cardinality(v_mine) > 0 THEN
+            v_rest := ARRAY(SELECT unnest(p_ids) EXCEPT SELECT unnest(v_mine));
+            IF p_kind = 'renew' THEN
+                UPDATE {batches} AS x
+                SET expires_at = v_now + b.ttl_ms * interval '1 millisecond'
+                WHERE x.token = p_token;
+            ELSE
+                IF p_kind <> 'ack' THEN
+                    INSERT INTO {held} (id, sub, topic, payload, headers, correlation_id,
+                                        created_at, attempts, deliveries, next_attempt_at,
+                                        first_attempt_at, last_error, dead_at, reason)
+                    SELECT l.id, b.sub, l.topic, l.payload, l.headers, l.correlation_id,
+                           l.created_at,
+                           CASE WHEN p_kind = 'release' THEN 0 ELSE 1 END,
+                           CASE WHEN p_kind = 'release' THEN 0 ELSE 1 END,
+                           CASE WHEN p_kind = 'retry'
+                                THEN v_now + p_delay_ms * interval '1 millisecond'
+                                ELSE v_now END,
+                           b.leased_at,
+                           CASE WHEN p_kind = 'retry' THEN p_text END,
+                           CASE WHEN p_kind = 'bury' THEN v_now END,
+                           CASE WHEN p_kind = 'bury' THEN p_text END
+                    FROM unnest(b.ids, b.xids) AS u(id, xid)
+                    JOIN {log} AS l ON l.topic = b.topic AND l.xid = u.xid AND l.id = u.id
+                    WHERE u.id = ANY (v_mine);
+                END IF;
+                IF cardinality(b.settled) + cardinality(v_mine) >= cardinality(b.ids) THEN
+                    DELETE FROM {batches} AS x WHERE x.token = p_token;
+                ELSE
+                    UPDATE {batches} AS x SET settled = x.settled || v_mine
+                    WHERE x.token = p_token;
+                END IF;
+            END IF;
+            RETURN QUERY SELECT unnest(v_mine);
+        END IF;
+    END IF;
+
+    -- The rest: held messages leased under this token.
+    IF cardinality(v_rest) = 0 THEN
+        RETURN;
+    END IF;
     IF p_kind = 'ack' THEN
         RETURN QUERY
         DELETE FROM {held} AS h
-        WHERE h.id = ANY (p_ids) AND h.acquired_token = p_token
+        WHERE h.id = ANY (v_rest) AND h.acquired_token = p_token
         RETURNING h.id;
     ELSIF p_kind = 'retry' THEN
         RETURN QUERY
@@ -272,7 +329,7 @@ BEGIN
             acquired_token  = NULL,
             acquired_at     = NULL,
             acquired_by     = NULL
-        WHERE h.id = ANY (p_ids) AND h.acquired_token = p_token
+        WHERE h.id = ANY (v_rest) AND h.acquired_token = p_token
         RETURNING h.id;
     ELSIF p_kind = 'bury' THEN
         RETURN QUERY
@@ -283,7 +340,7 @@ BEGIN
             acquired_token = NULL,
             acquired_at    = NULL,
             acquired_by    = NULL
-        WHERE h.id = ANY (p_ids) AND h.acquired_token = p_token
+        WHERE h.id = ANY (v_rest) AND h.acquired_token = p_token
         RETURNING h.id;
     ELSIF p_kind = 'release' THEN
         RETURN QUERY
@@ -293,58 +350,17 @@ BEGIN
             acquired_token  = NULL,
             acquired_at     = NULL,
             acquired_by     = NULL
-        WHERE h.id = ANY (p_ids) AND h.acquired_token = p_token
+        WHERE h.id = ANY (v_rest) AND h.acquired_token = p_token
         RETURNING h.id;
     ELSIF p_kind = 'renew' THEN
         RETURN QUERY
         UPDATE {held} AS h
         SET next_attempt_at = v_now + h.ttl_ms * interval '1 millisecond'
-        WHERE h.id = ANY (p_ids) AND h.acquired_token = p_token
+        WHERE h.id = ANY (v_rest) AND h.acquired_token = p_token
         RETURNING h.id;
-    ELSE
-        RAISE EXCEPTION 'postbox: unknown settlement %', p_kind;
     END IF;
+    RETURN;
 
-    -- Messages of the batch leased under this token, not settled yet.
-    SELECT x.sub, x.topic, x.ids, x.xids, x.settled, x.leased_at, x.ttl_ms INTO b
-    FROM {batches} AS x WHERE x.token = p_token FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    v_mine := ARRAY(SELECT unnest(p_ids) INTERSECT SELECT unnest(b.ids)
-                    EXCEPT SELECT unnest(b.settled));
-    IF cardinality(v_mine) = 0 THEN
-        RETURN;
-    END IF;
-    IF p_kind = 'renew' THEN
-        UPDATE {batches} AS x SET expires_at = v_now + b.ttl_ms * interval '1 millisecond'
-        WHERE x.token = p_token;
-        RETURN QUERY SELECT unnest(v_mine);
-        RETURN;
-    END IF;
-    IF p_kind <> 'ack' THEN
-        INSERT INTO {held} (id, sub, topic, payload, headers, correlation_id, created_at,
-                            attempts, deliveries, next_attempt_at, first_attempt_at,
-                            last_error, dead_at, reason)
-        SELECT l.id, b.sub, l.topic, l.payload, l.headers, l.correlation_id, l.created_at,
-               CASE WHEN p_kind = 'release' THEN 0 ELSE 1 END,
-               CASE WHEN p_kind = 'release' THEN 0 ELSE 1 END,
-               CASE WHEN p_kind = 'retry'
-                    THEN v_now + p_delay_ms * interval '1 millisecond' ELSE v_now END,
-               b.leased_at,
-               CASE WHEN p_kind = 'retry' THEN p_text END,
-               CASE WHEN p_kind = 'bury' THEN v_now END,
-               CASE WHEN p_kind = 'bury' THEN p_text END
-        FROM unnest(b.ids, b.xids) AS u(id, xid)
-        JOIN {log} AS l ON l.topic = b.topic AND l.xid = u.xid AND l.id = u.id
-        WHERE u.id = ANY (v_mine);
-    END IF;
-    IF cardinality(b.settled) + cardinality(v_mine) >= cardinality(b.ids) THEN
-        DELETE FROM {batches} AS x WHERE x.token = p_token;
-    ELSE
-        UPDATE {batches} AS x SET settled = x.settled || v_mine WHERE x.token = p_token;
-    END IF;
-    RETURN QUERY SELECT unnest(v_mine);
 END
 $postbox$;
 "#;
