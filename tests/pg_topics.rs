@@ -94,3 +94,111 @@ async fn a_publish_in_flight_while_a_subscription_is_created_is_received_by_it_p
     db.close().await?;
     Ok(())
 }
+
+/// Heap bytes of the topic log's partitions, by slot.
+async fn log_bytes(db: &postbox::testkit::PgFixture) -> Result<Vec<i64>> {
+    Ok(postbox::sqlx::query_scalar(
+        "SELECT ARRAY[pg_relation_size('postbox_log_p0'), pg_relation_size('postbox_log_p1'), \
+         pg_relation_size('postbox_log_p2')]",
+    )
+    .fetch_one(db.pool())
+    .await?)
+}
+
+/// A backend that rotates the log at every call (no size or age threshold), by hand.
+fn rotating(db: &postbox::testkit::PgFixture) -> PgBackend {
+    db.backend().rotation(
+        postbox::Rotation::new()
+            .automatic(false)
+            .rotate_bytes(0)
+            .max_age(std::time::Duration::ZERO),
+    )
+}
+
+#[tokio::test]
+async fn the_log_gives_its_space_back_once_every_subscription_has_passed_it_postgres() -> Result<()>
+{
+    let db = postbox::testkit::postgres().await?;
+    let backend = rotating(&db);
+    backend.subscribe("t", "fast").await?;
+    backend.subscribe("t", "slow").await?;
+    let published = publish(&backend, "t", 500).await?;
+    assert!(backend.rotate_topics().await?.advanced, "publishes move on");
+    assert_eq!(drain(&backend, "fast").await?, published);
+
+    // `slow` has not received anything: its generation stays.
+    for _ in 0..3 {
+        let report = backend.rotate_topics().await?;
+        assert!(report.truncated.is_empty(), "{report:?}");
+    }
+    assert!(log_bytes(&db).await?.iter().any(|b| *b > 0));
+
+    // `slow` receives everything but settles nothing yet: its batch still refers to the rows.
+    let held = backend.receive(&Receive::new("slow", 1_000)).await?;
+    assert_eq!(held.len(), 500);
+    let report = backend.rotate_topics().await?;
+    assert!(
+        report.truncated.is_empty(),
+        "an unsettled batch keeps it: {report:?}"
+    );
+
+    // Settled: the generation is truncated and the log is empty on disk.
+    let leases: Vec<_> = held.iter().map(|d| d.lease()).collect();
+    assert_eq!(backend.settle(&leases, Settlement::Ack).await?.len(), 500);
+    let mut truncated = 0;
+    for _ in 0..3 {
+        truncated += backend.rotate_topics().await?.truncated.len();
+    }
+    assert!(truncated > 0);
+    assert_eq!(log_bytes(&db).await?, vec![0, 0, 0]);
+    assert!(drain(&backend, "slow").await?.is_empty());
+    assert!(drain(&backend, "fast").await?.is_empty());
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_uncommitted_publish_into_an_old_generation_survives_its_rotation_postgres() -> Result<()>
+{
+    let db = postbox::testkit::postgres().await?;
+    let backend = rotating(&db);
+    backend.subscribe("t", "s").await?;
+    // The publish reads the current generation, then the log moves on before it commits.
+    let mut in_flight = backend.begin().await?;
+    let late = backend
+        .publish_to_topics(&mut in_flight, vec![Message::new("t", "late")])
+        .await?;
+    let first = publish(&backend, "t", 3).await?;
+    assert!(backend.rotate_topics().await?.advanced);
+    assert_eq!(drain(&backend, "s").await?, first);
+    for _ in 0..3 {
+        let report = backend.rotate_topics().await?;
+        assert!(
+            report.truncated.is_empty(),
+            "the writer holds a lock: {report:?}"
+        );
+    }
+    backend.commit(in_flight).await?;
+    // Committed now, and not received yet: still needed.
+    let report = backend.rotate_topics().await?;
+    assert!(report.truncated.is_empty(), "{report:?}");
+    assert_eq!(drain(&backend, "s").await?, late);
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_topic_nobody_subscribes_is_reclaimed_at_once_postgres() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let backend = rotating(&db);
+    publish(&backend, "nobody", 200).await?;
+    assert!(backend.rotate_topics().await?.advanced);
+    let mut truncated = 0;
+    for _ in 0..3 {
+        truncated += backend.rotate_topics().await?.truncated.len();
+    }
+    assert!(truncated > 0);
+    assert_eq!(log_bytes(&db).await?, vec![0, 0, 0]);
+    db.close().await?;
+    Ok(())
+}

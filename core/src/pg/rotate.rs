@@ -39,6 +39,8 @@ use super::statements::{render, sql};
 use crate::error::Result;
 use crate::table::{GENERATIONS, TableName};
 
+mod log;
+
 /// When generations rotate and how much a reclaim may copy. Set with
 /// [`PgBackend::rotation`]; the defaults suit a queue of a few thousand messages per second.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,7 +190,6 @@ struct PartitionSql {
     lock: SqlStr,
     lock_nowait: SqlStr,
     count: SqlStr,
-    moved: SqlStr,
     truncate: SqlStr,
 }
 
@@ -201,6 +202,10 @@ pub(crate) struct Rotator {
     state: SqlStr,
     advance: SqlStr,
     partitions: Vec<PartitionSql>,
+    /// Per partition, the statement copying its rows into the current generation.
+    moves: Vec<SqlStr>,
+    /// The topic log's generations (see [`log`]).
+    log: log::LogSql,
     running: AtomicBool,
     /// Shared with the backend: whether statements are prepared.
     persistent: Arc<AtomicBool>,
@@ -230,10 +235,11 @@ impl Rotator {
                     lock: per_part(LOCK, slot),
                     lock_nowait: per_part(LOCK_NOWAIT, slot),
                     count: per_part(COUNT, slot),
-                    moved: per_part(MOVE, slot),
                     truncate: per_part(TRUNCATE, slot),
                 })
                 .collect(),
+            moves: (0..GENERATIONS).map(|slot| per_part(MOVE, slot)).collect(),
+            log: log::LogSql::new(table),
             running: AtomicBool::new(false),
             last_check: parking_lot::Mutex::new(Instant::now()),
             last_advance: parking_lot::Mutex::new(Instant::now()),
@@ -267,7 +273,8 @@ impl Rotator {
         runtime.spawn(async move {
             let result = async {
                 let mut conn = this.pool.acquire().await?;
-                this.rotate_on(&mut conn).await
+                this.rotate_on(&mut conn).await?;
+                this.rotate_log_on(&mut conn).await
             }
             .await;
             this.running.store(false, Ordering::Release);
@@ -337,7 +344,7 @@ impl Rotator {
             if now.generation == state.generation
                 && now.bytes[next] == 0
                 && self
-                    .truncate_empty(&mut tx, next, options.lock_wait)
+                    .truncate_empty(&mut tx, &self.partitions[next], options.lock_wait)
                     .await?
             {
                 sqlx::query(self.advance.clone())
@@ -363,12 +370,11 @@ impl Rotator {
     async fn truncate_empty(
         &self,
         conn: &mut PgConnection,
-        slot: usize,
+        part: &PartitionSql,
         wait: Duration,
     ) -> Result<bool> {
-        let part = &self.partitions[slot];
         let mut sub = conn.begin().await?;
-        if !self.lock_partition(&mut sub, slot, wait).await? {
+        if !self.lock_partition(&mut sub, part, wait).await? {
             sub.rollback().await?;
             return Ok(false);
         }
@@ -395,10 +401,9 @@ impl Rotator {
     async fn lock_partition(
         &self,
         conn: &mut PgConnection,
-        slot: usize,
+        part: &PartitionSql,
         wait: Duration,
     ) -> Result<bool> {
-        let part = &self.partitions[slot];
         let lock = if wait.is_zero() {
             part.lock_nowait.clone()
         } else {
@@ -462,7 +467,7 @@ impl Rotator {
                 return Ok(Reclaim::Raced);
             }
             if !self
-                .lock_partition(&mut tx, slot, options.lock_wait)
+                .lock_partition(&mut tx, part, options.lock_wait)
                 .await?
             {
                 tx.rollback().await?;
@@ -486,7 +491,7 @@ impl Rotator {
                 return Ok(Reclaim::NotDrained);
             }
             let moved = if rows > 0 {
-                sqlx::query(part.moved.clone())
+                sqlx::query(self.moves[slot].clone())
                     .persistent(self.persistent())
                     .bind(i16::try_from(current).unwrap_or_default())
                     .execute(&mut *tx)
@@ -556,6 +561,20 @@ impl PgBackend {
     pub async fn rotate(&self) -> Result<RotationReport> {
         let mut conn = self.shared().pool.acquire().await?;
         self.shared().rotator.rotate_on(&mut conn).await
+    }
+
+    /// Runs one rotation of the topic log now: truncates each generation of `T_log` that
+    /// every subscription has passed (and no unsettled batch refers to), and moves publishes
+    /// on to a new generation when the current one is full or old, with the same
+    /// [`Rotation`] settings as the outbox. Receives do this in the background; nothing is
+    /// copied, so a subscription that lags keeps its generations until it catches up.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database); nothing is changed then.
+    pub async fn rotate_topics(&self) -> Result<RotationReport> {
+        let mut conn = self.shared().pool.acquire().await?;
+        self.shared().rotator.rotate_log_on(&mut conn).await
     }
 }
 

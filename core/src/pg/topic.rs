@@ -624,6 +624,7 @@ impl Topics for PgBackend {
             Err(e) => return Err(e.into()),
         };
         session.done().await?;
+        self.shared().rotator.tick();
         let deliveries = rows
             .iter()
             .map(|r| {

@@ -1,0 +1,236 @@
+//! Rotation of the topic log: its generations (`T_log_p0..2`) fill in turn, and one that no
+//! subscription needs any more is reclaimed with `TRUNCATE`.
+//!
+//! Nothing is ever copied out of the log: a subscription's exceptions live in `T_held`, so
+//! a generation is reclaimable exactly when every subscription of every topic in it has
+//! passed all of its rows, and no unsettled batch refers to one. The check runs under the
+//! generation's `ACCESS EXCLUSIVE` lock, waited for at most [`Rotation::lock_wait`] (an
+//! uncommitted publish into it holds a lock, so its rows cannot be lost), and under a
+//! `SHARE` lock on `T_subs`, so that no subscription is created, and no cursor moves, between
+//! the check and the `TRUNCATE`. A rotation of the log is skipped while another process
+//! rotates it (advisory lock), like the outbox's.
+
+use std::time::{Duration, Instant};
+
+use sqlx::{Acquire, PgConnection, Row, SqlStr};
+
+use super::{PartitionSql, RotationReport, Rotator, TRY_LOCK, slot_of};
+use crate::error::Result;
+use crate::pg::statements::{render, sql};
+use crate::table::{GENERATIONS, TableName};
+
+// The log's generation counter, then per partition its heap size.
+const STATE: &str = r#"
+SELECT (SELECT last_value FROM {log_gen}) AS gen,
+       ARRAY[pg_relation_size('{log_p0}'), pg_relation_size('{log_p1}'),
+             pg_relation_size('{log_p2}')] AS bytes"#;
+
+// $1 new counter value
+const ADVANCE: &str = "SELECT setval('{log_gen}', $1, true)";
+
+const LOCK_SUBSCRIPTIONS: &str = "LOCK TABLE {subs} IN SHARE MODE";
+
+/// Whether any subscription still needs a row of `{part}`: a row its cursor has not passed
+/// (not visible in `lo`, and not at or before the position in `(lo, hi]`), or an unsettled
+/// message of one of its batches. Rows with `xid` below `lo`'s xmin are passed, so the scan
+/// starts there, through the partition's index.
+const NEEDED: &str = r#"
+SELECT EXISTS (
+    SELECT 1 FROM {subs} AS x
+    WHERE EXISTS (
+        SELECT 1 FROM {part} AS l
+        WHERE l.topic = x.topic
+          AND l.xid >= pg_snapshot_xmin(x.lo)
+          AND NOT pg_visible_in_snapshot(l.xid, x.lo)
+          AND NOT (pg_visible_in_snapshot(l.xid, x.hi)
+                   AND (l.xid, l.id) <= (x.pos_xid, x.pos_id))
+    )
+) OR EXISTS (
+    SELECT 1
+    FROM {batches} AS b
+    CROSS JOIN LATERAL unnest(b.ids, b.xids) AS u(id, xid)
+    JOIN {part} AS l ON l.topic = b.topic AND l.xid = u.xid AND l.id = u.id
+    WHERE NOT (u.id = ANY (b.settled))
+)"#;
+
+/// Rendered statements and state of the log's rotation.
+#[derive(Debug)]
+pub(super) struct LogSql {
+    state: SqlStr,
+    advance: SqlStr,
+    lock_subscriptions: SqlStr,
+    lock_subscriptions_nowait: SqlStr,
+    lock_key: String,
+    partitions: Vec<PartitionSql>,
+    needed: Vec<SqlStr>,
+    last_advance: parking_lot::Mutex<Instant>,
+}
+
+impl LogSql {
+    pub(super) fn new(table: &TableName) -> Self {
+        let per_part = |template: &str, slot: usize| {
+            let quoted = table.qualified(&table.log_partition(slot));
+            sql(&render(template, table).replace("{part}", &quoted), table)
+        };
+        LogSql {
+            state: sql(STATE, table),
+            advance: sql(ADVANCE, table),
+            lock_subscriptions: sql(LOCK_SUBSCRIPTIONS, table),
+            lock_subscriptions_nowait: sql(&format!("{LOCK_SUBSCRIPTIONS} NOWAIT"), table),
+            lock_key: format!("postbox:rotate-log:{table}"),
+            partitions: (0..GENERATIONS)
+                .map(|slot| PartitionSql {
+                    lock: per_part(super::LOCK, slot),
+                    lock_nowait: per_part(super::LOCK_NOWAIT, slot),
+                    count: per_part(super::COUNT, slot),
+                    truncate: per_part(super::TRUNCATE, slot),
+                })
+                .collect(),
+            needed: (0..GENERATIONS)
+                .map(|slot| per_part(NEEDED, slot))
+                .collect(),
+            last_advance: parking_lot::Mutex::new(Instant::now()),
+        }
+    }
+}
+
+/// The log's generation counter and each partition's heap size.
+struct LogState {
+    generation: i64,
+    bytes: Vec<i64>,
+}
+
+impl Rotator {
+    async fn log_state(&self, conn: &mut PgConnection) -> Result<LogState> {
+        let row = sqlx::query(self.log.state.clone())
+            .persistent(self.persistent())
+            .fetch_one(conn)
+            .await?;
+        Ok(LogState {
+            generation: row.try_get("gen")?,
+            bytes: row.try_get("bytes")?,
+        })
+    }
+
+    async fn log_try_lock(&self, conn: &mut PgConnection) -> Result<bool> {
+        Ok(sqlx::query_scalar(TRY_LOCK)
+            .persistent(self.persistent())
+            .bind(&self.log.lock_key)
+            .fetch_one(conn)
+            .await?)
+    }
+
+    /// One rotation of the topic log on `conn`: reclaims each non-current generation no
+    /// subscription needs, then moves publishes on when the current one is full or old and
+    /// the next one is empty. One short transaction per step.
+    pub(crate) async fn rotate_log_on(&self, conn: &mut PgConnection) -> Result<RotationReport> {
+        let options = self.options.read().clone();
+        let mut report = RotationReport::default();
+        let state = {
+            let mut tx = conn.begin().await?;
+            let state = self.log_state(&mut tx).await?;
+            tx.commit().await?;
+            state
+        };
+        let current = slot_of(state.generation);
+        report.current = current;
+        let mut empty = [false; GENERATIONS];
+        for step in 1..GENERATIONS {
+            let slot = (current + step) % GENERATIONS;
+            if state.bytes[slot] == 0 {
+                empty[slot] = true;
+                continue;
+            }
+            let mut tx = conn.begin().await?;
+            if !self.log_try_lock(&mut tx).await? {
+                tx.rollback().await?;
+                report.skipped = true;
+                return Ok(report);
+            }
+            let part = &self.log.partitions[slot];
+            if !self
+                .lock_partition(&mut tx, part, options.lock_wait)
+                .await?
+                || !self.lock_subscriptions(&mut tx, options.lock_wait).await?
+            {
+                tx.rollback().await?;
+                report.busy.push(slot);
+                continue;
+            }
+            // Under the advisory lock the counter cannot move; it may have since the start.
+            if slot_of(self.log_state(&mut tx).await?.generation) == slot {
+                tx.rollback().await?;
+                report.skipped = true;
+                return Ok(report);
+            }
+            let needed: bool = sqlx::query_scalar(self.log.needed[slot].clone())
+                .persistent(self.persistent())
+                .fetch_one(&mut *tx)
+                .await?;
+            if needed {
+                tx.rollback().await?;
+                continue;
+            }
+            sqlx::query(part.truncate.clone())
+                .persistent(self.persistent())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            report.truncated.push(slot);
+            empty[slot] = true;
+        }
+        let next = (current + 1) % GENERATIONS;
+        let size = u64::try_from(state.bytes[current]).unwrap_or_default();
+        let old = self.log.last_advance.lock().elapsed() >= options.max_age;
+        if empty[next] && (size >= options.rotate_bytes || (size > 0 && old)) {
+            let mut tx = conn.begin().await?;
+            if !self.log_try_lock(&mut tx).await? {
+                tx.rollback().await?;
+                report.skipped = true;
+                return Ok(report);
+            }
+            let now = self.log_state(&mut tx).await?;
+            if now.generation == state.generation
+                && now.bytes[next] == 0
+                && self
+                    .truncate_empty(&mut tx, &self.log.partitions[next], options.lock_wait)
+                    .await?
+            {
+                sqlx::query(self.log.advance.clone())
+                    .persistent(self.persistent())
+                    .bind(state.generation + 1)
+                    .execute(&mut *tx)
+                    .await?;
+                report.advanced = true;
+                report.current = next;
+            }
+            tx.commit().await?;
+        }
+        if report.advanced {
+            *self.log.last_advance.lock() = Instant::now();
+        }
+        if report.advanced || !report.truncated.is_empty() || !report.busy.is_empty() {
+            tracing::debug!(target: "postbox", table = %self.table, current = report.current, truncated = ?report.truncated, busy = ?report.busy, "postbox.rotate: topic log");
+        }
+        Ok(report)
+    }
+
+    /// Takes the `SHARE` lock on `T_subs`, waiting at most `wait` (`lock_timeout`, already
+    /// set for the transaction by the partition's lock when `wait` is not zero).
+    async fn lock_subscriptions(&self, conn: &mut PgConnection, wait: Duration) -> Result<bool> {
+        let lock = if wait.is_zero() {
+            self.log.lock_subscriptions_nowait.clone()
+        } else {
+            self.log.lock_subscriptions.clone()
+        };
+        match sqlx::query(lock)
+            .persistent(self.persistent())
+            .execute(conn)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
