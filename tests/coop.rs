@@ -10,8 +10,8 @@ use std::time::Duration;
 use postbox::fake::FakeBroker;
 use postbox::testkit::{wait_for_event, within};
 use postbox::{
-    Backend, CoopReceive, Delivery, HandlerError, Member, Outcome, Subscriber, SubscriberEvent,
-    SubscriberOptions,
+    CoopReceive, Delivery, HandlerError, Member, Outcome, Subscriber, SubscriberEvent,
+    SubscriberOptions, Topics,
 };
 use support::publish_n;
 use tokio::sync::{mpsc, watch};
@@ -25,7 +25,7 @@ fn member(name: &str) -> Member {
 /// nothing twice, nothing missing, every member worked.
 async fn four_members_split<B, W, F>(backend: &B, n: usize, options: SubscriberOptions, work: W)
 where
-    B: Backend + Clone,
+    B: Topics + Clone,
     W: Fn() -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -62,7 +62,7 @@ where
 
 /// Four members with 50 ms handlers and one worker each: the handlers must overlap (no shared
 /// lock serialises siblings), and every message is handled once.
-async fn siblings_run_in_parallel<B: Backend + Clone>(backend: B) {
+async fn siblings_run_in_parallel<B: Topics + Clone>(backend: B) {
     let running = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let work = {
@@ -103,7 +103,7 @@ async fn siblings_run_in_parallel_on_postgres() {
 }
 
 /// A member whose handler runs past the dead interval keeps its rows: the runtime touches it.
-async fn the_runtime_heartbeat_keeps_a_slow_member<B: Backend + Clone>(backend: B) {
+async fn the_runtime_heartbeat_keeps_a_slow_member<B: Topics + Clone>(backend: B) {
     publish_n(&backend, "q", 1).await;
     let (open, gate) = watch::channel(false);
     let (tx, mut started) = mpsc::unbounded_channel();

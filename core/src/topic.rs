@@ -37,10 +37,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::backend::{Backend, DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT, RetryParams};
+use crate::backend::{Backend, DEFAULT_LEASE_TTL, FailOutcome, MAX_FETCH_LIMIT, RetryParams};
 use crate::error::{Error, Result};
 use crate::inspect::DeadLetter;
 use crate::message::{Delivery, Lease, Message, MessageId, validate_queue};
+use crate::retry::{HandlerError, RetryDecision, RetryPolicy};
 
 /// What [`Topics::subscribe`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,4 +328,46 @@ pub trait Topics: Backend {
     ///
     /// [`Error::Database`].
     async fn subscription_dead_letters(&self, subscription: &str) -> Result<Vec<DeadLetter>>;
+
+    /// Settles a failed received message through `policy`, as [`Backend::fail`] does for a
+    /// fetched one: retry after the policy's delay, or dead-letter when the error is a
+    /// rejection or retries are exhausted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    async fn fail_received(
+        &self,
+        delivery: &Delivery,
+        error: &HandlerError,
+        policy: &RetryPolicy,
+    ) -> Result<FailOutcome> {
+        let elapsed = (delivery.acquired_at - delivery.first_attempt_at)
+            .to_std()
+            .unwrap_or_default();
+        let lease = [delivery.lease()];
+        match policy.decide(delivery.attempts, elapsed, error) {
+            RetryDecision::Retry { delay } => {
+                let params = RetryParams::new(delay.min(crate::MAX_DELAY))
+                    .error(crate::validate::storable(error.message()));
+                let done = self.settle(&lease, Settlement::Retry(params)).await?;
+                Ok(if done.is_empty() {
+                    FailOutcome::LeaseLost
+                } else {
+                    FailOutcome::Retried { delay }
+                })
+            }
+            RetryDecision::DeadLetter { reason } => {
+                let reason = crate::validate::storable(&reason).into_owned();
+                let done = self
+                    .settle(&lease, Settlement::DeadLetter(reason.clone()))
+                    .await?;
+                Ok(if done.is_empty() {
+                    FailOutcome::LeaseLost
+                } else {
+                    FailOutcome::DeadLettered { reason }
+                })
+            }
+        }
+    }
 }

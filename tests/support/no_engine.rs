@@ -103,3 +103,43 @@ impl Backend for NoEngine {
         self.0.journal_subscribe(s).await
     }
 }
+
+#[async_trait::async_trait]
+impl postbox::Topics for NoEngine {
+    async fn subscribe(&self, topic: &str, name: &str) -> postbox::Result<postbox::Subscribed> {
+        self.0.subscribe(topic, name).await
+    }
+    async fn unsubscribe(
+        &self,
+        name: &str,
+        pending: postbox::Unsubscribe,
+    ) -> postbox::Result<bool> {
+        self.0.unsubscribe(name, pending).await
+    }
+    async fn subscriptions(
+        &self,
+        topic: Option<&str>,
+    ) -> postbox::Result<Vec<postbox::SubscriptionInfo>> {
+        self.0.subscriptions(topic).await
+    }
+    async fn publish_to_topics(
+        &self,
+        conn: &mut PgConnection,
+        m: Vec<Message>,
+    ) -> postbox::Result<Vec<MessageId>> {
+        self.0.publish_to_topics(conn, m).await
+    }
+    async fn receive(&self, params: &postbox::Receive) -> postbox::Result<Vec<Delivery>> {
+        self.0.receive(params).await
+    }
+    async fn settle(
+        &self,
+        leases: &[Lease],
+        settlement: postbox::Settlement,
+    ) -> postbox::Result<Vec<MessageId>> {
+        self.0.settle(leases, settlement).await
+    }
+    async fn subscription_dead_letters(&self, name: &str) -> postbox::Result<Vec<DeadLetter>> {
+        self.0.subscription_dead_letters(name).await
+    }
+}

@@ -48,6 +48,7 @@ pub struct SubscriberOptions {
     pub(crate) error_backoff_max: Duration,
     pub(crate) subconsumer: Option<Member>,
     pub(crate) dead_interval: Option<Duration>,
+    pub(crate) subscription: Option<String>,
 }
 
 impl SubscriberOptions {
@@ -72,6 +73,7 @@ impl SubscriberOptions {
             error_backoff_min: Duration::from_millis(100),
             error_backoff_max: Duration::from_secs(30),
             subconsumer: None,
+            subscription: None,
             dead_interval: None,
         }
     }
@@ -223,6 +225,19 @@ impl SubscriberOptions {
         self
     }
 
+    /// Consumes the subscription `name` (see [`Topics`](crate::Topics)) instead of queues:
+    /// receives with [`Topics::receive`](crate::Topics::receive) and settles with
+    /// [`Topics::settle`](crate::Topics::settle). The queues given to [`new`](Self::new) are
+    /// then the topics whose notifications wake the subscriber: give the subscription's
+    /// topic. Several subscribers of one subscription, in this process or others, split its
+    /// messages (each message to one of them), with no registration and no heartbeat: a
+    /// receiver that dies leaves its leases to expire. Defaults to none (queues).
+    #[must_use]
+    pub fn subscription(mut self, name: impl Into<String>) -> Self {
+        self.subscription = Some(name.into());
+        self
+    }
+
     /// With [`subconsumer`](Self::subconsumer): take over rows of siblings silent for longer
     /// than `interval`. The runtime touches its own member every third of it, so a slow but
     /// live member is never robbed. Defaults to never taking over; setting it without a
@@ -289,6 +304,14 @@ impl SubscriberOptions {
             return invalid(
                 "dead_interval needs a subconsumer (SubscriberOptions::subconsumer)".into(),
             );
+        }
+        if let Some(name) = &self.subscription {
+            validate_queue(name)?;
+            if self.subconsumer.is_some() {
+                return invalid(
+                    "a subscriber consumes a subscription or is a subconsumer, not both (receivers of one subscription already split its messages)".into(),
+                );
+            }
         }
         if self.dead_interval.is_some_and(|d| d.is_zero()) {
             return invalid("dead_interval must be positive".into());

@@ -11,8 +11,8 @@ use super::events::{Counters, Stats, SubscriberEvent};
 use super::handler::Handler;
 use super::options::SubscriberOptions;
 use super::supervisor::Supervisor;
-use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::topic::Topics;
 
 /// How many events a slow [`events`](SubscriberHandle::events) receiver may lag behind before
 /// it misses some (it then gets `RecvError::Lagged`).
@@ -91,13 +91,13 @@ impl Shared {
 /// println!("{report:?}");
 /// # Ok(()) }
 /// ```
-pub struct Subscriber<B: Backend> {
+pub struct Subscriber<B: Topics> {
     backend: Arc<B>,
     options: SubscriberOptions,
     handler: Arc<dyn Handler>,
 }
 
-impl<B: Backend> Subscriber<B> {
+impl<B: Topics> Subscriber<B> {
     /// A subscriber of `backend` running `handler`.
     ///
     /// # Errors
@@ -145,7 +145,7 @@ impl<B: Backend> Subscriber<B> {
     }
 }
 
-impl<B: Backend> fmt::Debug for Subscriber<B> {
+impl<B: Topics> fmt::Debug for Subscriber<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscriber")
             .field("options", &self.options)

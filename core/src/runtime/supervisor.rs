@@ -20,14 +20,15 @@ use super::options::SubscriberOptions;
 use super::subscriber::{Shared, ShutdownReport};
 use super::window::PrefetchWindow;
 use super::workers::{Finished, Workers};
-use crate::backend::{Backend, FailOutcome, FetchParams};
+use crate::backend::{FailOutcome, FetchParams};
 use crate::coop::CoopReceive;
 use crate::error::{Error, Result};
 use crate::message::{Delivery, Lease, MessageId};
 use crate::pg::PermitWait;
 use crate::retry::HandlerError;
+use crate::topic::{Receive, Settlement, Topics};
 
-pub(crate) struct Supervisor<B: Backend> {
+pub(crate) struct Supervisor<B: Topics> {
     backend: Arc<B>,
     options: SubscriberOptions,
     shared: Arc<Shared>,
@@ -60,7 +61,7 @@ pub(crate) struct Supervisor<B: Backend> {
     backoff_until: Instant,
 }
 
-impl<B: Backend> Supervisor<B> {
+impl<B: Topics> Supervisor<B> {
     pub(crate) fn new(
         backend: Arc<B>,
         options: SubscriberOptions,
@@ -330,6 +331,18 @@ impl<B: Backend> Supervisor<B> {
             }
             receive
         });
+        if let Some(subscription) = &options.subscription {
+            // Receives run on the pool: the statement is short and locks the subscription.
+            let mut receive =
+                Receive::new(subscription.clone(), params.limit()).lease_ttl(params.ttl());
+            if let Some(n) = params.delivery_limit() {
+                receive = receive.max_deliveries(n);
+            }
+            if let Some(holder) = params.holder() {
+                receive = receive.holder(holder);
+            }
+            return backend.receive(&receive).await;
+        }
         let Some(engine) = backend.engine() else {
             return match &coop {
                 Some(receive) => backend.coop_receive(receive).await,
@@ -413,11 +426,16 @@ impl<B: Backend> Supervisor<B> {
             }
         }
         while let Some((delivery, error)) = self.pending_failures.pop() {
-            match self
-                .backend
-                .fail(&delivery, &error, &self.options.retry_policy)
-                .await
-            {
+            let failed = if self.options.subscription.is_some() {
+                self.backend
+                    .fail_received(&delivery, &error, &self.options.retry_policy)
+                    .await
+            } else {
+                self.backend
+                    .fail(&delivery, &error, &self.options.retry_policy)
+                    .await
+            };
+            match failed {
                 Ok(outcome) => {
                     self.held.remove(&delivery.id);
                     let outcome = match outcome {
@@ -478,7 +496,15 @@ impl<B: Backend> Supervisor<B> {
         let acked: HashSet<MessageId> = if self.options.batch_acks {
             Counters::add(&self.shared.counters.ack_statements, 1);
             // Handlers that end during the round trip are replaced at once.
-            match self.workers.drive(self.backend.ack_batch(&leases)).await {
+            let (backend, subscription) = (&self.backend, self.options.subscription.is_some());
+            let acking = async {
+                if subscription {
+                    backend.settle(&leases, Settlement::Ack).await
+                } else {
+                    backend.ack_batch(&leases).await
+                }
+            };
+            match self.workers.drive(acking).await {
                 Ok(ids) => ids.into_iter().collect(),
                 Err(e) => return Err((e, leases)),
             }
@@ -486,7 +512,8 @@ impl<B: Backend> Supervisor<B> {
             let mut acked = HashSet::new();
             for (i, lease) in leases.iter().enumerate() {
                 Counters::add(&self.shared.counters.ack_statements, 1);
-                match self.backend.ack(*lease).await {
+                match Self::settle_one(&self.backend, &self.options, *lease, Settlement::Ack).await
+                {
                     Ok(true) => {
                         acked.insert(lease.id);
                     }
@@ -532,7 +559,7 @@ impl<B: Backend> Supervisor<B> {
             .collect();
         let mut renewed = 0;
         for lease in due {
-            match self.backend.renew_lease(lease).await {
+            match Self::settle_one(&self.backend, &self.options, lease, Settlement::Renew).await {
                 Ok(true) => {
                     renewed += 1;
                     if let Some(entry) = self.held.get_mut(&lease.id) {
@@ -557,6 +584,24 @@ impl<B: Backend> Supervisor<B> {
         }
     }
 
+    /// Applies `settlement` (ack, renew or release) to one lease, fetched or received;
+    /// whether it took effect.
+    async fn settle_one(
+        backend: &B,
+        options: &SubscriberOptions,
+        lease: Lease,
+        settlement: Settlement,
+    ) -> Result<bool> {
+        if options.subscription.is_some() {
+            return Ok(!backend.settle(&[lease], settlement).await?.is_empty());
+        }
+        match settlement {
+            Settlement::Renew => backend.renew_lease(lease).await,
+            Settlement::Release => backend.release(lease).await,
+            _ => backend.ack(lease).await,
+        }
+    }
+
     /// The cooperative heartbeat: keeps this member alive while its handlers run.
     async fn touch(&mut self) {
         let Some(member) = &self.options.subconsumer else {
@@ -575,7 +620,14 @@ impl<B: Backend> Supervisor<B> {
         let mut released = 0;
         for delivery in std::mem::take(&mut self.workers.waiting) {
             self.held.remove(&delivery.id);
-            match self.backend.release(delivery.lease()).await {
+            match Self::settle_one(
+                &self.backend,
+                &self.options,
+                delivery.lease(),
+                Settlement::Release,
+            )
+            .await
+            {
                 Ok(true) => released += 1,
                 Ok(false) => {}
                 // Still leased: delivered again after the lease expires.

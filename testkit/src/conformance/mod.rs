@@ -236,6 +236,8 @@ macro_rules! conformance_tests {
             topic_max_deliveries_dead_letters_a_crash_loop,
             topic_subscriptions_report_backlog_and_oldest,
             topic_refuses_bad_input,
+            topic_subscribers_fan_out_and_share,
+            topic_subscriber_retries_then_dead_letters_in_its_subscription,
             validation_publish_refuses_what_postgres_cannot_store,
             validation_outcomes_refuse_what_postgres_cannot_store,
             validation_a_handler_error_with_nul_is_stored_replaced,

@@ -477,3 +477,97 @@ pub async fn topic_refuses_bad_input<H: Harness>(h: &H) {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+fn subscriber_options(topic: &str, subscription: &str) -> postbox_core::SubscriberOptions {
+    postbox_core::SubscriberOptions::new([topic])
+        .subscription(subscription)
+        .min_fetch_interval(Duration::from_millis(10))
+        .max_fetch_interval(Duration::from_millis(50))
+}
+
+/// Subscribers of two subscriptions each handle every message once, and two subscribers
+/// sharing one subscription split it: the fan-out, through the runtime.
+pub async fn topic_subscribers_fan_out_and_share<H: Harness>(h: &H) {
+    use postbox_core::{HandlerError, Subscriber};
+
+    let b = h.backend();
+    b.subscribe("t", "mail").await.expect("subscribe");
+    b.subscribe("t", "stats").await.expect("subscribe");
+    let published: BTreeSet<MessageId> = publish_to(b, many("t", 40)).await.into_iter().collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, MessageId)>();
+    let mut subs = Vec::new();
+    for (subscription, copies) in [("mail", 1), ("stats", 2)] {
+        for _ in 0..copies {
+            let tx = tx.clone();
+            let handler = move |d: Delivery| {
+                let _ = tx.send((subscription, d.id));
+                std::future::ready(Ok::<(), HandlerError>(()))
+            };
+            subs.push(
+                Subscriber::new(b.clone(), subscriber_options("t", subscription), handler)
+                    .expect("options")
+                    .spawn(),
+            );
+        }
+    }
+    let until = tokio::time::Instant::now() + crate::wait::deadline();
+    let (mut mail, mut stats) = (Vec::new(), Vec::new());
+    while mail.len() < 40 || stats.len() < 40 {
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Some(("mail", id))) => mail.push(id),
+            Ok(Some((_, id))) => stats.push(id),
+            _ => panic!(
+                "handled {} for mail, {} for stats, of 40 each",
+                mail.len(),
+                stats.len()
+            ),
+        }
+    }
+    for sub in subs {
+        crate::wait::within("shutdown", sub.shutdown())
+            .await
+            .expect("shutdown");
+    }
+    for (name, seen) in [("mail", mail), ("stats", stats)] {
+        let distinct: BTreeSet<MessageId> = seen.iter().copied().collect();
+        assert_eq!(distinct, published, "{name} handled every message");
+        assert_eq!(seen.len(), 40, "{name} handled each once");
+    }
+    for s in b.subscriptions(Some("t")).await.expect("list") {
+        assert_eq!(s.backlog, 0, "{} acked everything", s.name);
+    }
+}
+
+/// A failing handler retries and dead-letters within its own subscription only.
+pub async fn topic_subscriber_retries_then_dead_letters_in_its_subscription<H: Harness>(h: &H) {
+    use postbox_core::{HandlerError, RetryPolicy, Subscriber};
+
+    let b = h.backend();
+    b.subscribe("t", "flaky").await.expect("subscribe");
+    b.subscribe("t", "fine").await.expect("subscribe");
+    let published = publish_to(b, many("t", 1)).await;
+    let handler = |_d: Delivery| std::future::ready(Err::<(), _>(HandlerError::retry("always")));
+    let options = subscriber_options("t", "flaky")
+        .retry_policy(RetryPolicy::constant(Duration::ZERO).max_attempts(3));
+    let sub = Subscriber::new(b.clone(), options, handler)
+        .expect("options")
+        .spawn();
+    let mut events = sub.events();
+    crate::wait::wait_for_event(&mut events, "the dead letter in 'flaky'", |e| {
+        matches!(
+            e,
+            postbox_core::SubscriberEvent::Handled {
+                outcome: postbox_core::Outcome::DeadLettered { .. },
+                ..
+            }
+        )
+    })
+    .await;
+    crate::wait::within("shutdown", sub.shutdown())
+        .await
+        .expect("shutdown");
+    let dead = b.subscription_dead_letters("flaky").await.expect("dead");
+    assert_eq!(ids_of(&dead), published);
+    assert_eq!(dead[0].attempts, 3);
+    assert_eq!(drain(b, "fine").await, published, "'fine' is untouched");
+}
