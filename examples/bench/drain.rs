@@ -1,20 +1,23 @@
-//! `drain`: messages per second one subscriber with a no-op handler drains from a full queue.
+//! `drain`: messages per second one subscriber with a no-op handler drains from a full queue,
+//! and from a topic subscription's backlog; and the same by a bare fetch (receive) and
+//! settle loop, the storage's own speed.
 
 use std::time::{Duration, Instant};
 
 use postbox::{
-    Backend, Delivery, FetchParams, HandlerError, Message, PgBackend, Receive, Settlement,
-    Subscriber, SubscriberOptions, Topics,
+    Backend, Delivery, FetchParams, HandlerError, PgBackend, Receive, Settlement, Subscriber,
+    SubscriberOptions, Topics,
 };
 use serde_json::{Value, json};
 
 use crate::Ctx;
-use crate::publish::{batches, median_of};
+use crate::publish::{batches, median_of, topic_batches};
 use crate::server::{Wal, table_bytes};
 use crate::stats::{rate, round, spread};
 
 /// Drains `n` pre-published messages with default settings, with the best documented settings
-/// (batched acks), and with the same but one ack statement per message.
+/// (batched acks), with the same but one ack statement per message, then the same two
+/// subscriber settings on a topic subscription, then the bare loops.
 pub(crate) async fn drain(ctx: &Ctx) -> anyhow::Result<Value> {
     let n = ctx.size(20_000);
     let db = postbox::testkit::postgres().await?;
@@ -25,10 +28,16 @@ pub(crate) async fn drain(ctx: &Ctx) -> anyhow::Result<Value> {
     let variants = [
         ("default_settings", SubscriberOptions::new(["drain"])),
         ("tuned_batched_acks", tuned.clone()),
-        ("tuned_per_row_acks", tuned.batch_acks(false)),
+        ("tuned_per_row_acks", tuned.clone().batch_acks(false)),
+        (
+            "topic_default_settings",
+            SubscriberOptions::new(["drain"]).subscription("bench"),
+        ),
+        ("topic_tuned", tuned.subscription("bench")),
     ];
     let mut out = serde_json::Map::new();
     for (name, options) in variants {
+        let topic = name.starts_with("topic");
         let mut rates = Vec::new();
         let mut wal = Vec::new();
         let mut stats = None;
@@ -36,7 +45,12 @@ pub(crate) async fn drain(ctx: &Ctx) -> anyhow::Result<Value> {
         for rep in 0..ctx.reps {
             ctx.progress(format!("drain {name}: repetition {}", rep + 1));
             crate::server::vacuum(db.pool()).await?;
-            batches(&backend, "drain", n, 1_000).await?;
+            if topic {
+                backend.subscribe("drain", "bench").await?;
+                topic_batches(&backend, "drain", n, 1_000).await?;
+            } else {
+                batches(&backend, "drain", n, 1_000).await?;
+            }
             let handler = |_d: Delivery| std::future::ready(Ok::<(), HandlerError>(()));
             let before = Wal::now(db.pool()).await?;
             let start = Instant::now();
@@ -130,7 +144,7 @@ async fn fetch_loop(backend: &PgBackend, queue: &str) -> anyhow::Result<usize> {
 }
 
 /// Receives `LOOP_BATCH` at a time and acks each batch in one statement, until empty.
-async fn receive_loop(backend: &PgBackend, subscription: &str) -> anyhow::Result<usize> {
+pub(crate) async fn receive_loop(backend: &PgBackend, subscription: &str) -> anyhow::Result<usize> {
     let mut drained = 0;
     loop {
         let got = backend
@@ -142,27 +156,4 @@ async fn receive_loop(backend: &PgBackend, subscription: &str) -> anyhow::Result
         let leases: Vec<_> = got.iter().map(Delivery::lease).collect();
         drained += backend.settle(&leases, Settlement::Ack).await?.len();
     }
-}
-
-/// Publishes `n` messages to `topic` in transactions of `per_tx`.
-async fn topic_batches(
-    backend: &PgBackend,
-    topic: &str,
-    n: usize,
-    per_tx: usize,
-) -> anyhow::Result<()> {
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(per_tx);
-        let mut tx = backend.begin().await?;
-        backend
-            .publish_to_topics(
-                &mut tx,
-                (0..k).map(|i| Message::new(topic, i.to_string())).collect(),
-            )
-            .await?;
-        backend.commit(tx).await?;
-        left -= k;
-    }
-    Ok(())
 }

@@ -47,6 +47,7 @@ mod charts;
 mod coop;
 mod drain;
 mod fake;
+mod fanout;
 mod fixture;
 mod journal;
 mod publish;
@@ -62,7 +63,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
-const WORKLOADS: [&str; 10] = [
+const WORKLOADS: [&str; 11] = [
     "publish_batch",
     "publish_single",
     "drain",
@@ -73,6 +74,7 @@ const WORKLOADS: [&str; 10] = [
     "fake",
     "xmin_hold",
     "backlog",
+    "fanout",
 ];
 
 struct Args {
@@ -90,7 +92,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: bench [publish_batch] [publish_single] [drain] [wakeup] [coop] \
-[journal] [fixture] [fake] [xmin_hold] [backlog] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
+[journal] [fixture] [fake] [xmin_hold] [backlog] [fanout] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
 [--reps N] [--coop-reps N] [--clean-s S] [--hold-s S] [--after-s S] [--rate N] [--smoke] \
 [--quiet]\n   or: bench --render FILE --charts DIR";
 
@@ -231,6 +233,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut result = match workload.as_str() {
             "xmin_hold" => xmin_hold::xmin_hold(&ctx, args.hold).await,
             "backlog" => backlog::backlog(&ctx).await,
+            "fanout" => fanout::fanout(&ctx).await,
             "publish_batch" => publish::publish_batch(&ctx).await,
             "publish_single" => publish::publish_single(&ctx).await,
             "drain" => drain::drain(&ctx).await,

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use postbox::{Backend, Message, PgBackend};
+use postbox::{Backend, Message, PgBackend, Topics};
 use serde_json::{Value, json};
 
 use crate::Ctx;
@@ -31,6 +31,29 @@ pub(crate) async fn batches(
             .await?;
         backend.commit(tx).await?;
         sent += size;
+    }
+    Ok(())
+}
+
+/// Publishes `n` messages to `topic` in transactions of `per_tx`.
+pub(crate) async fn topic_batches(
+    backend: &PgBackend,
+    topic: &str,
+    n: usize,
+    per_tx: usize,
+) -> anyhow::Result<()> {
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(per_tx);
+        let mut tx = backend.begin().await?;
+        backend
+            .publish_to_topics(
+                &mut tx,
+                (0..k).map(|i| Message::new(topic, i.to_string())).collect(),
+            )
+            .await?;
+        backend.commit(tx).await?;
+        left -= k;
     }
     Ok(())
 }

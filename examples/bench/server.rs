@@ -51,7 +51,10 @@ impl Wal {
 pub(crate) async fn table_bytes(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(
         "SELECT sum(pg_total_relation_size(relid))::bigint FROM \
-         (SELECT relid FROM pg_partition_tree('postbox') UNION SELECT 'postbox'::regclass) AS t",
+         (SELECT relid FROM pg_partition_tree('postbox') UNION SELECT 'postbox'::regclass \
+          UNION SELECT relid FROM pg_partition_tree('postbox_log') \
+          UNION SELECT t::regclass FROM unnest(ARRAY['postbox_subs', 'postbox_batches', \
+                                                     'postbox_held']) AS t) AS t",
     )
     .fetch_one(pool)
     .await?)
@@ -60,8 +63,10 @@ pub(crate) async fn table_bytes(pool: &PgPool) -> anyhow::Result<i64> {
 /// Vacuums the outbox table, so each measured run starts without the dead rows (and the
 /// autovacuum work) the previous run left.
 pub(crate) async fn vacuum(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::raw_sql("VACUUM (ANALYZE) postbox")
-        .execute(pool)
-        .await?;
+    sqlx::raw_sql(
+        "VACUUM (ANALYZE) postbox, postbox_log, postbox_subs, postbox_batches, postbox_held",
+    )
+    .execute(pool)
+    .await?;
     Ok(())
 }
