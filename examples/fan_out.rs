@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 use postbox::{
-    Backend, Delivery, HandlerError, Message, MessageId, PgBackend, Subscriber, SubscriberOptions,
-    Topics,
+    Backend, Delivery, HandlerError, Message, MessageId, PgBackend, Published, Subscriber,
+    SubscriberOptions, Topics,
 };
 
 const EVENTS: usize = 1_000;
@@ -68,7 +68,13 @@ async fn main() -> anyhow::Result<()> {
         let events = (0..100)
             .map(|i| Message::new(TOPIC, format!("order {} placed", chunk * 100 + i)))
             .collect();
-        published.extend(backend.publish_to_topics(&mut tx, events).await?);
+        published.extend(
+            backend
+                .publish_to_topics(&mut tx, events)
+                .await?
+                .into_iter()
+                .map(Published::id),
+        );
         backend.commit(tx).await?;
     }
 

@@ -147,7 +147,10 @@ async fn each_access_does_its_work_and_nothing_else() -> Result<()> {
         .await?;
     tx.commit().await?;
     let got = c.receive(&Receive::new("svc", 10)).await?;
-    assert_eq!(got.iter().map(|d| d.id).collect::<Vec<_>>(), published);
+    assert_eq!(
+        got.iter().map(|d| d.id).collect::<Vec<_>>(),
+        published.iter().map(|p| p.id()).collect::<Vec<_>>()
+    );
     let leases: Vec<_> = got.iter().map(Delivery::lease).collect();
     assert_eq!(c.settle(&leases, Settlement::Ack).await?.len(), 2);
     denied(

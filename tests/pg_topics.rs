@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 
 use anyhow::Result;
 use postbox::{
-    Backend, Message, MessageId, PgBackend, Receive, Settlement, Subscribed, Topics, Unsubscribe,
+    Backend, Message, MessageId, PgBackend, Published, Receive, Settlement, Subscribed, Topics,
+    Unsubscribe,
 };
 
 async fn publish(backend: &PgBackend, topic: &str, n: usize) -> Result<Vec<MessageId>> {
@@ -20,7 +21,7 @@ async fn publish(backend: &PgBackend, topic: &str, n: usize) -> Result<Vec<Messa
         )
         .await?;
     backend.commit(tx).await?;
-    Ok(ids)
+    Ok(ids.into_iter().map(Published::id).collect())
 }
 
 /// Receives everything the subscription has now, acking each batch; returns the ids in
@@ -52,7 +53,10 @@ async fn transactions_committing_out_of_id_order_are_each_received_once_postgres
     let mut early = backend.begin().await?;
     let early_ids = backend
         .publish_to_topics(&mut early, vec![Message::new("t", "early")])
-        .await?;
+        .await?
+        .into_iter()
+        .map(Published::id)
+        .collect::<Vec<_>>();
     let later = publish(&backend, "t", 20).await?;
     let first = drain(&backend, "s").await?;
     assert_eq!(first, later, "the committed messages, in publish order");
@@ -79,7 +83,10 @@ async fn a_publish_in_flight_while_a_subscription_is_created_is_received_by_it_p
     let mut in_flight = backend.begin().await?;
     let flying = backend
         .publish_to_topics(&mut in_flight, vec![Message::new("t", "flying")])
-        .await?;
+        .await?
+        .into_iter()
+        .map(Published::id)
+        .collect::<Vec<_>>();
     backend.subscribe("t", "late").await?;
     let after = publish(&backend, "t", 2).await?;
     backend.commit(in_flight).await?;
@@ -167,7 +174,10 @@ async fn an_uncommitted_publish_into_an_old_generation_survives_its_rotation_pos
     let mut in_flight = backend.begin().await?;
     let late = backend
         .publish_to_topics(&mut in_flight, vec![Message::new("t", "late")])
-        .await?;
+        .await?
+        .into_iter()
+        .map(Published::id)
+        .collect::<Vec<_>>();
     let first = publish(&backend, "t", 3).await?;
     assert!(backend.rotate_topics().await?.advanced);
     assert_eq!(drain(&backend, "s").await?, first);

@@ -65,7 +65,8 @@ pub use runtime::{
 };
 pub use table::{GENERATIONS, MAX_IDENTIFIER_LEN, TableName};
 pub use topic::{
-    Receive, Settlement, Subscribed, SubscriptionInfo, Topics, Unsubscribe, validate_topic_message,
+    Published, Receive, Settlement, Subscribed, SubscriptionInfo, Topics, Unsubscribe,
+    validate_topic_message,
 };
 pub use validate::MAX_DELAY;
 

@@ -39,6 +39,7 @@ pub struct Message {
     pub(crate) headers: Option<Headers>,
     pub(crate) correlation_id: Option<Uuid>,
     pub(crate) available: Availability,
+    pub(crate) key: Option<String>,
 }
 
 /// When a published message becomes eligible for fetch.
@@ -65,6 +66,7 @@ impl Message {
             headers: None,
             correlation_id: None,
             available: Availability::Now,
+            key: None,
         }
     }
 
@@ -99,6 +101,23 @@ impl Message {
     pub fn correlation_id(mut self, id: Uuid) -> Self {
         self.correlation_id = Some(id);
         self
+    }
+
+    /// An idempotency key, for messages published to a topic
+    /// ([`Topics::publish_to_topics`](crate::Topics::publish_to_topics)): while the key is
+    /// remembered (see [`Rotation::key_retention`](crate::Rotation::key_retention), 24 hours by
+    /// default), publishing it again to the same topic writes nothing and returns the first
+    /// message's id as [`Published::Duplicate`](crate::Published::Duplicate). Queues refuse
+    /// keyed messages.
+    #[must_use]
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// The idempotency key, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
     }
 
     /// Makes the message eligible only `delay` after it is published (database clock).
@@ -150,6 +169,15 @@ impl Message {
     /// [`Error::InvalidQueue`], or [`Error::InvalidArgument`] naming the field.
     pub fn validate(&self) -> Result<()> {
         validate_queue(&self.queue)?;
+        if let Some(key) = &self.key {
+            if key.is_empty() || key.len() > MAX_QUEUE_LEN {
+                return Err(Error::InvalidArgument(format!(
+                    "idempotency key must be 1 to {MAX_QUEUE_LEN} bytes, got {}",
+                    key.len()
+                )));
+            }
+            crate::validate::text("idempotency key", key)?;
+        }
         if let Some(headers) = &self.headers {
             crate::validate::json("headers", headers)?;
         }
@@ -158,6 +186,25 @@ impl Message {
             Availability::After(delay) => crate::validate::delay("publish delay", delay),
             Availability::At(at) => crate::validate::instant("not_before", at),
         }
+    }
+}
+
+impl Message {
+    /// Checks a message for a queue: as [`validate`](Self::validate), and no idempotency key
+    /// (only topics remember keys).
+    ///
+    /// # Errors
+    ///
+    /// As [`validate`](Self::validate); [`Error::InvalidArgument`] for a keyed message.
+    pub fn validate_for_queue(&self) -> Result<()> {
+        self.validate()?;
+        if self.key.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "message to queue {:?} has an idempotency key; keys are for topics (publish_to_topics)",
+                self.queue
+            )));
+        }
+        Ok(())
     }
 }
 

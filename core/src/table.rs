@@ -50,6 +50,8 @@ const SUFFIXES: &[&str] = &[
     "_held_idx",
     "_receive",
     "_settle",
+    "_keys",
+    "_keys_idx",
 ];
 
 /// The single-row outcomes, each run by a function of its own (see
@@ -386,6 +388,16 @@ impl TableName {
     /// The index of held messages by subscription and due time, `T_held_idx`.
     pub fn held_index(&self) -> String {
         format!("{}_held_idx", self.name)
+    }
+
+    /// The idempotency keys topics remember, `T_keys`.
+    pub fn keys(&self) -> String {
+        format!("{}_keys", self.name)
+    }
+
+    /// The index of idempotency keys by age (for forgetting them), `T_keys_idx`.
+    pub fn keys_index(&self) -> String {
+        format!("{}_keys_idx", self.name)
     }
 
     /// The function a subscription receives through, `T_receive`.

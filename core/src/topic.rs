@@ -52,6 +52,30 @@ pub enum Subscribed {
     Existing,
 }
 
+/// What publishing one message to a topic did ([`Topics::publish_to_topics`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Published {
+    /// Written, with this id.
+    New(MessageId),
+    /// Not written: its idempotency key is remembered for the topic, from the message with
+    /// this id (published earlier, or earlier in the same call).
+    Duplicate(MessageId),
+}
+
+impl Published {
+    /// The message's id: the new one, or the one the key belongs to.
+    pub fn id(self) -> MessageId {
+        match self {
+            Published::New(id) | Published::Duplicate(id) => id,
+        }
+    }
+
+    /// Whether the message was written now.
+    pub fn is_new(self) -> bool {
+        matches!(self, Published::New(_))
+    }
+}
+
 /// What [`Topics::unsubscribe`] does with messages the subscription has not processed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unsubscribe {
@@ -284,18 +308,24 @@ pub trait Topics: Backend {
     async fn subscriptions(&self, topic: Option<&str>) -> Result<Vec<SubscriptionInfo>>;
 
     /// Publishes `messages` on the caller's connection or transaction, each to the topic
-    /// named by its queue, in one statement with one notification per topic; returns their
-    /// ids in input order. Nothing becomes visible before the caller commits.
+    /// named by its queue, in one statement with one notification per topic; returns what
+    /// became of each, in input order. Nothing becomes visible before the caller commits.
+    ///
+    /// A message with an [idempotency key](Message::idempotency_key) the topic remembers is
+    /// not written: [`Published::Duplicate`] carries the id of the message that has the key.
+    /// Race-free: while another transaction that published the key is open, this call waits
+    /// for it to end (as a unique index does), and writes the message only if that
+    /// transaction rolled back. So concurrent transactions publishing one key write it once.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidQueue`], [`Error::InvalidArgument`] for a delayed message (nothing is
-    /// written), [`Error::Database`].
+    /// [`Error::InvalidQueue`], [`Error::InvalidArgument`] for a delayed message or a bad
+    /// key (nothing is written), [`Error::Database`].
     async fn publish_to_topics(
         &self,
         conn: &mut Self::Conn,
         messages: Vec<Message>,
-    ) -> Result<Vec<MessageId>>;
+    ) -> Result<Vec<Published>>;
 
     /// Leases up to `params.limit` messages of the subscription under one fresh token:
     /// messages due again first (retried, released, taken back from an expired lease), then

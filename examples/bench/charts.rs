@@ -270,7 +270,7 @@ fn xmin_chart(hold: &Value, file: &Path) -> anyhow::Result<()> {
     let root = BitMapBackend::new(file, (1200, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(600);
-    let colors = [BLUE, RED];
+    let colors = [BLUE, RED, GREEN, MAGENTA];
     for (area, key, title, label) in [
         (left, "consumed_per_s", "consumed/s (5 s windows)", "msg/s"),
         (right, "backlog", "backlog (published - acked)", "messages"),
@@ -279,7 +279,11 @@ fn xmin_chart(hold: &Value, file: &Path) -> anyhow::Result<()> {
             .iter()
             .map(|r| {
                 (
-                    format!("holder: {}", r["holder"].as_str().unwrap_or("?")),
+                    format!(
+                        "{}, holder: {}",
+                        r["storage"].as_str().unwrap_or("queue"),
+                        r["holder"].as_str().unwrap_or("?")
+                    ),
                     hold_points(r, key),
                 )
             })

@@ -1,6 +1,7 @@
 //! `xmin_hold`: a constant offered load drained by one default subscriber while another
 //! session pins the xmin horizon, as an operator's long report or a forgotten `BEGIN` would.
 //!
+//! Each run once on a queue and once on a topic subscription (`"storage"`).
 //! Phases: clean, holder open, after the holder ended. Two holder kinds: a `REPEATABLE READ`
 //! snapshot (`BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1`) and a write transaction left
 //! open (it has a transaction id; it writes to a table of its own). Every 5 s the series
@@ -13,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use postbox::sqlx::{self, Connection, PgConnection, PgPool};
-use postbox::{Delivery, HandlerError, Message, PgBackend, Subscriber, SubscriberOptions};
+use postbox::{Delivery, HandlerError, Message, PgBackend, Subscriber, SubscriberOptions, Topics};
 use serde_json::{Value, json};
 
 use crate::Ctx;
@@ -56,9 +57,11 @@ pub(crate) async fn xmin_hold(ctx: &Ctx, settings: HoldSettings) -> anyhow::Resu
         settings
     };
     let mut runs = Vec::new();
-    for holder in ["snapshot", "write"] {
-        ctx.progress(format!("xmin_hold: holder {holder}"));
-        runs.push(one_run(ctx, settings, holder).await?);
+    for topic in [false, true] {
+        for holder in ["snapshot", "write"] {
+            ctx.progress(format!("xmin_hold: holder {holder}"));
+            runs.push(one_run(ctx, settings, holder, topic).await?);
+        }
     }
     Ok(json!({
         "workload": "xmin_hold",
@@ -82,9 +85,17 @@ struct Sample {
     fetch_ms: Option<f64>,
 }
 
-async fn one_run(ctx: &Ctx, settings: HoldSettings, holder: &str) -> anyhow::Result<Value> {
+async fn one_run(
+    ctx: &Ctx,
+    settings: HoldSettings,
+    holder: &str,
+    topic: bool,
+) -> anyhow::Result<Value> {
     let db = postbox::testkit::postgres().await?;
     let backend = db.backend();
+    if topic {
+        backend.subscribe("hold", "svc").await?;
+    }
     let pool = db.pool().clone();
     let statements = sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         .execute(&pool)
@@ -101,15 +112,21 @@ async fn one_run(ctx: &Ctx, settings: HoldSettings, holder: &str) -> anyhow::Res
         settings.rate,
         Arc::clone(&published),
         stopped,
+        topic,
     ));
     let handler = |_d: Delivery| std::future::ready(Ok::<(), HandlerError>(()));
-    let sub = Subscriber::new(backend.clone(), SubscriberOptions::new(["hold"]), handler)?.spawn();
+    let options = if topic {
+        SubscriberOptions::new(["hold"]).subscription("svc")
+    } else {
+        SubscriberOptions::new(["hold"])
+    };
+    let sub = Subscriber::new(backend.clone(), options, handler)?.spawn();
 
     let total = settings.clean_s + settings.hold_s + settings.after_s;
     let started = Instant::now();
     let mut holder_conn: Option<PgConnection> = None;
     let mut samples = Vec::new();
-    let mut last = (0u64, fetch_totals(&pool, statements).await?);
+    let mut last = (0u64, fetch_totals(&pool, statements, topic).await?);
     let mut next = SAMPLE;
     while started.elapsed().as_secs() < total {
         let elapsed = started.elapsed();
@@ -135,8 +152,8 @@ async fn one_run(ctx: &Ctx, settings: HoldSettings, holder: &str) -> anyhow::Res
             sub.last_error()
         );
         let acked = sub.stats().acked;
-        let totals = fetch_totals(&pool, statements).await?;
-        let (dead_tuples, bytes) = relation_stats(&pool).await?;
+        let totals = fetch_totals(&pool, statements, topic).await?;
+        let (dead_tuples, bytes) = relation_stats(&pool, topic).await?;
         let secs = elapsed.as_secs();
         let phase = if secs <= settings.clean_s {
             "clean"
@@ -171,6 +188,7 @@ async fn one_run(ctx: &Ctx, settings: HoldSettings, holder: &str) -> anyhow::Res
     let report = sub.shutdown().await?;
     db.close().await?;
     Ok(summary(
+        if topic { "topic" } else { "queue" },
         holder,
         settings,
         &samples,
@@ -185,6 +203,7 @@ async fn publish_loop(
     rate: u64,
     published: Arc<AtomicU64>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    topic: bool,
 ) -> anyhow::Result<u64> {
     let commits_per_s = (rate / PER_COMMIT).max(1);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / commits_per_s as f64));
@@ -198,7 +217,11 @@ async fn publish_loop(
         let batch = (0..PER_COMMIT)
             .map(|i| Message::new("hold", format!("m{i}")))
             .collect();
-        backend.publish_batch(&mut tx, batch).await?;
+        if topic {
+            backend.publish_to_topics(&mut tx, batch).await?;
+        } else {
+            backend.publish_batch(&mut tx, batch).await?;
+        }
         tx.commit().await?;
         published.fetch_add(PER_COMMIT, Ordering::Relaxed);
     }
@@ -225,36 +248,50 @@ async fn open_holder(url: &str, kind: &str) -> anyhow::Result<PgConnection> {
     Ok(conn)
 }
 
-/// Calls and total ms of the fetch statement so far, when `pg_stat_statements` is there.
-async fn fetch_totals(pool: &PgPool, available: bool) -> anyhow::Result<Option<(i64, f64)>> {
+/// Calls and total ms of the fetch statement (the receive, for a topic) so far, when
+/// `pg_stat_statements` is there.
+async fn fetch_totals(
+    pool: &PgPool,
+    available: bool,
+    topic: bool,
+) -> anyhow::Result<Option<(i64, f64)>> {
     if !available {
         return Ok(None);
     }
     let row: (Option<i64>, Option<f64>) = sqlx::query_as(
         "SELECT sum(calls)::bigint, sum(total_exec_time) FROM pg_stat_statements \
          WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-           AND query LIKE '%expired AS (%' AND query LIKE '%leased AS (%'",
+           AND toplevel \
+           AND ((NOT $1 AND query LIKE '%expired AS (%' AND query LIKE '%leased AS (%') \
+                OR ($1 AND query LIKE '%postbox_receive\"(%'))",
     )
+    .bind(topic)
     .fetch_one(pool)
     .await?;
     Ok(Some((row.0.unwrap_or(0), row.1.unwrap_or(0.0))))
 }
 
-/// Dead tuples and total bytes (heap, indexes, TOAST) of the outbox table and its partitions.
-async fn relation_stats(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
+/// Dead tuples and total bytes (heap, indexes, TOAST) of the outbox table and its partitions,
+/// or for a topic of the log, its partitions, and the subscription tables.
+async fn relation_stats(pool: &PgPool, topic: bool) -> anyhow::Result<(i64, i64)> {
     let row: (Option<i64>, Option<i64>) = sqlx::query_as(
         "SELECT sum(coalesce(s.n_dead_tup, 0))::bigint, \
                 sum(pg_total_relation_size(t.relid))::bigint \
-         FROM (SELECT relid FROM pg_partition_tree('postbox') \
-               UNION SELECT 'postbox'::regclass) AS t \
+         FROM (SELECT relid FROM pg_partition_tree('postbox') WHERE NOT $1 \
+               UNION SELECT 'postbox'::regclass WHERE NOT $1 \
+               UNION SELECT relid FROM pg_partition_tree('postbox_log') WHERE $1 \
+               UNION SELECT r::regclass FROM unnest(ARRAY['postbox_subs', 'postbox_batches', \
+                     'postbox_held']) AS r WHERE $1) AS t \
          LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid",
     )
+    .bind(topic)
     .fetch_one(pool)
     .await?;
     Ok((row.0.unwrap_or(0), row.1.unwrap_or(0)))
 }
 
 fn summary(
+    storage: &str,
     holder: &str,
     settings: HoldSettings,
     samples: &[Sample],
@@ -306,6 +343,7 @@ fn summary(
     let clean_bytes = clean.last().map_or(0, |s| s.bytes);
     let hold_end = hold.last().copied();
     json!({
+        "storage": storage,
         "holder": holder,
         "published": published,
         "acked": acked,

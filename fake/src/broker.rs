@@ -196,13 +196,24 @@ impl FakeBroker {
         }
     }
 
-    pub(crate) fn commit_rows(&self, rows: Vec<Row>, topic_rows: Vec<crate::topics::LogRow>) {
+    pub(crate) fn commit_rows(
+        &self,
+        rows: Vec<Row>,
+        topic_rows: Vec<crate::topics::LogRow>,
+        tx_id: u64,
+    ) {
         let mut state = self.shared.state.lock();
         state.counters.published += (rows.len() + topic_rows.len()) as u64;
         for row in rows {
             state.insert(row);
         }
-        state.topics.commit(topic_rows);
+        state.topics.commit(topic_rows, tx_id);
+    }
+
+    /// Drops the idempotency-key reservations transaction `tx_id` still holds (it rolled
+    /// back).
+    pub(crate) fn release_keys(&self, tx_id: u64) {
+        self.shared.state.lock().topics.release_keys(tx_id);
     }
 
     pub(crate) fn discard_rows(&self, n: usize) {
@@ -294,7 +305,7 @@ impl Backend for FakeBroker {
     }
 
     async fn publish(&self, conn: &mut FakeConn, message: Message) -> Result<MessageId> {
-        message.validate()?;
+        message.validate_for_queue()?;
         let mut state = self.shared.state.lock();
         if let Some(error) = faults::take(&mut state.faults.publish) {
             return Err(error);
@@ -313,7 +324,7 @@ impl Backend for FakeBroker {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        messages.iter().try_for_each(Message::validate)?;
+        messages.iter().try_for_each(Message::validate_for_queue)?;
         let mut state = self.shared.state.lock();
         if let Some(error) = faults::take(&mut state.faults.publish) {
             return Err(error);

@@ -8,8 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use postbox_core::{
-    DeadLetter, Delivery, Error, Headers, Lease, Message, MessageId, Receive, Result, Settlement,
-    Subscribed, SubscriptionInfo, Topics, Unsubscribe, validate_queue, validate_topic_message,
+    DeadLetter, Delivery, Error, Headers, Lease, Message, MessageId, Published, Receive, Result,
+    Settlement, Subscribed, SubscriptionInfo, Topics, Unsubscribe, validate_queue,
+    validate_topic_message,
 };
 use uuid::Uuid;
 
@@ -78,25 +79,91 @@ struct Sub {
     held: BTreeMap<MessageId, Held>,
 }
 
+/// An idempotency key of a topic: held by an open transaction, or committed.
+#[derive(Debug)]
+enum Key {
+    /// Published by the open transaction `tx`; `ended` changes when it ends.
+    Reserved {
+        id: MessageId,
+        tx: u64,
+        ended: tokio::sync::watch::Receiver<()>,
+    },
+    /// Published by a committed transaction at `at`.
+    Committed { id: MessageId, at: DateTime<Utc> },
+}
+
+/// How long a committed key is remembered by default, as `Rotation::key_retention`.
+const KEY_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
 /// Every topic and subscription of one broker.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct TopicState {
     next_id: MessageId,
     logs: HashMap<String, Log>,
     subs: BTreeMap<String, Sub>,
+    keys: HashMap<(String, String), Key>,
+    pub(crate) key_retention: Duration,
+}
+
+impl Default for TopicState {
+    fn default() -> Self {
+        TopicState {
+            next_id: 0,
+            logs: HashMap::new(),
+            subs: BTreeMap::new(),
+            keys: HashMap::new(),
+            key_retention: KEY_RETENTION,
+        }
+    }
+}
+
+/// What publishing a keyed message finds.
+enum KeyCheck {
+    Free,
+    Duplicate(MessageId),
+    /// Another open transaction holds the key: wait for it to end.
+    Wait(tokio::sync::watch::Receiver<()>),
 }
 
 impl TopicState {
-    /// Appends committed messages to their topics' logs, in commit order.
-    pub(crate) fn commit(&mut self, rows: Vec<LogRow>) {
+    /// Appends committed messages to their topics' logs, in commit order, and turns the
+    /// transaction's key reservations into keys.
+    pub(crate) fn commit(&mut self, rows: Vec<LogRow>, tx_id: u64) {
+        let mut stamped = HashMap::new();
         for row in rows {
+            stamped.insert(row.id, row.created_at);
             self.logs
                 .entry(row.topic.clone())
                 .or_default()
                 .rows
                 .push_back(row);
         }
+        for key in self.keys.values_mut() {
+            if let Key::Reserved { id, tx, .. } = key
+                && *tx == tx_id
+            {
+                let at = stamped.get(id).copied().unwrap_or_else(Utc::now);
+                *key = Key::Committed { id: *id, at };
+            }
+        }
         self.trim();
+    }
+
+    /// Forgets the reservations of a transaction that rolled back.
+    pub(crate) fn release_keys(&mut self, tx_id: u64) {
+        self.keys
+            .retain(|_, k| !matches!(k, Key::Reserved { tx, .. } if *tx == tx_id));
+    }
+
+    fn check_key(&self, topic: &str, key: &str, tx_id: u64, now: DateTime<Utc>) -> KeyCheck {
+        match self.keys.get(&(topic.to_owned(), key.to_owned())) {
+            Some(Key::Committed { id, at }) if plus(*at, self.key_retention) > now => {
+                KeyCheck::Duplicate(*id)
+            }
+            Some(Key::Reserved { id, tx, .. }) if *tx == tx_id => KeyCheck::Duplicate(*id),
+            Some(Key::Reserved { ended, .. }) => KeyCheck::Wait(ended.clone()),
+            _ => KeyCheck::Free,
+        }
     }
 
     /// Drops log rows every subscription of their topic has passed (all of them, for a topic
@@ -390,20 +457,60 @@ impl Topics for FakeBroker {
         &self,
         conn: &mut FakeConn,
         messages: Vec<Message>,
-    ) -> Result<Vec<MessageId>> {
+    ) -> Result<Vec<Published>> {
         messages.iter().try_for_each(validate_topic_message)?;
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        let mut state = self.shared.state.lock();
-        if let Some(error) = faults::take(&mut state.faults.publish) {
+        let now = self.now();
+        if let Some(error) = faults::take(&mut self.shared.state.lock().faults.publish) {
             return Err(error);
         }
-        let mut ids = Vec::with_capacity(messages.len());
+        // As a unique index does: wait while another open transaction holds one of the keys.
+        loop {
+            let wait = {
+                let state = self.shared.state.lock();
+                messages.iter().find_map(|m| {
+                    let key = m.key()?;
+                    match state.topics.check_key(m.queue(), key, conn.tx_id, now) {
+                        KeyCheck::Wait(ended) => Some(ended),
+                        _ => None,
+                    }
+                })
+            };
+            match wait {
+                // `changed` fails once the holder's guard drops: that is the signal.
+                Some(mut ended) => while ended.changed().await.is_ok() {},
+                None => break,
+            }
+        }
+        let mut state = self.shared.state.lock();
+        let mut published = Vec::with_capacity(messages.len());
         for m in messages {
+            if let Some(key) = m.key()
+                && let KeyCheck::Duplicate(id) =
+                    state.topics.check_key(m.queue(), key, conn.tx_id, now)
+            {
+                published.push(Published::Duplicate(id));
+                continue;
+            }
             state.topics.next_id += 1;
             let id = state.topics.next_id;
-            ids.push(id);
+            if let Some(key) = m.key() {
+                let guard = conn
+                    .key_guard
+                    .get_or_insert_with(|| tokio::sync::watch::channel(()).0);
+                let ended = guard.subscribe();
+                state.topics.keys.insert(
+                    (m.queue().to_owned(), key.to_owned()),
+                    Key::Reserved {
+                        id,
+                        tx: conn.tx_id,
+                        ended,
+                    },
+                );
+            }
+            published.push(Published::New(id));
             conn.pending_topic.push(LogRow {
                 id,
                 topic: m.queue().to_owned(),
@@ -413,7 +520,7 @@ impl Topics for FakeBroker {
                 created_at: conn.started_at,
             });
         }
-        Ok(ids)
+        Ok(published)
     }
 
     async fn receive(&self, params: &Receive) -> Result<Vec<Delivery>> {

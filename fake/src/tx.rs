@@ -20,7 +20,14 @@ pub struct FakeConn {
     pub(crate) pending: Vec<Row>,
     /// Messages published to topics, in publish order.
     pub(crate) pending_topic: Vec<LogRow>,
+    /// Identifies the transaction's idempotency-key reservations.
+    pub(crate) tx_id: u64,
+    /// Dropped when the transaction ends: wakes publishers waiting for its keys.
+    pub(crate) key_guard: Option<tokio::sync::watch::Sender<()>>,
 }
+
+/// Transaction ids of the fake, for key reservations.
+static NEXT_TX: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl fmt::Debug for FakeConn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -47,6 +54,8 @@ impl FakeTransaction {
                 started_at,
                 pending: Vec::new(),
                 pending_topic: Vec::new(),
+                tx_id: NEXT_TX.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                key_guard: None,
             },
         }
     }
@@ -54,7 +63,7 @@ impl FakeTransaction {
     pub(crate) fn commit(mut self) {
         let rows = std::mem::take(&mut self.conn.pending);
         let topic_rows = std::mem::take(&mut self.conn.pending_topic);
-        self.broker.commit_rows(rows, topic_rows);
+        self.broker.commit_rows(rows, topic_rows, self.conn.tx_id);
     }
 }
 
@@ -78,6 +87,9 @@ impl Drop for FakeTransaction {
         if discarded > 0 {
             self.broker.discard_rows(discarded);
         }
+        // Committed reservations became keys already; what is left is rolled back. The guard
+        // drops after this, waking whoever waits for these keys.
+        self.broker.release_keys(self.conn.tx_id);
     }
 }
 

@@ -126,7 +126,7 @@ impl postbox::Topics for NoEngine {
         &self,
         conn: &mut PgConnection,
         m: Vec<Message>,
-    ) -> postbox::Result<Vec<MessageId>> {
+    ) -> postbox::Result<Vec<postbox::Published>> {
         self.0.publish_to_topics(conn, m).await
     }
     async fn receive(&self, params: &postbox::Receive) -> postbox::Result<Vec<Delivery>> {

@@ -6,12 +6,12 @@
 //! | access | needs |
 //! |---|---|
 //! | every role | `USAGE` on the schema, `SELECT` on `T_migrations` (`migrate()` when current, `validate_schema()`) |
-//! | [`Access::Publisher`] | `INSERT` on `T`, `SELECT (id)` on `T` (`RETURNING id`), `USAGE` on the id sequence, `SELECT` on `T_gen` (the generation publishes go to); the same on `T_log`, `T_log_id` and `T_log_gen` for topics |
-//! | [`Access::Consumer`] | `SELECT, INSERT, UPDATE, DELETE` on `T`; `SELECT, UPDATE, DELETE, TRUNCATE` on each generation (the fetch reads them by name, `FOR UPDATE`; rotation moves rows, takes their `ACCESS EXCLUSIVE` lock and truncates them); `SELECT, UPDATE` on `T_gen` (rotation advances it); `INSERT` on `T_dead`; `EXECUTE` on the outcome functions; for topics `SELECT` on `T_log`, `SELECT, INSERT, UPDATE, DELETE` on `T_subs`, `T_batches` and `T_held`, `EXECUTE` on `T_receive` and `T_settle` |
+//! | [`Access::Publisher`] | `INSERT` on `T`, `SELECT (id)` on `T` (`RETURNING id`), `USAGE` on the id sequence, `SELECT` on `T_gen` (the generation publishes go to); the same on `T_log`, `T_log_id` and `T_log_gen` for topics, and `SELECT, INSERT` on `T_keys` (idempotency keys) |
+//! | [`Access::Consumer`] | `SELECT, INSERT, UPDATE, DELETE` on `T`; `SELECT, UPDATE, DELETE, TRUNCATE` on each generation (the fetch reads them by name, `FOR UPDATE`; rotation moves rows, takes their `ACCESS EXCLUSIVE` lock and truncates them); `SELECT, UPDATE` on `T_gen` (rotation advances it); `INSERT` on `T_dead`; `EXECUTE` on the outcome functions; for topics `SELECT` on `T_log`, `SELECT, INSERT, UPDATE, DELETE` on `T_subs`, `T_batches` and `T_held`, `EXECUTE` on `T_receive` and `T_settle`, `SELECT, DELETE` on `T_keys` (rotation forgets old keys) |
 //! | [`Access::CoopMember`] | a consumer's, and `SELECT, INSERT, UPDATE, DELETE` on `T_members` |
 //! | [`Access::JournalWriter`] | `SELECT, INSERT` on `T_events` |
 //! | [`Access::JournalReader`] | `SELECT` on `T_events` |
-//! | [`Access::Inspector`] | `SELECT` on `T`, `T_dead`, `T_members`, `T_events`, `T_log`, `T_subs`, `T_batches`, `T_held` |
+//! | [`Access::Inspector`] | `SELECT` on `T`, `T_dead`, `T_members`, `T_events`, `T_log`, `T_subs`, `T_batches`, `T_held`, `T_keys` |
 //! | [`Access::Admin`] | ownership of every object (later migrations alter them) and `CREATE` on the schema |
 //!
 //! `NOTIFY` and `LISTEN` need no privilege (which is why the journal's live channel carries no
@@ -120,6 +120,7 @@ pub(crate) fn statements(
     let subscriptions = [table.subscriptions(), table.batches(), table.held()]
         .map(q)
         .join(", ");
+    let keys = q(table.keys());
     let topic_functions = format!(
         "{}{}, {}{}",
         q(table.receive_function()),
@@ -156,6 +157,7 @@ pub(crate) fn statements(
         out.push(format!(
             "GRANT EXECUTE ON FUNCTION {topic_functions} TO {role}"
         ));
+        out.push(format!("GRANT SELECT, DELETE ON {keys} TO {role}"));
     };
     match access {
         Access::Publisher => {
@@ -168,6 +170,7 @@ pub(crate) fn statements(
                 q(table.log_ids())
             ));
             out.push(format!("GRANT SELECT ON SEQUENCE {log_gen} TO {role}"));
+            out.push(format!("GRANT SELECT, INSERT ON {keys} TO {role}"));
         }
         Access::Consumer => consumer(&mut out),
         Access::CoopMember => {
@@ -188,7 +191,7 @@ pub(crate) fn statements(
         }
         Access::Inspector => {
             out.push(format!(
-                "GRANT SELECT ON {t}, {}, {}, {}, {log}, {subscriptions} TO {role}",
+                "GRANT SELECT ON {t}, {}, {}, {}, {log}, {subscriptions}, {keys} TO {role}",
                 q(table.dead_letter()),
                 q(table.members()),
                 q(table.events())
@@ -206,6 +209,7 @@ pub(crate) fn statements(
                 table.subscriptions(),
                 table.batches(),
                 table.held(),
+                table.keys(),
             ]
             .into_iter()
             .chain((0..GENERATIONS).map(|s| table.partition(s)))

@@ -96,7 +96,7 @@ impl PgBackend {
     /// [`Error::Database`](crate::Error::Database) if the statement fails (your transaction is
     /// then aborted, as with any failed statement).
     pub async fn publish(&self, conn: &mut PgConnection, message: Message) -> Result<MessageId> {
-        message.validate()?;
+        message.validate_for_queue()?;
         let row = columns(&message);
         let id = sqlx::query_scalar(self.shared().sql.publish.clone())
             .persistent(self.shared().persistent())
@@ -129,7 +129,7 @@ impl PgBackend {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        messages.iter().try_for_each(Message::validate)?;
+        messages.iter().try_for_each(Message::validate_for_queue)?;
         let n = messages.len();
         let mut queues = Vec::with_capacity(n);
         let mut payloads = Vec::with_capacity(n);

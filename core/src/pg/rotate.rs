@@ -51,6 +51,7 @@ pub struct Rotation {
     max_age: Duration,
     max_moved: u32,
     lock_wait: Duration,
+    key_retention: Duration,
 }
 
 impl Default for Rotation {
@@ -62,6 +63,7 @@ impl Default for Rotation {
             max_age: Duration::from_secs(10),
             max_moved: 2_000,
             lock_wait: Duration::from_millis(20),
+            key_retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -124,6 +126,16 @@ impl Rotation {
     #[must_use]
     pub fn lock_wait(mut self, wait: Duration) -> Self {
         self.lock_wait = wait;
+        self
+    }
+
+    /// How long a topic remembers an [idempotency key](crate::Message::idempotency_key)
+    /// after the message that carried it was published. The log's rotation forgets older
+    /// keys (a `DELETE` on `T_keys`, cleaned by autovacuum: keyed publishes are the only
+    /// statements that read it). Defaults to 24 hours.
+    #[must_use]
+    pub fn key_retention(mut self, retention: Duration) -> Self {
+        self.key_retention = retention;
         self
     }
 }

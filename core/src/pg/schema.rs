@@ -497,6 +497,8 @@ const BATCH_COLUMNS: &[&str] = &[
     "ttl_ms",
     "expires_at",
 ];
+/// Columns of the idempotency keys table.
+const KEY_COLUMNS: &[&str] = &["topic", "key", "id", "created_at"];
 /// Columns of the held-messages table.
 const HELD_COLUMNS: &[&str] = &[
     "id",
@@ -609,6 +611,7 @@ pub(crate) async fn problems(
             BATCH_COLUMNS,
         ),
         ("held table", table.regclass(&table.held()), HELD_COLUMNS),
+        ("keys table", table.regclass(&table.keys()), KEY_COLUMNS),
     ];
     for (kind, name, expected) in relations {
         let exists: bool = sqlx::query_scalar(RELATION_EXISTS)
@@ -640,6 +643,7 @@ pub(crate) async fn problems(
         table.log_index(),
         table.batch_index(),
         table.held_index(),
+        table.keys_index(),
     ]
     .map(|index| ("index", table.regclass(&index)));
     let sequences = [

@@ -55,6 +55,8 @@ pub(crate) fn render(template: &str, table: &TableName) -> String {
         .replace("{batch_idx}", &bare(table.batch_index()))
         .replace("{held}", &q(table.held()))
         .replace("{held_idx}", &bare(table.held_index()))
+        .replace("{keys}", &q(table.keys()))
+        .replace("{keys_idx}", &bare(table.keys_index()))
         .replace("{receive_fn}", &q(table.receive_function()))
         .replace("{settle_fn}", &q(table.settle_function()))
         .replace("{generations}", &crate::table::GENERATIONS.to_string())
@@ -129,6 +131,7 @@ pub(crate) struct Statements {
     pub(crate) journal_read_after: SqlStr,
     pub(crate) topic_publish: SqlStr,
     pub(crate) subscribe: SqlStr,
+    pub(crate) topic_duplicates: SqlStr,
     pub(crate) subscription_topic: SqlStr,
     pub(crate) lock_subscription: SqlStr,
     pub(crate) unsubscribe: SqlStr,
@@ -172,6 +175,7 @@ impl Statements {
             journal_read_after: sql(journal::READ_AFTER, table),
             topic_publish: sql(topic::PUBLISH, table),
             subscribe: sql(topic::SUBSCRIBE, table),
+            topic_duplicates: sql(topic::DUPLICATES, table),
             subscription_topic: sql(topic::SUBSCRIPTION_TOPIC, table),
             lock_subscription: sql(topic::LOCK_SUBSCRIPTION, table),
             unsubscribe: sql(topic::UNSUBSCRIBE, table),

@@ -27,7 +27,8 @@ use crate::error::{Error, Result};
 use crate::inspect::DeadLetter;
 use crate::message::{Delivery, Lease, Message, MessageId};
 use crate::topic::{
-    Receive, Settlement, Subscribed, SubscriptionInfo, Topics, Unsubscribe, validate_topic_message,
+    Published, Receive, Settlement, Subscribed, SubscriptionInfo, Topics, Unsubscribe,
+    validate_topic_message,
 };
 
 /// Schema version 6: the topic log (partitioned into generations like the outbox table),
@@ -105,6 +106,16 @@ CREATE TABLE {held} (
 );
 
 CREATE INDEX {held_idx} ON {held} (sub, next_attempt_at, id) WHERE dead_at IS NULL;
+
+CREATE TABLE {keys} (
+    topic      text        NOT NULL,
+    key        text        NOT NULL,
+    id         bigint      NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, key)
+);
+
+CREATE INDEX {keys_idx} ON {keys} (created_at);
 
 CREATE FUNCTION {receive_fn}(p_sub text, p_max integer, p_ttl_ms float8, p_token uuid,
                              p_holder text, p_max_deliveries integer, p_now timestamptz)
@@ -366,21 +377,49 @@ $postbox$;
 "#;
 
 // $1 channel, $2 topics, $3 payloads, $4 headers, $5 correlation ids, $6 pinned now,
-// $7 distinct topics to notify
+// $7 distinct topics to notify, $8 idempotency keys (NULL: none)
+//
+// Ids are drawn first; a keyed message is written only if its key could be inserted
+// (`ON CONFLICT DO NOTHING` waits for a transaction that holds the key to end).
 pub(crate) const PUBLISH: &str = r#"
-WITH ins AS (
-    INSERT INTO {log} (slot, topic, payload, headers, correlation_id, created_at)
-    SELECT (SELECT (last_value % {generations})::smallint FROM {log_gen}), m.topic, m.payload,
-           m.headers, m.correlation_id, coalesce($6::timestamptz, now())
-    FROM unnest($2::text[], $3::bytea[], $4::jsonb[], $5::uuid[])
-         WITH ORDINALITY AS m(topic, payload, headers, correlation_id, ord)
+WITH m AS MATERIALIZED (
+    SELECT u.topic, u.payload, u.headers, u.correlation_id, u.key, u.ord,
+           nextval('{log_id}') AS id
+    FROM unnest($2::text[], $3::bytea[], $4::jsonb[], $5::uuid[], $8::text[])
+         WITH ORDINALITY AS u(topic, payload, headers, correlation_id, key, ord)
+    ORDER BY u.ord
+),
+keyed AS (
+    INSERT INTO {keys} (topic, key, id, created_at)
+    SELECT m.topic, m.key, m.id, coalesce($6::timestamptz, now())
+    FROM m
+    WHERE m.key IS NOT NULL
+    ORDER BY m.ord
+    ON CONFLICT DO NOTHING
+    RETURNING id
+),
+ins AS (
+    INSERT INTO {log} (slot, id, topic, payload, headers, correlation_id, created_at)
+    SELECT (SELECT (last_value % {generations})::smallint FROM {log_gen}), m.id, m.topic,
+           m.payload, m.headers, m.correlation_id, coalesce($6::timestamptz, now())
+    FROM m
+    WHERE m.key IS NULL OR m.id IN (SELECT id FROM keyed)
     ORDER BY m.ord
     RETURNING id
 ),
 notified AS (
     SELECT count(*) AS n FROM unnest($7::text[]) AS q(name), pg_notify($1, q.name)
 )
-SELECT ins.id FROM ins CROSS JOIN notified ORDER BY ins.id"#;
+SELECT m.id, (m.key IS NULL OR m.id IN (SELECT id FROM keyed)) AS new
+FROM m CROSS JOIN notified
+ORDER BY m.ord"#;
+
+// $1 topics, $2 keys: the ids the keys belong to (read after a conflict, in a new statement,
+// so a key committed by another transaction meanwhile is visible).
+pub(crate) const DUPLICATES: &str = r#"
+SELECT k.topic, k.key, k.id
+FROM {keys} AS k
+JOIN unnest($1::text[], $2::text[]) AS d(topic, key) ON k.topic = d.topic AND k.key = d.key"#;
 
 // $1 subscription, $2 topic, $3 pinned now
 pub(crate) const SUBSCRIBE: &str = r#"
@@ -559,7 +598,7 @@ impl Topics for PgBackend {
         &self,
         conn: &mut PgConnection,
         messages: Vec<Message>,
-    ) -> Result<Vec<MessageId>> {
+    ) -> Result<Vec<Published>> {
         messages.iter().try_for_each(validate_topic_message)?;
         if messages.is_empty() {
             return Ok(Vec::new());
@@ -568,11 +607,13 @@ impl Topics for PgBackend {
         let mut payloads = Vec::with_capacity(messages.len());
         let mut headers = Vec::with_capacity(messages.len());
         let mut correlation_ids = Vec::with_capacity(messages.len());
+        let mut keys = Vec::with_capacity(messages.len());
         for m in messages {
             headers.push(m.headers.map(serde_json::Value::Object));
             correlation_ids.push(m.correlation_id.unwrap_or_else(Uuid::new_v4));
             topics.push(m.queue);
             payloads.push(m.payload);
+            keys.push(m.key);
         }
         let distinct: Vec<&str> = topics
             .iter()
@@ -580,7 +621,7 @@ impl Topics for PgBackend {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let ids: Vec<MessageId> = sqlx::query_scalar(self.shared().sql.topic_publish.clone())
+        let rows: Vec<(MessageId, bool)> = sqlx::query_as(self.shared().sql.topic_publish.clone())
             .persistent(self.shared().persistent())
             .bind(self.shared().table.channel())
             .bind(&topics)
@@ -589,10 +630,51 @@ impl Topics for PgBackend {
             .bind(&correlation_ids)
             .bind(self.shared().now())
             .bind(&distinct)
-            .fetch_all(conn)
+            .bind(&keys)
+            .fetch_all(&mut *conn)
             .await?;
-        tracing::debug!(target: "postbox", table = %self.shared().table, rows = ids.len(), topics = distinct.len(), "postbox.publish_to_topics");
-        Ok(ids)
+        let duplicates: Vec<usize> = rows
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, new))| !new)
+            .map(|(i, _)| i)
+            .collect();
+        let mut existing: BTreeMap<(String, String), MessageId> = BTreeMap::new();
+        if !duplicates.is_empty() {
+            let dup_topics: Vec<&str> = duplicates.iter().map(|i| topics[*i].as_str()).collect();
+            let dup_keys: Vec<&str> = duplicates
+                .iter()
+                .map(|i| keys[*i].as_deref().unwrap_or_default())
+                .collect();
+            let found: Vec<(String, String, MessageId)> =
+                sqlx::query_as(self.shared().sql.topic_duplicates.clone())
+                    .persistent(self.shared().persistent())
+                    .bind(&dup_topics)
+                    .bind(&dup_keys)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            existing.extend(found.into_iter().map(|(t, k, id)| ((t, k), id)));
+        }
+        let published = rows
+            .iter()
+            .zip(topics.iter().zip(&keys))
+            .map(|((id, new), (topic, key))| {
+                if *new {
+                    return Ok(Published::New(*id));
+                }
+                let key = key.clone().unwrap_or_default();
+                existing
+                    .get(&(topic.clone(), key.clone()))
+                    .map(|id| Published::Duplicate(*id))
+                    .ok_or_else(|| {
+                        Error::Runtime(format!(
+                            "idempotency key {key:?} of topic {topic:?} was taken, then forgotten before its id could be read; publish again"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        tracing::debug!(target: "postbox", table = %self.shared().table, rows = published.len(), duplicates = duplicates.len(), topics = distinct.len(), "postbox.publish_to_topics");
+        Ok(published)
     }
 
     async fn receive(&self, params: &Receive) -> Result<Vec<Delivery>> {

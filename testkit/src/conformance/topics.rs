@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use postbox_core::{
-    Backend, Delivery, Error, FetchParams, Lease, Message, MessageId, Receive, RetryParams,
-    Settlement, Subscribed, Topics, Unsubscribe,
+    Backend, Delivery, Error, FetchParams, Lease, Message, MessageId, Published, Receive,
+    RetryParams, Settlement, Subscribed, Topics, Unsubscribe,
 };
 
 use super::{Harness, ids};
@@ -20,7 +20,7 @@ async fn publish_to<B: Topics>(b: &B, messages: Vec<Message>) -> Vec<MessageId> 
         .await
         .expect("publish");
     b.commit(tx).await.expect("commit");
-    ids
+    ids.into_iter().map(Published::id).collect()
 }
 
 /// `n` messages to `topic`, payloads `0..n`.
@@ -570,4 +570,73 @@ pub async fn topic_subscriber_retries_then_dead_letters_in_its_subscription<H: H
     assert_eq!(ids_of(&dead), published);
     assert_eq!(dead[0].attempts, 3);
     assert_eq!(drain(b, "fine").await, published, "'fine' is untouched");
+}
+
+/// A key the topic remembers is not written twice: later and concurrent publishes of it get
+/// the first message's id, a rolled-back one frees it, another topic's key is another key.
+pub async fn topic_idempotency_keys_write_a_message_once<H: Harness>(h: &H) {
+    let b = h.backend();
+    b.subscribe("t", "s").await.expect("subscribe");
+    let mut tx = b.begin().await.expect("begin");
+    let first = b
+        .publish_to_topics(
+            &mut tx,
+            vec![
+                Message::new("t", "a").idempotency_key("k1"),
+                Message::new("t", "again").idempotency_key("k1"),
+                Message::new("u", "other topic").idempotency_key("k1"),
+            ],
+        )
+        .await
+        .expect("publish");
+    b.commit(tx).await.expect("commit");
+    assert!(first[0].is_new() && first[2].is_new(), "{first:?}");
+    assert_eq!(first[1], Published::Duplicate(first[0].id()));
+
+    // A rolled-back publish does not keep its key.
+    let mut tx = b.begin().await.expect("begin");
+    b.publish_to_topics(&mut tx, vec![Message::new("t", "x").idempotency_key("k2")])
+        .await
+        .expect("publish");
+    b.rollback(tx).await.expect("rollback");
+
+    // 16 concurrent transactions publishing one key write it once.
+    let racers = (0..16).map(|_| {
+        let b = b.clone();
+        async move {
+            let mut tx = b.begin().await.expect("begin");
+            let p = b
+                .publish_to_topics(
+                    &mut tx,
+                    vec![Message::new("t", "race").idempotency_key("k2")],
+                )
+                .await
+                .expect("publish");
+            b.commit(tx).await.expect("commit");
+            p[0]
+        }
+    });
+    let outcomes = futures_util::future::join_all(racers).await;
+    let new: Vec<Published> = outcomes.iter().copied().filter(|p| p.is_new()).collect();
+    assert_eq!(new.len(), 1, "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|p| p.id() == new[0].id()),
+        "{outcomes:?}"
+    );
+    let got = drain(b, "s").await;
+    assert_eq!(got, vec![first[0].id(), new[0].id()], "one message per key");
+    assert!(matches!(
+        b.publish_to_topics(
+            &mut b.begin().await.expect("begin"),
+            vec![Message::new("t", "x").idempotency_key("")]
+        )
+        .await,
+        Err(Error::InvalidArgument(_))
+    ));
+    let mut tx = b.begin().await.expect("begin");
+    assert!(matches!(
+        b.publish(&mut tx, Message::new("q", "x").idempotency_key("k"))
+            .await,
+        Err(Error::InvalidArgument(_))
+    ));
 }

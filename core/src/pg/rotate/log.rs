@@ -28,6 +28,10 @@ SELECT (SELECT last_value FROM {log_gen}) AS gen,
 // $1 new counter value
 const ADVANCE: &str = "SELECT setval('{log_gen}', $1, true)";
 
+// $1 retention in ms
+const FORGET_KEYS: &str =
+    "DELETE FROM {keys} WHERE created_at < now() - $1::float8 * interval '1 millisecond'";
+
 const LOCK_SUBSCRIPTIONS: &str = "LOCK TABLE {subs} IN SHARE MODE";
 
 /// Whether any subscription still needs a row of `{part}`: a row its cursor has not passed
@@ -61,6 +65,7 @@ pub(super) struct LogSql {
     lock_subscriptions: SqlStr,
     lock_subscriptions_nowait: SqlStr,
     lock_key: String,
+    forget_keys: SqlStr,
     partitions: Vec<PartitionSql>,
     needed: Vec<SqlStr>,
     last_advance: parking_lot::Mutex<Instant>,
@@ -78,6 +83,7 @@ impl LogSql {
             lock_subscriptions: sql(LOCK_SUBSCRIPTIONS, table),
             lock_subscriptions_nowait: sql(&format!("{LOCK_SUBSCRIPTIONS} NOWAIT"), table),
             lock_key: format!("postbox:rotate-log:{table}"),
+            forget_keys: sql(FORGET_KEYS, table),
             partitions: (0..GENERATIONS)
                 .map(|slot| PartitionSql {
                     lock: per_part(super::LOCK, slot),
@@ -208,6 +214,18 @@ impl Rotator {
         }
         if report.advanced {
             *self.log.last_advance.lock() = Instant::now();
+        }
+        // Idempotency keys past their retention: an index range on `created_at`.
+        let mut tx = conn.begin().await?;
+        let forgotten = sqlx::query(self.log.forget_keys.clone())
+            .persistent(self.persistent())
+            .bind(options.key_retention.as_secs_f64() * 1000.0)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        if forgotten > 0 {
+            tracing::debug!(target: "postbox", table = %self.table, forgotten, "postbox.rotate: idempotency keys forgotten");
         }
         if report.advanced || !report.truncated.is_empty() || !report.busy.is_empty() {
             tracing::debug!(target: "postbox", table = %self.table, current = report.current, truncated = ?report.truncated, busy = ?report.busy, "postbox.rotate: topic log");
