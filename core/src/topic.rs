@@ -23,7 +23,9 @@
 //! Every message whose publishing transaction was not yet committed when the subscription
 //! was created: a transaction in flight while `subscribe` runs is delivered once it commits;
 //! one that committed before is not. Unsubscribing drops what was still pending for that
-//! subscription only. A message rolled back is received by no one.
+//! subscription only, and a transaction in flight while it is dropped publishes to the
+//! remaining subscriptions (and to none if it was the last). A message rolled back is
+//! received by no one.
 //!
 //! # Order
 //!
