@@ -31,7 +31,7 @@ mod pg;
 mod retry;
 mod runtime;
 mod table;
-mod topic;
+pub mod topic;
 mod validate;
 
 pub use backend::{

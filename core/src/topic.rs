@@ -272,7 +272,7 @@ pub fn validate_topic_message(message: &Message) -> Result<()> {
 /// Publish to topics, subscribe to them, receive and settle: the fan-out side of a backend.
 ///
 /// Implemented by [`PgBackend`](crate::PgBackend) and `postbox_fake::FakeBroker` with the same
-/// semantics (see the [module docs](self) and the testkit's conformance suite).
+/// semantics (see the [module docs](crate::topic) and the testkit's conformance suite).
 ///
 /// # Delivery contract
 ///

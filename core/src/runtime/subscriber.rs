@@ -41,7 +41,7 @@ impl Shared {
 /// A consumer of one or more queues: fetches, runs a [`Handler`] per message on up to
 /// `max_workers` tasks, and records each outcome.
 ///
-/// Generic over the [`Backend`]. With an [engine](Backend::engine) (Postgres), it keeps one
+/// Generic over the [`Backend`](crate::Backend). With an [engine](crate::Backend::engine) (Postgres), it keeps one
 /// dedicated fetch connection and one dedicated LISTEN connection, both outside your pool, and
 /// a notification for one of its queues wakes it at once. Without one (the in-memory fake), it
 /// polls and opens nothing.
