@@ -69,6 +69,29 @@ struct Held {
     dead: Option<(DateTime<Utc>, String)>,
 }
 
+impl Held {
+    /// A message of a batch leased at `leased_at` for `ttl` that leaves it for a row of its
+    /// own: delivered once, due `now`.
+    fn from_batch(
+        row: LogRow,
+        leased_at: DateTime<Utc>,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Held {
+            row,
+            attempts: 0,
+            deliveries: 1,
+            next_attempt_at: now,
+            first_attempt_at: Some(leased_at),
+            last_error: None,
+            lease: None,
+            ttl,
+            dead: None,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Sub {
     topic: String,
@@ -266,17 +289,7 @@ impl Sub {
                 }
                 self.held.insert(
                     row.id,
-                    Held {
-                        row,
-                        attempts: 0,
-                        deliveries: 1,
-                        next_attempt_at: now,
-                        first_attempt_at: Some(batch.leased_at),
-                        last_error: None,
-                        lease: None,
-                        ttl: batch.ttl,
-                        dead: None,
-                    },
+                    Held::from_batch(row, batch.leased_at, batch.ttl, now),
                 );
             }
         }
@@ -360,17 +373,8 @@ impl Sub {
         let mut done = Vec::with_capacity(mine.len());
         for row in mine {
             done.push(row.id);
-            let mut held = Held {
-                row,
-                attempts: 1,
-                deliveries: 1,
-                next_attempt_at: now,
-                first_attempt_at: Some(leased_at),
-                last_error: None,
-                lease: None,
-                ttl,
-                dead: None,
-            };
+            let mut held = Held::from_batch(row, leased_at, ttl, now);
+            held.attempts = 1;
             match settlement {
                 Settlement::Retry(params) => {
                     held.next_attempt_at = plus(now, params.delay());

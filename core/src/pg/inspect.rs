@@ -100,21 +100,22 @@ impl PgBackend {
             .fetch_all(&mut *session)
             .await?;
         session.done().await?;
-        rows.iter()
-            .map(|row| {
-                Ok(DeadLetter {
-                    id: row.try_get("id")?,
-                    queue: row.try_get("queue")?,
-                    payload: row.try_get("payload")?,
-                    headers: headers(row)?,
-                    correlation_id: row.try_get("correlation_id")?,
-                    attempts: row.try_get("attempts")?,
-                    deliveries: row.try_get("deliveries")?,
-                    last_error: row.try_get("last_error")?,
-                    reason: row.try_get("reason")?,
-                    dead_at: row.try_get("dead_at")?,
-                })
-            })
-            .collect()
+        Ok(rows.iter().map(dead_letter).collect::<Result<_, _>>()?)
     }
+}
+
+/// Decodes one dead-letter row (of `T_dead`, or a subscription's, its topic as `queue`).
+pub(crate) fn dead_letter(row: &PgRow) -> Result<DeadLetter, sqlx::Error> {
+    Ok(DeadLetter {
+        id: row.try_get("id")?,
+        queue: row.try_get("queue")?,
+        payload: row.try_get("payload")?,
+        headers: headers(row)?,
+        correlation_id: row.try_get("correlation_id")?,
+        attempts: row.try_get("attempts")?,
+        deliveries: row.try_get("deliveries")?,
+        last_error: row.try_get("last_error")?,
+        reason: row.try_get("reason")?,
+        dead_at: row.try_get("dead_at")?,
+    })
 }

@@ -476,8 +476,8 @@ pub(crate) const SETTLE: &str = "SELECT * FROM {settle_fn}($1, $2, $3, $4, $5, $
 
 // $1 subscription
 pub(crate) const DEAD_LETTERS: &str = r#"
-SELECT id, topic, payload, headers, correlation_id, attempts, deliveries, last_error, reason,
-       dead_at
+SELECT id, topic AS queue, payload, headers, correlation_id, attempts, deliveries, last_error,
+       reason, dead_at
 FROM {held}
 WHERE sub = $1 AND dead_at IS NOT NULL
 ORDER BY dead_at, id"#;
@@ -780,21 +780,9 @@ impl Topics for PgBackend {
             .fetch_all(&mut *session)
             .await?;
         session.done().await?;
-        rows.iter()
-            .map(|row| {
-                Ok(DeadLetter {
-                    id: row.try_get("id")?,
-                    queue: row.try_get("topic")?,
-                    payload: row.try_get("payload")?,
-                    headers: super::inspect::headers(row)?,
-                    correlation_id: row.try_get("correlation_id")?,
-                    attempts: row.try_get("attempts")?,
-                    deliveries: row.try_get("deliveries")?,
-                    last_error: row.try_get("last_error")?,
-                    reason: row.try_get("reason")?,
-                    dead_at: row.try_get("dead_at")?,
-                })
-            })
-            .collect()
+        Ok(rows
+            .iter()
+            .map(super::inspect::dead_letter)
+            .collect::<Result<_, _>>()?)
     }
 }
