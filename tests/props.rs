@@ -1,5 +1,6 @@
 //! Property tests (SPEC section 10): random schedules over several queues, plain consumers
-//! and cooperative members, run on the reference model, the fake and Postgres.
+//! and cooperative members, topics with subscriptions and idempotency keys, run on the
+//! reference model, the fake and Postgres.
 //!
 //! - `model_vs_fake`: many cases, in memory.
 //! - `model_vs_postgres`: fewer cases, each on a fresh fixture database.
@@ -153,12 +154,63 @@ fn model_keeps_the_invariants_and_schedules_cover_every_case() {
                         requeue: true,
                         ..
                     } => "requeued",
+                    Seen::TopicPublished {
+                        labels,
+                        resolved,
+                        committed: true,
+                        ..
+                    } if labels != resolved => "keyed duplicate",
+                    Seen::TopicPublished {
+                        committed: false, ..
+                    } => "rolled back topic publish",
+                    Seen::Received { rows, .. } if rows.iter().any(|r| r.deliveries > 1) => {
+                        "topic re-delivered a message"
+                    }
+                    Seen::Received { known: false, .. } => "receive from an unknown subscription",
+                    Seen::TopicSettled { done: false, .. } => "stale topic settle refused",
+                    Seen::TopicSettled {
+                        kind: OutcomeKind::Retry,
+                        done: true,
+                        ..
+                    } => "topic retry",
+                    Seen::TopicSettled {
+                        kind: OutcomeKind::Release,
+                        done: true,
+                        ..
+                    } => "topic release",
+                    Seen::TopicSettled {
+                        kind: OutcomeKind::Renew,
+                        done: true,
+                        ..
+                    } => "topic renew",
+                    Seen::Unsubscribed { result: Err(_), .. } => "unsubscribe refused",
+                    Seen::Unsubscribed {
+                        result: Ok(true),
+                        discard: true,
+                        ..
+                    } => "unsubscribe discarding",
                     _ => continue,
                 };
                 *seen.entry(what).or_default() += 1;
             }
-            if trace.steps.last().is_some_and(|s| !s.after.dead.is_empty()) {
+            let last = trace.steps.last().map(|s| &s.after);
+            if last.is_some_and(|s| !s.dead.is_empty()) {
                 *seen.entry("dead letters").or_default() += 1;
+            }
+            if last.is_some_and(|s| s.subs.iter().any(|s| !s.dead.is_empty())) {
+                *seen.entry("subscription dead letters").or_default() += 1;
+            }
+            // Fan-out: one message received by two subscriptions in the run.
+            let mut receivers = BTreeMap::<u32, std::collections::BTreeSet<u8>>::new();
+            for step in &trace.steps {
+                if let Seen::Received { sub, rows, .. } = &step.seen {
+                    for r in rows {
+                        receivers.entry(r.label).or_default().insert(*sub);
+                    }
+                }
+            }
+            if receivers.values().any(|subs| subs.len() > 1) {
+                *seen.entry("fan-out to two subscriptions").or_default() += 1;
             }
             Ok(())
         })
@@ -175,6 +227,18 @@ fn model_keeps_the_invariants_and_schedules_cover_every_case() {
         "unregister refused",
         "requeued",
         "dead letters",
+        "keyed duplicate",
+        "rolled back topic publish",
+        "topic re-delivered a message",
+        "receive from an unknown subscription",
+        "stale topic settle refused",
+        "topic retry",
+        "topic release",
+        "topic renew",
+        "unsubscribe refused",
+        "unsubscribe discarding",
+        "subscription dead letters",
+        "fan-out to two subscriptions",
     ] {
         assert!(
             coverage.get(what).copied().unwrap_or(0) > 0,

@@ -130,9 +130,10 @@ impl Rotation {
     }
 
     /// How long a topic remembers an [idempotency key](crate::Message::idempotency_key)
-    /// after the message that carried it was published. The log's rotation forgets older
-    /// keys (a `DELETE` on `T_keys`, cleaned by autovacuum: keyed publishes are the only
-    /// statements that read it). Defaults to 24 hours.
+    /// after the message that carried it was published: a key older than this is free again
+    /// (a publish takes it over), and the log's rotation deletes such keys (a `DELETE` on
+    /// `T_keys`, cleaned by autovacuum: keyed publishes are the only statements that read
+    /// it). Defaults to 24 hours, as on the fake.
     #[must_use]
     pub fn key_retention(mut self, retention: Duration) -> Self {
         self.key_retention = retention;
@@ -260,6 +261,11 @@ impl Rotator {
 
     pub(crate) fn set_options(&self, options: Rotation) {
         *self.options.write() = options;
+    }
+
+    /// How long a topic remembers an idempotency key ([`Rotation::key_retention`]).
+    pub(crate) fn key_retention(&self) -> Duration {
+        self.options.read().key_retention
     }
 
     /// Starts a background rotation if one is due and none is running. Called after fetches.

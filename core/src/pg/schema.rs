@@ -53,6 +53,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "topics: the topic log, subscriptions, batches and held messages",
         sql: super::topic::V6,
     },
+    Migration {
+        version: 7,
+        description: "topics: a receive fills its limit across snapshot ranges",
+        sql: super::topic::V7,
+    },
 ];
 
 const V1: &str = r#"

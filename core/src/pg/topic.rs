@@ -377,10 +377,13 @@ $postbox$;
 "#;
 
 // $1 channel, $2 topics, $3 payloads, $4 headers, $5 correlation ids, $6 pinned now,
-// $7 distinct topics to notify, $8 idempotency keys (NULL: none)
+// $7 distinct topics to notify, $8 idempotency keys (NULL: none), $9 key retention in ms
 //
-// Ids are drawn first; a keyed message is written only if its key could be inserted
-// (`ON CONFLICT DO NOTHING` waits for a transaction that holds the key to end).
+// Ids are drawn first; a keyed message is written only if its key could be inserted, or
+// replaced a key older than the retention (the conflict waits for a transaction that holds
+// the key to end). Keys are taken in (topic, key) order, so two transactions publishing the
+// same keys in different orders cannot deadlock; a key repeated within one call is taken by
+// its first message.
 pub(crate) const PUBLISH: &str = r#"
 WITH m AS MATERIALIZED (
     SELECT u.topic, u.payload, u.headers, u.correlation_id, u.key, u.ord,
@@ -390,12 +393,14 @@ WITH m AS MATERIALIZED (
     ORDER BY u.ord
 ),
 keyed AS (
-    INSERT INTO {keys} (topic, key, id, created_at)
-    SELECT m.topic, m.key, m.id, coalesce($6::timestamptz, now())
+    INSERT INTO {keys} AS k (topic, key, id, created_at)
+    SELECT DISTINCT ON (m.topic, m.key) m.topic, m.key, m.id, coalesce($6::timestamptz, now())
     FROM m
     WHERE m.key IS NOT NULL
-    ORDER BY m.ord
-    ON CONFLICT DO NOTHING
+    ORDER BY m.topic, m.key, m.ord
+    ON CONFLICT (topic, key) DO UPDATE
+    SET id = EXCLUDED.id, created_at = EXCLUDED.created_at
+    WHERE k.created_at <= EXCLUDED.created_at - $9::float8 * interval '1 millisecond'
     RETURNING id
 ),
 ins AS (
@@ -467,6 +472,159 @@ LEFT JOIN LATERAL (
 ) AS h ON true
 WHERE ($1::text IS NULL OR s.topic = $1) AND ($2::text IS NULL OR s.name = $2)
 ORDER BY s.name"#;
+
+/// Schema version 7: a receive fills its limit from the rest of its snapshot range and then a
+/// new range ending now (version 6 stopped at the end of the range), and writes its batch and
+/// cursor once.
+pub(crate) const V7: &str = r#"
+CREATE OR REPLACE FUNCTION {receive_fn}(p_sub text, p_max integer, p_ttl_ms float8, p_token uuid,
+                             p_holder text, p_max_deliveries integer, p_now timestamptz)
+RETURNS TABLE (id bigint, topic text, payload bytea, headers jsonb, correlation_id uuid,
+               created_at timestamptz, attempts integer, deliveries integer,
+               first_attempt_at timestamptz, last_error text, acquired_at timestamptz)
+LANGUAGE plpgsql SET enable_seqscan = off AS $postbox$
+#variable_conflict use_column
+DECLARE
+    v_now     timestamptz := coalesce(p_now, now());
+    v_until   timestamptz := coalesce(p_now, now()) + p_ttl_ms * interval '1 millisecond';
+    v_left    integer := p_max;
+    v_n       integer;
+    v_topic   text;
+    v_lo      pg_snapshot;
+    v_hi      pg_snapshot;
+    v_pos_xid xid8;
+    v_pos_id  bigint;
+    v_more    {log}[];
+    v_rows    {log}[] := '{}';
+    c_lo      pg_snapshot;
+    c_hi      pg_snapshot;
+    c_pos_xid xid8;
+    c_pos_id  bigint;
+BEGIN
+    SELECT x.topic, x.lo, x.hi, x.pos_xid, x.pos_id
+    INTO v_topic, v_lo, v_hi, v_pos_xid, v_pos_id
+    FROM {subs} AS x WHERE x.name = p_sub FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'postbox: no subscription %', p_sub USING ERRCODE = 'P0002';
+    END IF;
+
+    -- Batches whose lease expired: their unsettled messages are held, delivered one by one.
+    WITH gone AS (
+        DELETE FROM {batches} AS b
+        WHERE b.sub = p_sub AND b.expires_at < v_now
+        RETURNING b.ids, b.xids, b.settled, b.leased_at
+    ), back AS (
+        SELECT u.id AS id, u.xid AS xid, g.leased_at AS leased_at
+        FROM gone AS g, unnest(g.ids, g.xids) AS u(id, xid)
+        WHERE NOT (u.id = ANY (g.settled))
+    )
+    INSERT INTO {held} (id, sub, topic, payload, headers, correlation_id, created_at,
+                        deliveries, next_attempt_at, first_attempt_at)
+    SELECT l.id, p_sub, l.topic, l.payload, l.headers, l.correlation_id, l.created_at,
+           1, v_now, back.leased_at
+    FROM back JOIN {log} AS l ON l.topic = v_topic AND l.xid = back.xid AND l.id = back.id
+    ON CONFLICT DO NOTHING;
+
+    IF p_max_deliveries IS NOT NULL THEN
+        UPDATE {held} AS h
+        SET dead_at        = v_now,
+            reason         = 'max_deliveries exceeded: leased ' || h.deliveries
+                             || ' times without an outcome',
+            acquired_token = NULL,
+            acquired_at    = NULL,
+            acquired_by    = NULL
+        WHERE h.sub = p_sub AND h.dead_at IS NULL AND h.next_attempt_at <= v_now
+          AND h.deliveries >= p_max_deliveries;
+    END IF;
+
+    -- Held messages due (retried, released, taken back, or leased and expired).
+    RETURN QUERY
+    WITH due AS (
+        SELECT h.id AS id, h.sub AS sub FROM {held} AS h
+        WHERE h.sub = p_sub AND h.dead_at IS NULL AND h.next_attempt_at <= v_now
+        ORDER BY h.next_attempt_at, h.id
+        LIMIT v_left
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE {held} AS h
+    SET acquired_token   = p_token,
+        acquired_at      = v_now,
+        acquired_by      = p_holder,
+        ttl_ms           = p_ttl_ms,
+        next_attempt_at  = v_until,
+        deliveries       = h.deliveries + 1,
+        first_attempt_at = coalesce(h.first_attempt_at, v_now)
+    FROM due WHERE h.id = due.id AND h.sub = due.sub
+    RETURNING h.id, h.topic, h.payload, h.headers, h.correlation_id, h.created_at,
+              h.attempts, h.deliveries, h.first_attempt_at, h.last_error, v_now;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    v_left := v_left - v_n;
+    IF v_left <= 0 THEN
+        RETURN;
+    END IF;
+
+    -- The rest of the range, then (while the limit is not reached) a new range ending now.
+    FOR v_round IN 1..2 LOOP
+        SELECT coalesce(array_agg(v.r ORDER BY (v.r).xid, (v.r).id), '{}') INTO v_more
+        FROM (
+            SELECT u.r FROM (
+                (SELECT l AS r FROM {log} AS l
+                 WHERE l.topic = v_topic
+                   AND l.xid = ANY (ARRAY(SELECT pg_snapshot_xip(v_lo)))
+                   AND (l.xid, l.id) > (v_pos_xid, v_pos_id)
+                   AND pg_visible_in_snapshot(l.xid, v_hi)
+                 ORDER BY l.xid, l.id
+                 LIMIT v_left)
+                UNION ALL
+                (SELECT l AS r FROM {log} AS l
+                 WHERE l.topic = v_topic
+                   AND l.xid >= pg_snapshot_xmax(v_lo)
+                   AND l.xid < pg_snapshot_xmax(v_hi)
+                   AND (l.xid, l.id) > (v_pos_xid, v_pos_id)
+                   AND pg_visible_in_snapshot(l.xid, v_hi)
+                 ORDER BY l.xid, l.id
+                 LIMIT v_left)
+            ) AS u
+            ORDER BY (u.r).xid, (u.r).id
+            LIMIT v_left
+        ) AS v;
+        v_n := cardinality(v_more);
+        IF v_n > 0 THEN
+            v_rows := v_rows || v_more;
+            v_left := v_left - v_n;
+            c_lo := v_lo;
+            c_hi := v_hi;
+            c_pos_xid := (v_more[v_n]).xid;
+            c_pos_id := (v_more[v_n]).id;
+        END IF;
+        EXIT WHEN v_left <= 0 OR v_round = 2;
+        -- The range is exhausted: the next one runs from its end to now.
+        v_lo := v_hi;
+        v_hi := pg_current_snapshot();
+        v_pos_xid := '0';
+        v_pos_id := 0;
+    END LOOP;
+    IF cardinality(v_rows) = 0 THEN
+        -- An idle poll changes no row.
+        RETURN;
+    END IF;
+
+    INSERT INTO {batches} (token, sub, topic, lo, ids, xids, holder, leased_at, ttl_ms,
+                           expires_at)
+    SELECT p_token, p_sub, v_topic, c_lo, array_agg(u.id ORDER BY u.ordinality),
+           array_agg(u.xid ORDER BY u.ordinality), p_holder, v_now, p_ttl_ms, v_until
+    FROM unnest(v_rows) WITH ORDINALITY AS u;
+    UPDATE {subs} AS x
+    SET lo = c_lo, hi = c_hi, pos_xid = c_pos_xid, pos_id = c_pos_id
+    WHERE x.name = p_sub;
+    RETURN QUERY
+    SELECT u.id, u.topic, u.payload, u.headers, u.correlation_id, u.created_at,
+           0, 1, v_now, NULL::text, v_now
+    FROM unnest(v_rows) WITH ORDINALITY AS u
+    ORDER BY u.ordinality;
+END
+$postbox$;
+"#;
 
 // $1 subscription, $2 limit, $3 ttl ms, $4 token, $5 holder, $6 max deliveries, $7 pinned now
 pub(crate) const RECEIVE: &str = "SELECT * FROM {receive_fn}($1, $2, $3, $4, $5, $6, $7)";
@@ -631,6 +789,7 @@ impl Topics for PgBackend {
             .bind(self.shared().now())
             .bind(&distinct)
             .bind(&keys)
+            .bind(self.shared().rotator.key_retention().as_secs_f64() * 1000.0)
             .fetch_all(&mut *conn)
             .await?;
         let duplicates: Vec<usize> = rows

@@ -640,3 +640,44 @@ pub async fn topic_idempotency_keys_write_a_message_once<H: Harness>(h: &H) {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+/// A key is remembered for the key retention (24 hours by default) after its publish, then
+/// free again: the next publish of it writes a new message.
+pub async fn topic_idempotency_key_is_free_again_after_its_retention<H: Harness>(h: &H) {
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let b = h.backend();
+    b.subscribe("t", "s").await.expect("subscribe");
+    let publish = |payload: &'static str| async move {
+        let mut tx = b.begin().await.expect("begin");
+        let p = b
+            .publish_to_topics(
+                &mut tx,
+                vec![Message::new("t", payload).idempotency_key("k")],
+            )
+            .await
+            .expect("publish");
+        b.commit(tx).await.expect("commit");
+        p[0]
+    };
+    let first = publish("first").await;
+    assert!(first.is_new(), "{first:?}");
+    b.advance(DAY - Duration::from_secs(1))
+        .await
+        .expect("advance");
+    assert_eq!(
+        publish("within the retention").await,
+        Published::Duplicate(first.id())
+    );
+    b.advance(Duration::from_secs(1)).await.expect("advance");
+    let second = publish("after it").await;
+    assert!(
+        second.is_new(),
+        "a key past its retention is free: {second:?}"
+    );
+    assert_ne!(second.id(), first.id());
+    assert_eq!(
+        publish("remembered again").await,
+        Published::Duplicate(second.id())
+    );
+    assert_eq!(drain(b, "s").await, vec![first.id(), second.id()]);
+}

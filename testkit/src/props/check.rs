@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::schedule::ScheduleConfig;
+use super::topic_check::TopicChecker;
 use super::trace::{Label, OutcomeKind, Seen, Snapshot, Trace};
 
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +28,7 @@ struct Checker {
     committed: BTreeSet<Label>,
     rolled_back: BTreeSet<Label>,
     acked: BTreeSet<Label>,
+    topics: TopicChecker,
 }
 
 /// Checks every invariant on `trace` (which must end with the drain [`run`](super::run)
@@ -39,7 +41,12 @@ struct Checker {
 /// 4. every fetch or receive returns rows in `(next_attempt_at, id)` order;
 /// 5. `attempts` and `deliveries` count the retries, requeues, leases and releases seen;
 /// 6. after the drain, every committed message was acked or dead-lettered, exactly one of
-///    the two, and nothing else is stored.
+///    the two, and nothing else is stored;
+/// 7. topics: a subscription receives exactly the messages committed to its topic while it
+///    existed (no rolled-back publish, no duplicate of an idempotency key), never hands a
+///    message to a second holder while a lease is live or again once settled, settles only
+///    through the current lease, and after the drain acked or dead-lettered each of its
+///    messages exactly once.
 ///
 /// # Errors
 ///
@@ -48,6 +55,8 @@ pub fn check(config: &ScheduleConfig, trace: &Trace) -> Result<(), String> {
     let mut c = Checker::default();
     for (i, step) in trace.steps.iter().enumerate() {
         c.step(config, &step.seen)
+            .and_then(|()| c.topics.step(config, &step.seen, c.now_ms))
+            .and_then(|()| c.topics.after(&step.after))
             .map_err(|e| format!("step {i} ({}): {e}", step.op))?;
         c.forget_gone(&step.after);
         for live in &step.after.live {
@@ -69,6 +78,9 @@ pub fn check(config: &ScheduleConfig, trace: &Trace) -> Result<(), String> {
         .unwrap_or_default();
     if let Some(both) = dead.intersection(&c.acked).next() {
         return Err(format!("message #{both} was acked and dead-lettered"));
+    }
+    if let Some(last) = last {
+        c.topics.finish(last)?;
     }
     let settled: BTreeSet<Label> = dead.union(&c.acked).copied().collect();
     if settled != c.committed {
@@ -197,7 +209,15 @@ impl Checker {
                 }
             }
             Seen::Advanced { secs } => self.now_ms += i64::from(*secs) * 1000,
-            Seen::Crashed { .. } | Seen::Skipped => {}
+            // Topics: `TopicChecker`.
+            Seen::Crashed { .. }
+            | Seen::Skipped
+            | Seen::Subscribed { .. }
+            | Seen::Unsubscribed { .. }
+            | Seen::TopicPublished { .. }
+            | Seen::Received { .. }
+            | Seen::TopicSettled { .. }
+            | Seen::TopicAckedBatch { .. } => {}
         }
         Ok(())
     }
@@ -294,6 +314,7 @@ mod tests {
                     })
                     .collect(),
                 dead: Vec::new(),
+                subs: Vec::new(),
             },
         }
     }

@@ -48,15 +48,19 @@ mod check;
 mod exec;
 mod model;
 mod schedule;
+mod topic_check;
+mod topic_model;
 mod trace;
 
 pub use check::check;
 pub use exec::{BackendExec, Exec, run};
 pub use model::Model;
 pub use schedule::{
-    MAX_DELAY_S, Op, Schedule, ScheduleConfig, any_schedule, configs, op, schedules,
+    KEYS, MAX_DELAY_S, Op, Schedule, ScheduleConfig, any_schedule, configs, op, schedules,
 };
-pub use trace::{Dead, Label, Live, LiveState, OutcomeKind, Row, Seen, Snapshot, Step, Trace};
+pub use trace::{
+    Dead, Label, Live, LiveState, OutcomeKind, Row, Seen, Snapshot, Step, SubState, Trace,
+};
 
 /// The consumer group every schedule's members belong to.
 pub const GROUP: &str = "g";

@@ -7,7 +7,10 @@ use async_trait::async_trait;
 
 use super::exec::Exec;
 use super::schedule::{Op, ScheduleConfig};
-use super::trace::{Dead, Label, Live, LiveState, OutcomeKind, Row, Seen, Snapshot, take_labels};
+use super::topic_model::TopicModel;
+use super::trace::{
+    Dead, Label, Live, LiveState, OutcomeKind, Row, Seen, Snapshot, count_of, take_labels,
+};
 
 #[derive(Debug, Clone)]
 struct Held {
@@ -41,6 +44,7 @@ pub struct Model {
     leases: Vec<(Label, usize)>,
     /// Lease indices of every non-empty batch.
     batches: Vec<Vec<usize>>,
+    topics: TopicModel,
 }
 
 impl Model {
@@ -57,6 +61,7 @@ impl Model {
             crashed: Vec::new(),
             leases: Vec::new(),
             batches: Vec::new(),
+            topics: TopicModel::default(),
         }
     }
 
@@ -237,7 +242,25 @@ impl Model {
 impl Exec for Model {
     async fn apply(&mut self, op: &Op) -> Result<Seen, String> {
         let config = self.config.clone();
+        let now = self.now_ms;
         Ok(match *op {
+            Op::Subscribe { sub } => self.topics.subscribe(&config, sub),
+            Op::Unsubscribe { sub, discard } => self.topics.unsubscribe(&config, sub, discard),
+            Op::PublishTopic {
+                topic,
+                ref keys,
+                commit,
+            } => {
+                let labels = take_labels(&mut self.next_label, count_of(keys));
+                self.topics.publish(&config, topic, labels, keys, commit)
+            }
+            Op::TopicReceive { sub, limit } => self.topics.receive(&config, sub, limit, now),
+            Op::TopicSettle {
+                lease,
+                kind,
+                delay_s,
+            } => self.topics.settle(&config, lease, kind, delay_s, now),
+            Op::TopicAckBatch { batch } => self.topics.ack_batch(&config, batch, now),
             Op::Publish {
                 queue,
                 count,
@@ -382,6 +405,7 @@ impl Exec for Model {
                 })
                 .collect(),
             dead: self.dead.values().cloned().collect(),
+            subs: self.topics.snapshot(&self.config),
         })
     }
 }

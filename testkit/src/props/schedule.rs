@@ -5,6 +5,8 @@ use std::fmt;
 
 use proptest::prelude::*;
 
+use super::trace::OutcomeKind;
+
 /// The fixed parameters of a schedule: how many queues and members it spans, and the intervals
 /// and limits its fetches and receives use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +25,11 @@ pub struct ScheduleConfig {
     pub max_deliveries: u32,
     /// The attempt limit of `Unregister::Requeue`.
     pub requeue_max_attempts: u32,
+    /// Topics `t0`, `t1`, ... (1 to 8).
+    pub topics: u8,
+    /// Subscriptions `s0`, `s1`, ...; subscription `s{j}` subscribes topic `t{j % topics}`
+    /// (1 to 8).
+    pub subscriptions: u8,
 }
 
 impl Default for ScheduleConfig {
@@ -35,6 +42,8 @@ impl Default for ScheduleConfig {
             dead_interval_s: 15,
             max_deliveries: 4,
             requeue_max_attempts: 3,
+            topics: 1,
+            subscriptions: 2,
         }
     }
 }
@@ -63,6 +72,26 @@ impl ScheduleConfig {
         }
     }
 
+    /// The name of topic `i`.
+    pub fn topic(&self, i: u8) -> String {
+        format!("t{}", i % self.topics.max(1))
+    }
+
+    /// Subscription `j`'s index, wrapped into range.
+    pub fn sub_index(&self, j: u8) -> u8 {
+        j % self.subscriptions.max(1)
+    }
+
+    /// The name of subscription `j`.
+    pub fn subscription(&self, j: u8) -> String {
+        format!("s{}", self.sub_index(j))
+    }
+
+    /// The topic index subscription `j` subscribes.
+    pub fn topic_of(&self, j: u8) -> u8 {
+        self.sub_index(j) % self.topics.max(1)
+    }
+
     /// Longest time one drain round advances the clock: past every lease, dead interval and
     /// retry delay a schedule can create.
     pub fn drain_step_s(&self) -> u32 {
@@ -72,6 +101,9 @@ impl ScheduleConfig {
 
 /// Largest publish delay or retry delay a schedule uses, in seconds.
 pub const MAX_DELAY_S: u8 = 20;
+
+/// Idempotency keys a schedule draws from (`k0` to `k3`): few, so keys repeat often.
+pub const KEYS: u8 = 4;
 
 /// One step of a schedule. Indices into leases, batches and members wrap around what exists
 /// when the step runs, so every shrunk schedule stays meaningful.
@@ -158,6 +190,49 @@ pub enum Op {
         /// Seconds.
         secs: u16,
     },
+    /// Subscribe subscription `s{sub}` to its topic.
+    Subscribe {
+        /// Subscription index.
+        sub: u8,
+    },
+    /// Drop subscription `s{sub}`, discarding what is pending or only if drained.
+    Unsubscribe {
+        /// Subscription index.
+        sub: u8,
+        /// `Unsubscribe::Discard` (`true`) or `Unsubscribe::IfDrained`.
+        discard: bool,
+    },
+    /// Begin, publish one message per entry of `keys` to a topic (with idempotency key
+    /// `k{n}`, or none), then commit or roll back.
+    PublishTopic {
+        /// Topic index.
+        topic: u8,
+        /// Each message's key (1 to 3 messages; keys may repeat within the transaction).
+        keys: Vec<Option<u8>>,
+        /// Commit (`true`) or roll back.
+        commit: bool,
+    },
+    /// A receive from subscription `s{sub}`.
+    TopicReceive {
+        /// Subscription index.
+        sub: u8,
+        /// Message limit (1 to 4).
+        limit: u8,
+    },
+    /// Settle one topic lease handed out earlier (possibly a stale one).
+    TopicSettle {
+        /// Index of the lease, in hand-out order among topic leases.
+        lease: u16,
+        /// The settlement.
+        kind: OutcomeKind,
+        /// A retry's delay, in seconds.
+        delay_s: u8,
+    },
+    /// Ack every lease of one topic receive in one `settle` call.
+    TopicAckBatch {
+        /// Index of the receive, in hand-out order among topic receives.
+        batch: u16,
+    },
 }
 
 impl fmt::Debug for Op {
@@ -194,6 +269,39 @@ impl fmt::Debug for Op {
                 if *requeue { "requeue" } else { "fail" }
             ),
             Op::Advance { secs } => write!(f, "advance {secs}s"),
+            Op::Subscribe { sub } => write!(f, "subscribe s{sub}"),
+            Op::Unsubscribe { sub, discard } => write!(
+                f,
+                "unsubscribe s{sub} ({})",
+                if *discard { "discard" } else { "if drained" }
+            ),
+            Op::PublishTopic {
+                topic,
+                keys,
+                commit,
+            } => {
+                let keys: Vec<String> = keys
+                    .iter()
+                    .map(|k| k.map_or_else(|| "-".to_owned(), |k| format!("k{k}")))
+                    .collect();
+                write!(
+                    f,
+                    "publish {} to t{topic} keys [{}] then {}",
+                    keys.len(),
+                    keys.join(" "),
+                    if *commit { "commit" } else { "ROLLBACK" }
+                )
+            }
+            Op::TopicReceive { sub, limit } => write!(f, "s{sub} receives limit {limit}"),
+            Op::TopicSettle {
+                lease,
+                kind,
+                delay_s,
+            } => match kind {
+                OutcomeKind::Retry => write!(f, "settle topic lease #{lease} Retry in {delay_s}s"),
+                _ => write!(f, "settle topic lease #{lease} {kind:?}"),
+            },
+            Op::TopicAckBatch { batch } => write!(f, "ack topic batch #{batch}"),
         }
     }
 }
@@ -213,9 +321,11 @@ impl fmt::Debug for Schedule {
         let c = &self.config;
         writeln!(
             f,
-            "Schedule ({} queues, {} members, lease ttl {}s, dead interval {}s, max deliveries {}, requeue max attempts {}):",
+            "Schedule ({} queues, {} members, {} topics, {} subscriptions, lease ttl {}s, dead interval {}s, max deliveries {}, requeue max attempts {}):",
             c.queues,
             c.members,
+            c.topics,
+            c.subscriptions,
             c.lease_ttl_s,
             c.dead_interval_s,
             c.max_deliveries,
@@ -232,6 +342,16 @@ impl fmt::Debug for Schedule {
 pub fn op(config: &ScheduleConfig) -> impl Strategy<Value = Op> + use<> {
     let queues = config.queues.max(1);
     let members = config.members.max(1);
+    let topics = config.topics.max(1);
+    let subs = config.subscriptions.max(1);
+    let key = prop_oneof![1 => Just(None), 1 => (0..KEYS).prop_map(Some)];
+    let settlement = prop_oneof![
+        4 => Just(OutcomeKind::Ack),
+        2 => Just(OutcomeKind::Retry),
+        1 => Just(OutcomeKind::DeadLetter),
+        1 => Just(OutcomeKind::Release),
+        1 => Just(OutcomeKind::Renew),
+    ];
     let mask = (1u8..(1u8 << queues.min(7)).max(2)).boxed();
     // Advancing by exactly a lease's TTL or a dead interval probes the strict comparisons.
     let ttl = u16::try_from(config.lease_ttl_s).unwrap_or(u16::MAX);
@@ -251,18 +371,38 @@ pub fn op(config: &ScheduleConfig) -> impl Strategy<Value = Op> + use<> {
         1 => (0..members).prop_map(|member| Op::Crash { member }),
         1 => (0..members, any::<bool>()).prop_map(|(member, requeue)| Op::Unregister { member, requeue }),
         2 => prop_oneof![Just(1u16), Just(ttl), Just(dead), 1u16..=40].prop_map(|secs| Op::Advance { secs }),
+        2 => (0..subs).prop_map(|sub| Op::Subscribe { sub }),
+        1 => (0..subs, any::<bool>()).prop_map(|(sub, discard)| Op::Unsubscribe { sub, discard }),
+        3 => (0..topics, prop::collection::vec(key, 1..=3), prop::bool::weighted(0.8))
+            .prop_map(|(topic, keys, commit)| Op::PublishTopic { topic, keys, commit }),
+        3 => (0..subs, 1u8..=4).prop_map(|(sub, limit)| Op::TopicReceive { sub, limit }),
+        3 => (any::<u16>(), settlement, 0..=MAX_DELAY_S)
+            .prop_map(|(lease, kind, delay_s)| Op::TopicSettle { lease, kind, delay_s }),
+        1 => any::<u16>().prop_map(|batch| Op::TopicAckBatch { batch }),
     ]
 }
 
-/// Schedules of up to `config.max_ops` operations.
+/// Schedules of up to `config.max_ops` operations. Three in four start by subscribing every
+/// subscription (so topic steps have something to act on); the others subscribe only when
+/// their operations say so, late or never.
 pub fn schedules(config: ScheduleConfig) -> impl Strategy<Value = Schedule> {
-    prop::collection::vec(op(&config), 1..=config.max_ops.max(1)).prop_map(move |ops| Schedule {
-        config: config.clone(),
-        ops,
-    })
+    (
+        prop::bool::weighted(0.75),
+        prop::collection::vec(op(&config), 1..=config.max_ops.max(1)),
+    )
+        .prop_map(move |(subscribed, ops)| {
+            let first = (0..config.subscriptions.max(1))
+                .filter(|_| subscribed)
+                .map(|sub| Op::Subscribe { sub });
+            Schedule {
+                config: config.clone(),
+                ops: first.chain(ops).collect(),
+            }
+        })
 }
 
-/// Configs across the interesting ranges: 1-3 queues, 1-4 members, short and long dead
+/// Configs across the interesting ranges: 1-3 queues, 1-4 members, 1-2 topics with 1-3
+/// subscriptions, short and long dead
 /// intervals relative to the lease TTL, low delivery and requeue limits (so dead-lettering
 /// happens often).
 pub fn configs() -> impl Strategy<Value = ScheduleConfig> {
@@ -273,9 +413,18 @@ pub fn configs() -> impl Strategy<Value = ScheduleConfig> {
         prop_oneof![Just(5u32), Just(15), Just(30)],
         2u32..=5,
         1u32..=3,
+        (1u8..=2, 1u8..=3),
     )
         .prop_map(
-            |(queues, members, lease_ttl_s, dead_interval_s, max_deliveries, requeue)| {
+            |(
+                queues,
+                members,
+                lease_ttl_s,
+                dead_interval_s,
+                max_deliveries,
+                requeue,
+                (topics, subscriptions),
+            )| {
                 ScheduleConfig {
                     queues,
                     members,
@@ -284,6 +433,8 @@ pub fn configs() -> impl Strategy<Value = ScheduleConfig> {
                     dead_interval_s,
                     max_deliveries,
                     requeue_max_attempts: requeue,
+                    topics,
+                    subscriptions,
                 }
             },
         )

@@ -14,6 +14,11 @@ pub(crate) fn take_labels(next: &mut Label, count: u8) -> Vec<Label> {
     labels
 }
 
+/// How many messages a topic publish of `keys` writes (one per entry).
+pub(crate) fn count_of(keys: &[Option<u8>]) -> u8 {
+    u8::try_from(keys.len()).unwrap_or(u8::MAX)
+}
+
 /// Which fenced write an [`Seen::Outcome`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutcomeKind {
@@ -111,6 +116,67 @@ pub enum Seen {
     },
     /// Nothing to act on (no lease or batch yet, or a crashed member).
     Skipped,
+    /// `subscribe`: whether it created the subscription.
+    Subscribed {
+        /// The subscription.
+        sub: u8,
+        /// `Subscribed::New` (`true`) or `Existing`.
+        new: bool,
+    },
+    /// `unsubscribe`: `Ok(existed)`, or `Err(backlog)` for a refused `IfDrained`.
+    Unsubscribed {
+        /// The subscription.
+        sub: u8,
+        /// Whether it discarded what was pending.
+        discard: bool,
+        /// The result.
+        result: Result<bool, i64>,
+    },
+    /// A publish transaction to a topic.
+    TopicPublished {
+        /// The topic.
+        topic: u8,
+        /// Labels, in publish order.
+        labels: Vec<Label>,
+        /// For each message, the label of the message it resolved to: its own, or the one
+        /// already holding its idempotency key.
+        resolved: Vec<Label>,
+        /// Committed (`true`) or rolled back.
+        committed: bool,
+    },
+    /// A receive from a subscription.
+    Received {
+        /// The subscription.
+        sub: u8,
+        /// The topic-batch index, when anything was delivered.
+        batch: Option<usize>,
+        /// The rows, in the order returned (`lease` indexes the topic leases).
+        rows: Vec<Row>,
+        /// `false` when the subscription did not exist (`UnknownSubscription`).
+        known: bool,
+    },
+    /// `settle` of one topic lease.
+    TopicSettled {
+        /// The subscription that handed the lease out.
+        sub: u8,
+        /// Which settlement.
+        kind: OutcomeKind,
+        /// The topic lease used.
+        lease: usize,
+        /// Its message.
+        label: Label,
+        /// Whether it took effect.
+        done: bool,
+    },
+    /// `settle(Ack)` of every lease of one topic receive: the labels acked, sorted.
+    TopicAckedBatch {
+        /// The subscription that handed the batch out.
+        sub: u8,
+        /// The topic batch.
+        batch: usize,
+        /// Labels acked.
+        labels: Vec<Label>,
+    },
 }
 
 /// State of a message still in the outbox table.
@@ -154,13 +220,26 @@ pub struct Dead {
     pub deliveries: i32,
 }
 
-/// Everything stored after a step, sorted by label.
+/// A subscription as `subscriptions` and `subscription_dead_letters` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubState {
+    /// The subscription's index.
+    pub sub: u8,
+    /// Messages neither acked nor dead-lettered.
+    pub backlog: i64,
+    /// Its dead letters, sorted by label.
+    pub dead: Vec<Dead>,
+}
+
+/// Everything stored after a step, sorted by label (subscriptions by index).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// Messages in the outbox table.
     pub live: Vec<Live>,
     /// Messages in the dead-letter table.
     pub dead: Vec<Dead>,
+    /// The subscriptions that exist.
+    pub subs: Vec<SubState>,
 }
 
 /// One step: the operation, what it returned, and the state after it.
@@ -244,6 +323,16 @@ impl fmt::Display for Snapshot {
                 "    dead #{} attempts {} deliveries {}",
                 d.label, d.attempts, d.deliveries
             )?;
+        }
+        for s in &self.subs {
+            writeln!(f, "    subscription s{} backlog {}", s.sub, s.backlog)?;
+            for d in &s.dead {
+                writeln!(
+                    f,
+                    "      dead #{} attempts {} deliveries {}",
+                    d.label, d.attempts, d.deliveries
+                )?;
+            }
         }
         Ok(())
     }
