@@ -9,8 +9,8 @@
 //!   at `lo` (`pg_snapshot_xip(lo)`, a few index probes) or is at least `pg_snapshot_xmax(lo)`
 //!   (one index range): an open transaction anywhere in the database never widens the scan.
 //! - **Receive** (`T_receive`) locks the subscription row, takes back expired batches, hands
-//!   out due held messages, then the next messages of the range (or of a new range ending
-//!   now, when it is exhausted), records them as one batch row and moves the cursor.
+//!   out due held messages, then the next messages of the range and, while its limit is not
+//!   reached, of a new range ending now; records them as one batch row and moves the cursor.
 //! - **Settle** (`T_settle`) acts on held messages by `(id, token)` and on batches by token:
 //!   acking a whole batch deletes its row; anything else writes a held row per message.
 //!

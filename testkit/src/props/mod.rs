@@ -1,10 +1,12 @@
 //! Property testing: random schedules over several queues, plain consumers and cooperative
-//! members, a reference model that predicts every step, and the invariants every backend
-//! must keep.
+//! members, and topics with their subscriptions; a reference model that predicts every step,
+//! and the invariants every backend must keep.
 //!
 //! - [`schedules`] / [`op`]: proptest strategies for [`Schedule`]s of [`Op`]s (publish with
 //!   commit or rollback and delays, fetch, receive, ack, ack_batch, retry, dead-letter,
-//!   release, renew, touch, crash, unregister, advance time).
+//!   release, renew, touch, crash, unregister, advance time; and subscribe, unsubscribe,
+//!   publish to a topic with idempotency keys, receive from a subscription, settle one topic
+//!   lease or a whole receive).
 //! - [`run`]: runs a schedule on an [`Exec`] — the [`Model`] or a [`BackendExec`] over any
 //!   backend with a [`TimeControl`](crate::TimeControl) clock — and drains it, giving a
 //!   [`Trace`] of what each step returned and what was stored after it.
