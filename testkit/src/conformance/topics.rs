@@ -681,3 +681,34 @@ pub async fn topic_idempotency_key_is_free_again_after_its_retention<H: Harness>
     );
     assert_eq!(drain(b, "s").await, vec![first.id(), second.id()]);
 }
+
+/// A transaction in flight while subscriptions change: one created meanwhile receives its
+/// message once it commits; one dropped meanwhile does not (nor does a subscription of the
+/// same name created after the commit), and the others still do.
+pub async fn topic_a_publish_in_flight_while_subscriptions_change<H: Harness>(h: &H) {
+    let b = h.backend();
+    for s in ["stays", "dropped"] {
+        b.subscribe("t", s).await.expect("subscribe");
+    }
+    let mut in_flight = b.begin().await.expect("begin");
+    let flying = b
+        .publish_to_topics(&mut in_flight, vec![Message::new("t", "flying")])
+        .await
+        .expect("publish")[0]
+        .id();
+    b.subscribe("t", "created").await.expect("subscribe");
+    assert!(
+        b.unsubscribe("dropped", Unsubscribe::Discard)
+            .await
+            .expect("unsubscribe while a publish is in flight")
+    );
+    b.commit(in_flight).await.expect("commit");
+    b.subscribe("t", "dropped").await.expect("subscribe again");
+    assert_eq!(drain(b, "stays").await, vec![flying]);
+    assert_eq!(drain(b, "created").await, vec![flying]);
+    assert_eq!(
+        drain(b, "dropped").await,
+        Vec::<MessageId>::new(),
+        "a subscription created after the commit receives nothing from before it"
+    );
+}
