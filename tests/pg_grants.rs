@@ -153,6 +153,19 @@ async fn each_access_does_its_work_and_nothing_else() -> Result<()> {
     );
     let leases: Vec<_> = got.iter().map(Delivery::lease).collect();
     assert_eq!(c.settle(&leases, Settlement::Ack).await?.len(), 2);
+    // The topic log's rotation under the consumer's grants: it moves on, then truncates the
+    // passed generation of the log and the settled one of the batches, carrying the cursor.
+    let (mut log_truncated, mut batches_truncated) = (0, 0);
+    for _ in 0..6 {
+        let report = rotating.rotate_topics().await?;
+        assert!(report.busy.is_empty(), "{report:?}");
+        log_truncated += report.truncated.len();
+        batches_truncated += report.batches_truncated.len();
+    }
+    assert!(
+        log_truncated > 0 && batches_truncated > 0,
+        "the log and the batches were reclaimed"
+    );
     denied(
         "publisher receive",
         p.receive(&Receive::new("svc", 1)).await,

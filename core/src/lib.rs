@@ -65,8 +65,8 @@ pub use runtime::{
 };
 pub use table::{GENERATIONS, MAX_IDENTIFIER_LEN, TableName};
 pub use topic::{
-    Published, Receive, Settlement, Subscribed, SubscriptionInfo, Topics, Unsubscribe,
-    validate_topic_message,
+    EXPIRED_BATCH_CHECK, Published, Receive, Settlement, Subscribed, SubscriptionInfo, Topics,
+    Unsubscribe, validate_topic_message,
 };
 pub use validate::MAX_DELAY;
 

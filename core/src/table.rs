@@ -369,14 +369,42 @@ impl TableName {
         format!("{}_subs", self.name)
     }
 
-    /// The batches a subscription has handed out and not settled, `T_batches`.
+    /// The batches subscriptions have handed out, `T_batches`: each receive appends one, and
+    /// a subscription's newest batch holds its cursor. Partitioned like the topic log into
+    /// generations reclaimed by `TRUNCATE` (see [`batch_partition`](Self::batch_partition)).
     pub fn batches(&self) -> String {
         format!("{}_batches", self.name)
     }
 
-    /// The index of batches by subscription and lease expiry, `T_batch_idx`.
+    /// Partition `slot` of the batches, `T_batches_p0`, `T_batches_p1` or `T_batches_p2`.
+    ///
+    /// # Panics
+    ///
+    /// If `slot` is not below [`GENERATIONS`](crate::GENERATIONS).
+    pub fn batch_partition(&self, slot: usize) -> String {
+        assert!(slot < GENERATIONS, "slot {slot} out of range");
+        format!("{}_batches_p{slot}", self.name)
+    }
+
+    /// The index of batches by subscription and receive order, `T_batch_idx` on
+    /// `(sub, seq)`: a subscription's cursor is its last entry.
     pub fn batch_index(&self) -> String {
         format!("{}_batch_idx", self.name)
+    }
+
+    /// The index of batches by lease token, `T_batch_token_idx`.
+    pub fn batch_token_index(&self) -> String {
+        format!("{}_batch_token_idx", self.name)
+    }
+
+    /// The sequence ordering a subscription's batches, `T_batch_seq`.
+    pub fn batch_sequence(&self) -> String {
+        format!("{}_batch_seq", self.name)
+    }
+
+    /// The name the schema-v7 batches table takes while the v8 migration copies it.
+    pub(crate) fn legacy_batches(&self) -> String {
+        format!("{}_batches_v7", self.name)
     }
 
     /// A subscription's exceptions, `T_held`: messages retried, released, taken back from an

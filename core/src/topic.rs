@@ -121,6 +121,13 @@ impl SubscriptionInfo {
     }
 }
 
+/// How often a subscription looks for batches whose lease expired: a receive takes them back
+/// only if the last look was at least this long ago, so an expired batch comes back at most
+/// this much later than its lease ended. Looking at every receive would read every batch the
+/// subscription handed out since the last rotation (dead versions included while a long
+/// transaction holds the database's xmin horizon); once a second it is a small, bounded cost.
+pub const EXPIRED_BATCH_CHECK: Duration = Duration::from_secs(1);
+
 /// Parameters of [`Topics::receive`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receive {
@@ -279,7 +286,8 @@ pub fn validate_topic_message(message: &Message) -> Result<()> {
 /// As for queues: at least once, and fenced. A received message is leased under the
 /// receive's token; [`settle`](Self::settle) acts only on leases still held and returns the
 /// ids it settled, leaving out lost ones. A lease expires after the receive's `lease_ttl`;
-/// the next receive of the subscription then takes its unsettled messages back and delivers
+/// a later receive of the subscription (the first one at least [`EXPIRED_BATCH_CHECK`] after
+/// the previous look for expired leases) then takes its unsettled messages back and delivers
 /// them again, and the late holder can no longer settle them.
 #[async_trait]
 pub trait Topics: Backend {

@@ -8,9 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use postbox_core::{
-    DeadLetter, Delivery, Error, Headers, Lease, Message, MessageId, Published, Receive, Result,
-    Settlement, Subscribed, SubscriptionInfo, Topics, Unsubscribe, validate_queue,
-    validate_topic_message,
+    DeadLetter, Delivery, EXPIRED_BATCH_CHECK, Error, Headers, Lease, Message, MessageId,
+    Published, Receive, Result, Settlement, Subscribed, SubscriptionInfo, Topics, Unsubscribe,
+    validate_queue, validate_topic_message,
 };
 use uuid::Uuid;
 
@@ -100,6 +100,9 @@ struct Sub {
     cursor: usize,
     batches: HashMap<Uuid, Batch>,
     held: BTreeMap<MessageId, Held>,
+    /// When the last receive that handed out new messages looked for expired batches (as on
+    /// Postgres, where that time is stored with the batch).
+    checked_at: Option<DateTime<Utc>>,
 }
 
 /// An idempotency key of a topic: held by an open transaction, or committed.
@@ -421,6 +424,7 @@ impl Topics for FakeBroker {
                 cursor,
                 batches: HashMap::new(),
                 held: BTreeMap::new(),
+                checked_at: None,
             },
         );
         Ok(Subscribed::New)
@@ -545,7 +549,14 @@ impl Topics for FakeBroker {
         }
         let topics = &mut state.topics;
         let sub = topics.sub(params.subscription())?;
-        sub.take_back_expired(now);
+        // Expired batches are looked for once per `EXPIRED_BATCH_CHECK`.
+        let checked = match sub.checked_at {
+            Some(at) if plus(at, EXPIRED_BATCH_CHECK) > now => Some(at),
+            _ => {
+                sub.take_back_expired(now);
+                Some(now)
+            }
+        };
         if let Some(max) = max_deliveries {
             for h in sub.held.values_mut() {
                 if h.dead.is_none() && h.next_attempt_at <= now && h.deliveries >= max {
@@ -601,6 +612,7 @@ impl Topics for FakeBroker {
             if !fresh.is_empty() {
                 let sub = topics.sub(params.subscription())?;
                 sub.cursor = cursor + fresh.len();
+                sub.checked_at = checked;
                 out.extend(
                     fresh
                         .iter()

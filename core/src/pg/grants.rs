@@ -6,8 +6,8 @@
 //! | access | needs |
 //! |---|---|
 //! | every role | `USAGE` on the schema, `SELECT` on `T_migrations` (`migrate()` when current, `validate_schema()`) |
-//! | [`Access::Publisher`] | `INSERT` on `T`, `SELECT (id)` on `T` (`RETURNING id`), `USAGE` on the id sequence, `SELECT` on `T_gen` (the generation publishes go to); the same on `T_log`, `T_log_id` and `T_log_gen` for topics, and `SELECT, INSERT` on `T_keys` (idempotency keys) |
-//! | [`Access::Consumer`] | `SELECT, INSERT, UPDATE, DELETE` on `T`; `SELECT, UPDATE, DELETE, TRUNCATE` on each generation (the fetch reads them by name, `FOR UPDATE`; rotation moves rows, takes their `ACCESS EXCLUSIVE` lock and truncates them); `SELECT, UPDATE` on `T_gen` (rotation advances it); `INSERT` on `T_dead`; `EXECUTE` on the outcome functions; for topics `SELECT` on `T_log`, `SELECT, INSERT, UPDATE, DELETE` on `T_subs`, `T_batches` and `T_held`, `EXECUTE` on `T_receive` and `T_settle`, `SELECT, DELETE` on `T_keys` (rotation forgets old keys) |
+//! | [`Access::Publisher`] | `INSERT` on `T`, `SELECT (id)` on `T` (`RETURNING id`), `USAGE` on the id sequence, `SELECT` on `T_gen` (the generation publishes go to); the same on `T_log`, `T_log_id` and `T_log_gen` for topics, and `SELECT, INSERT, UPDATE` on `T_keys` (idempotency keys; a key past its retention is taken over) |
+//! | [`Access::Consumer`] | `SELECT, INSERT, UPDATE, DELETE` on `T`; `SELECT, UPDATE, DELETE, TRUNCATE` on each generation (the fetch reads them by name, `FOR UPDATE`; rotation moves rows, takes their `ACCESS EXCLUSIVE` lock and truncates them); `SELECT, UPDATE` on `T_gen` (rotation advances it); `INSERT` on `T_dead`; `EXECUTE` on the outcome functions; for topics `SELECT` on `T_log`, `SELECT, INSERT, UPDATE, DELETE` on `T_subs`, `T_batches` and `T_held`, `EXECUTE` on `T_receive` and `T_settle`, `SELECT, DELETE` on `T_keys` (rotation forgets old keys); for the log's rotation `SELECT, TRUNCATE` on `T_log_p0..2`, `SELECT, UPDATE, DELETE, TRUNCATE` on `T_batches_p0..2`, `SELECT, UPDATE` on `T_log_gen`, `USAGE` on `T_batch_seq` |
 //! | [`Access::CoopMember`] | a consumer's, and `SELECT, INSERT, UPDATE, DELETE` on `T_members` |
 //! | [`Access::JournalWriter`] | `SELECT, INSERT` on `T_events` |
 //! | [`Access::JournalReader`] | `SELECT` on `T_events` |
@@ -120,6 +120,14 @@ pub(crate) fn statements(
     let subscriptions = [table.subscriptions(), table.batches(), table.held()]
         .map(q)
         .join(", ");
+    let batch_generations = (0..GENERATIONS)
+        .map(|s| q(table.batch_partition(s)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let log_generations = (0..GENERATIONS)
+        .map(|s| q(table.log_partition(s)))
+        .collect::<Vec<_>>()
+        .join(", ");
     let keys = q(table.keys());
     let topic_functions = format!(
         "{}{}, {}{}",
@@ -158,6 +166,20 @@ pub(crate) fn statements(
             "GRANT EXECUTE ON FUNCTION {topic_functions} TO {role}"
         ));
         out.push(format!("GRANT SELECT, DELETE ON {keys} TO {role}"));
+        // Rotation truncates the log's and the batches' generations and moves the log on.
+        out.push(format!(
+            "GRANT SELECT, UPDATE ON SEQUENCE {log_gen} TO {role}"
+        ));
+        out.push(format!(
+            "GRANT SELECT, TRUNCATE ON {log_generations} TO {role}"
+        ));
+        out.push(format!(
+            "GRANT SELECT, UPDATE, DELETE, TRUNCATE ON {batch_generations} TO {role}"
+        ));
+        out.push(format!(
+            "GRANT USAGE ON SEQUENCE {} TO {role}",
+            q(table.batch_sequence())
+        ));
     };
     match access {
         Access::Publisher => {
@@ -170,7 +192,7 @@ pub(crate) fn statements(
                 q(table.log_ids())
             ));
             out.push(format!("GRANT SELECT ON SEQUENCE {log_gen} TO {role}"));
-            out.push(format!("GRANT SELECT, INSERT ON {keys} TO {role}"));
+            out.push(format!("GRANT SELECT, INSERT, UPDATE ON {keys} TO {role}"));
         }
         Access::Consumer => consumer(&mut out),
         Access::CoopMember => {
@@ -214,11 +236,16 @@ pub(crate) fn statements(
             .into_iter()
             .chain((0..GENERATIONS).map(|s| table.partition(s)))
             .chain((0..GENERATIONS).map(|s| table.log_partition(s)))
+            .chain((0..GENERATIONS).map(|s| table.batch_partition(s)))
             {
                 out.push(format!("ALTER TABLE {} OWNER TO {role}", q(relation)));
             }
             out.push(format!("ALTER SEQUENCE {gen_seq} OWNER TO {role}"));
             out.push(format!("ALTER SEQUENCE {log_gen} OWNER TO {role}"));
+            out.push(format!(
+                "ALTER SEQUENCE {} OWNER TO {role}",
+                q(table.batch_sequence())
+            ));
             out.push(format!(
                 "ALTER FUNCTION {}{RECEIVE_SIGNATURE} OWNER TO {role}",
                 q(table.receive_function())

@@ -22,6 +22,7 @@ mod schema;
 mod session;
 mod statements;
 mod topic;
+mod topic_batches;
 
 use std::fmt;
 use std::num::NonZeroUsize;

@@ -157,6 +157,9 @@ pub struct RotationReport {
     pub moved: u64,
     /// Generations left alone because a transaction held a lock on them.
     pub busy: Vec<usize>,
+    /// Topics only ([`PgBackend::rotate_topics`]): generations of subscriptions' batches
+    /// truncated (every batch in them was settled).
+    pub batches_truncated: Vec<usize>,
 }
 
 // $1 lock key text
@@ -413,6 +416,17 @@ impl Rotator {
         Ok(true)
     }
 
+    /// Sets `lock_timeout` to `wait` (at least 1 ms) for the rest of the transaction.
+    async fn set_lock_timeout(&self, conn: &mut PgConnection, wait: Duration) -> Result<()> {
+        let ms = wait.as_millis().max(1);
+        sqlx::query(LOCK_TIMEOUT)
+            .persistent(self.persistent())
+            .bind(format!("{ms}ms"))
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
     /// Takes partition `slot`'s `ACCESS EXCLUSIVE` lock, waiting at most `wait` (`NOWAIT` if
     /// zero); `false` when another transaction held a lock on it all that time (`55P03`). The
     /// caller rolls back on `false`. Sets `lock_timeout` for the rest of the transaction.
@@ -425,12 +439,7 @@ impl Rotator {
         let lock = if wait.is_zero() {
             part.lock_nowait.clone()
         } else {
-            let ms = wait.as_millis().max(1);
-            sqlx::query(LOCK_TIMEOUT)
-                .persistent(self.persistent())
-                .bind(format!("{ms}ms"))
-                .execute(&mut *conn)
-                .await?;
+            self.set_lock_timeout(&mut *conn, wait).await?;
             part.lock.clone()
         };
         match sqlx::query(lock)

@@ -58,6 +58,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "topics: a receive fills its limit across snapshot ranges",
         sql: super::topic::V7,
     },
+    Migration {
+        version: 8,
+        description: "topics: batches in generations reclaimed by TRUNCATE, the cursor in the newest batch",
+        sql: super::topic_batches::V8,
+    },
 ];
 
 const V1: &str = r#"
@@ -487,13 +492,21 @@ const SUBSCRIPTION_COLUMNS: &[&str] = &[
     "hi",
     "pos_xid",
     "pos_id",
+    "checked_at",
 ];
 /// Columns of the batches table.
 const BATCH_COLUMNS: &[&str] = &[
+    "slot",
+    "seq",
     "token",
     "sub",
     "topic",
     "lo",
+    "hi",
+    "pos_xid",
+    "pos_id",
+    "checked_at",
+    "done",
     "ids",
     "xids",
     "settled",
@@ -641,12 +654,19 @@ pub(crate) async fn problems(
         .map(|slot| ("partition", table.regclass(&table.partition(slot))));
     let log_generations = (0..crate::table::GENERATIONS)
         .map(|slot| ("log partition", table.regclass(&table.log_partition(slot))));
+    let batch_generations = (0..crate::table::GENERATIONS).map(|slot| {
+        (
+            "batch partition",
+            table.regclass(&table.batch_partition(slot)),
+        )
+    });
     let indexes = [
         table.pending_index(),
         table.lease_index(),
         table.member_index(),
         table.log_index(),
         table.batch_index(),
+        table.batch_token_index(),
         table.held_index(),
         table.keys_index(),
     ]
@@ -661,9 +681,11 @@ pub(crate) async fn problems(
             table.regclass(&table.log_generation_sequence()),
         ),
         ("log id sequence", table.regclass(&table.log_ids())),
+        ("batch sequence", table.regclass(&table.batch_sequence())),
     ];
     for (kind, name) in generations
         .chain(log_generations)
+        .chain(batch_generations)
         .chain(indexes)
         .chain(sequences)
     {

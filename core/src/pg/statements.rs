@@ -51,8 +51,19 @@ pub(crate) fn render(template: &str, table: &TableName) -> String {
         .replace("{log_id}", &q(table.log_ids()))
         .replace("{log_gen}", &q(table.log_generation_sequence()))
         .replace("{subs}", &q(table.subscriptions()))
+        .replace("{batches_v7_name}", &bare(table.legacy_batches()))
+        .replace("{batches_v7}", &q(table.legacy_batches()))
+        .replace("{batches_p0}", &q(table.batch_partition(0)))
+        .replace("{batches_p1}", &q(table.batch_partition(1)))
+        .replace("{batches_p2}", &q(table.batch_partition(2)))
         .replace("{batches}", &q(table.batches()))
         .replace("{batch_idx}", &bare(table.batch_index()))
+        .replace("{batch_token_idx}", &bare(table.batch_token_index()))
+        .replace("{batch_seq}", &q(table.batch_sequence()))
+        .replace(
+            "{expiry_check_ms}",
+            &crate::topic::EXPIRED_BATCH_CHECK.as_millis().to_string(),
+        )
         .replace("{held}", &q(table.held()))
         .replace("{held_idx}", &bare(table.held_index()))
         .replace("{keys}", &q(table.keys()))

@@ -449,19 +449,26 @@ SELECT s.name, s.topic, s.created_at,
        least(u.oldest, b.oldest, h.oldest) AS oldest,
        coalesce(h.dead, 0) AS dead
 FROM {subs} AS s
+CROSS JOIN LATERAL (
+    (SELECT b.lo, b.hi, b.pos_xid, b.pos_id
+     FROM {batches} AS b WHERE b.sub = s.name ORDER BY b.seq DESC LIMIT 1)
+    UNION ALL
+    (SELECT s.lo, s.hi, s.pos_xid, s.pos_id)
+    LIMIT 1
+) AS c
 LEFT JOIN LATERAL (
     SELECT count(*) AS n, min(l.created_at) AS oldest
     FROM {log} AS l
     WHERE l.topic = s.topic
-      AND (l.xid = ANY (ARRAY(SELECT pg_snapshot_xip(s.lo))) OR l.xid >= pg_snapshot_xmax(s.lo))
-      AND NOT (pg_visible_in_snapshot(l.xid, s.hi) AND (l.xid, l.id) <= (s.pos_xid, s.pos_id))
+      AND (l.xid = ANY (ARRAY(SELECT pg_snapshot_xip(c.lo))) OR l.xid >= pg_snapshot_xmax(c.lo))
+      AND NOT (pg_visible_in_snapshot(l.xid, c.hi) AND (l.xid, l.id) <= (c.pos_xid, c.pos_id))
 ) AS u ON true
 LEFT JOIN LATERAL (
     SELECT count(*) AS n, min(l.created_at) AS oldest
     FROM {batches} AS x
     CROSS JOIN LATERAL unnest(x.ids, x.xids) AS m(id, xid)
     JOIN {log} AS l ON l.topic = x.topic AND l.xid = m.xid AND l.id = m.id
-    WHERE x.sub = s.name AND NOT (m.id = ANY (x.settled))
+    WHERE x.sub = s.name AND NOT x.done AND NOT (m.id = ANY (x.settled))
 ) AS b ON true
 LEFT JOIN LATERAL (
     SELECT count(*) FILTER (WHERE y.dead_at IS NULL) AS n,
@@ -495,7 +502,7 @@ DECLARE
     v_pos_xid xid8;
     v_pos_id  bigint;
     v_more    {log}[];
-    v_rows    {log}[] := '{}';
+    v_rows    {log}[] := ARRAY[]::{log}[];
     c_lo      pg_snapshot;
     c_hi      pg_snapshot;
     c_pos_xid xid8;
@@ -565,7 +572,7 @@ BEGIN
 
     -- The rest of the range, then (while the limit is not reached) a new range ending now.
     FOR v_round IN 1..2 LOOP
-        SELECT coalesce(array_agg(v.r ORDER BY (v.r).xid, (v.r).id), '{}') INTO v_more
+        SELECT coalesce(array_agg(v.r ORDER BY (v.r).xid, (v.r).id), ARRAY[]::{log}[]) INTO v_more
         FROM (
             SELECT u.r FROM (
                 (SELECT l AS r FROM {log} AS l

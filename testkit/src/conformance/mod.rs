@@ -240,6 +240,7 @@ macro_rules! conformance_tests {
             topic_idempotency_keys_write_a_message_once,
             topic_idempotency_key_is_free_again_after_its_retention,
             topic_a_publish_in_flight_while_subscriptions_change,
+            topic_expired_batches_are_looked_for_once_per_check_interval,
             topic_subscriber_retries_then_dead_letters_in_its_subscription,
             validation_publish_refuses_what_postgres_cannot_store,
             validation_outcomes_refuse_what_postgres_cannot_store,

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use postbox_core::{
-    Backend, Delivery, Error, FetchParams, Lease, Message, MessageId, Published, Receive,
-    RetryParams, Settlement, Subscribed, Topics, Unsubscribe,
+    Backend, Delivery, EXPIRED_BATCH_CHECK, Error, FetchParams, Lease, Message, MessageId,
+    Published, Receive, RetryParams, Settlement, Subscribed, Topics, Unsubscribe,
 };
 
 use super::{Harness, ids};
@@ -711,4 +711,34 @@ pub async fn topic_a_publish_in_flight_while_subscriptions_change<H: Harness>(h:
         Vec::<MessageId>::new(),
         "a subscription created after the commit receives nothing from before it"
     );
+}
+
+/// Expired batches are looked for once per [`EXPIRED_BATCH_CHECK`]: a receive within that
+/// interval of the last look (by a receive that handed out new messages) leaves an expired
+/// batch alone; the first one after it takes the batch back.
+pub async fn topic_expired_batches_are_looked_for_once_per_check_interval<H: Harness>(h: &H) {
+    let b = h.backend();
+    b.subscribe("t", "s").await.expect("subscribe");
+    let ttl = Duration::from_millis(200);
+    let tenth = EXPIRED_BATCH_CHECK / 10;
+    let first = publish_to(b, many("t", 1)).await;
+    let lost = b
+        .receive(&Receive::new("s", 10).lease_ttl(ttl))
+        .await
+        .expect("receive");
+    assert_eq!(ids(&lost), first);
+    b.advance(ttl + tenth).await.expect("advance");
+    let second = publish_to(b, many("t", 1)).await;
+    assert_eq!(
+        ids(&receive(b, "s", 10).await),
+        second,
+        "expired, but looked for less than EXPIRED_BATCH_CHECK ago"
+    );
+    b.advance(EXPIRED_BATCH_CHECK - ttl - tenth)
+        .await
+        .expect("advance");
+    let back = receive(b, "s", 10).await;
+    assert_eq!(ids(&back), first, "taken back at the next look");
+    assert_eq!(back[0].deliveries, 2);
+    assert!(ack(b, &lost).await.is_empty(), "the late holder is fenced");
 }

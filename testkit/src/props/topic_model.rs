@@ -44,6 +44,8 @@ struct Sub {
     cursor: usize,
     batches: BTreeMap<usize, Batch>,
     held: BTreeMap<Label, Held>,
+    /// When the last receive that wrote a batch looked for expired ones.
+    checked_ms: Option<i64>,
 }
 
 impl Sub {
@@ -201,7 +203,14 @@ impl TopicModel {
         self.next_token += 1;
         let ttl_ms = i64::from(config.lease_ttl_s) * 1000;
         let max = i32::try_from(config.max_deliveries).unwrap_or(i32::MAX);
-        s.take_back_expired(now_ms);
+        let check_ms = i64::try_from(postbox_core::EXPIRED_BATCH_CHECK.as_millis()).unwrap_or(0);
+        let checked = match s.checked_ms {
+            Some(at) if at + check_ms > now_ms => Some(at),
+            _ => {
+                s.take_back_expired(now_ms);
+                Some(now_ms)
+            }
+        };
         for h in s.held.values_mut() {
             if !h.dead && h.next_ms <= now_ms && h.deliveries >= max {
                 h.dead = true;
@@ -241,6 +250,7 @@ impl TopicModel {
             .collect();
         if !fresh.is_empty() {
             s.cursor += fresh.len();
+            s.checked_ms = checked;
             rows.extend(fresh.iter().map(|l| row(*l, 0, 1)));
             s.batches.insert(
                 token,
