@@ -12,7 +12,7 @@
 //!   (`--hold-s`), 120 s after it ended (`--after-s`); once with a `REPEATABLE READ` snapshot
 //!   and once with an open write transaction. A 5 s series of consumed/s, backlog, dead
 //!   tuples, relation size and fetch statement mean time (the last from `pg_stat_statements`,
-//!   when the server preloads it).
+//!   when the server preloads it). On a queue and on a topic subscription (`--storage`).
 //! - `backlog`: 1,000,000 messages published, then drained by one default subscriber; the
 //!   relations' size before, at its peak, right after the drain and 10 s later, and the
 //!   autovacuum runs meanwhile.
@@ -93,7 +93,8 @@ struct Args {
 
 const USAGE: &str = "usage: bench [publish_batch] [publish_single] [drain] [wakeup] [coop] \
 [journal] [fixture] [fake] [xmin_hold] [backlog] [fanout] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
-[--reps N] [--coop-reps N] [--clean-s S] [--hold-s S] [--after-s S] [--rate N] [--smoke] \
+[--reps N] [--coop-reps N] [--clean-s S] [--hold-s S] [--after-s S] [--rate N] \
+[--storage queue|topic|both] [--smoke] \
 [--quiet]\n   or: bench --render FILE --charts DIR";
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -125,6 +126,12 @@ fn parse_args() -> anyhow::Result<Args> {
             "--hold-s" => args.hold.hold_s = value("seconds")?.parse()?,
             "--after-s" => args.hold.after_s = value("seconds")?.parse()?,
             "--rate" => args.hold.rate = value("messages per second")?.parse()?,
+            "--storage" => match value("queue, topic or both")?.as_str() {
+                "queue" => (args.hold.queue, args.hold.topic) = (true, false),
+                "topic" => (args.hold.queue, args.hold.topic) = (false, true),
+                "both" => (args.hold.queue, args.hold.topic) = (true, true),
+                other => anyhow::bail!("--storage takes queue, topic or both, not {other}"),
+            },
             "--smoke" => args.smoke = true,
             "--quiet" => args.quiet = true,
             "-h" | "--help" => {

@@ -28,6 +28,9 @@ pub(crate) struct HoldSettings {
     pub(crate) hold_s: u64,
     pub(crate) after_s: u64,
     pub(crate) rate: u64,
+    /// Run on a queue, on a topic subscription, or both (`--storage queue|topic|both`).
+    pub(crate) queue: bool,
+    pub(crate) topic: bool,
 }
 
 impl Default for HoldSettings {
@@ -37,6 +40,8 @@ impl Default for HoldSettings {
             hold_s: 300,
             after_s: 120,
             rate: 2_000,
+            queue: true,
+            topic: true,
         }
     }
 }
@@ -52,12 +57,14 @@ pub(crate) async fn xmin_hold(ctx: &Ctx, settings: HoldSettings) -> anyhow::Resu
             hold_s: 5,
             after_s: 5,
             rate: 200,
+            ..settings
         }
     } else {
         settings
     };
     let mut runs = Vec::new();
-    for topic in [false, true] {
+    let storages = [(false, settings.queue), (true, settings.topic)];
+    for topic in storages.into_iter().filter(|(_, on)| *on).map(|(t, _)| t) {
         for holder in ["snapshot", "write"] {
             ctx.progress(format!("xmin_hold: holder {holder}"));
             runs.push(one_run(ctx, settings, holder, topic).await?);
@@ -280,8 +287,9 @@ async fn relation_stats(pool: &PgPool, topic: bool) -> anyhow::Result<(i64, i64)
          FROM (SELECT relid FROM pg_partition_tree('postbox') WHERE NOT $1 \
                UNION SELECT 'postbox'::regclass WHERE NOT $1 \
                UNION SELECT relid FROM pg_partition_tree('postbox_log') WHERE $1 \
-               UNION SELECT r::regclass FROM unnest(ARRAY['postbox_subs', 'postbox_batches', \
-                     'postbox_held']) AS r WHERE $1) AS t \
+               UNION SELECT relid FROM pg_partition_tree('postbox_batches') WHERE $1 \
+               UNION SELECT r::regclass FROM unnest(ARRAY['postbox_subs', 'postbox_held']) AS r \
+                     WHERE $1) AS t \
          LEFT JOIN pg_stat_user_tables s ON s.relid = t.relid",
     )
     .bind(topic)
