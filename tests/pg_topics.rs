@@ -353,3 +353,135 @@ async fn the_batches_give_their_space_back_and_an_idle_cursor_survives_postgres(
     db.close().await?;
     Ok(())
 }
+
+/// Rotation running without pause while two receivers share a subscription (each keeping
+/// its last batches unsettled for a while) and a publisher keeps writing, until rotation has
+/// truncated generations of the log and of the batches several times under the receivers'
+/// feet: every batch settles whole, and every message is received exactly once.
+#[tokio::test]
+async fn rotation_racing_receivers_loses_and_repeats_nothing_postgres() -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let db = postbox::testkit::postgres().await?;
+    let backend = rotating(&db);
+    backend.subscribe("t", "s").await?;
+    let done = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicUsize::new(0));
+    let (log_truncated, batches_truncated) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let rotator = {
+        let (backend, done) = (backend.clone(), done.clone());
+        let (log, batches) = (log_truncated.clone(), batches_truncated.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                let report = backend.rotate_topics().await?;
+                log.fetch_add(report.truncated.len(), Ordering::Relaxed);
+                batches.fetch_add(report.batches_truncated.len(), Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+    let receivers: Vec<_> = (0..2)
+        .map(|_| {
+            let (backend, done, received) = (backend.clone(), done.clone(), received.clone());
+            tokio::spawn(async move {
+                // Each receiver keeps its last four batches unsettled, so rotation meets
+                // unsettled batches in generations it would like to truncate.
+                let mut seen = Vec::new();
+                let mut in_hand = std::collections::VecDeque::new();
+                loop {
+                    let got = backend.receive(&Receive::new("s", 25)).await?;
+                    if got.is_empty() && (in_hand.is_empty() || !done.load(Ordering::Relaxed)) {
+                        if done.load(Ordering::Relaxed) {
+                            return Ok::<_, anyhow::Error>(seen);
+                        }
+                        tokio::task::yield_now().await;
+                        if in_hand.is_empty() {
+                            continue;
+                        }
+                    }
+                    if !got.is_empty() {
+                        seen.extend(got.iter().map(|d| d.id));
+                        in_hand.push_back(got.iter().map(|d| d.lease()).collect::<Vec<_>>());
+                    }
+                    if in_hand.len() > 4 || got.is_empty() {
+                        let Some(leases) = in_hand.pop_front() else {
+                            continue;
+                        };
+                        assert_eq!(
+                            backend.settle(&leases, Settlement::Ack).await?.len(),
+                            leases.len(),
+                            "a batch received is settled whole"
+                        );
+                        received.fetch_add(leases.len(), Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut published = Vec::new();
+    let enough = || {
+        log_truncated.load(Ordering::Relaxed) >= 3 && batches_truncated.load(Ordering::Relaxed) >= 3
+    };
+    while !enough() {
+        assert!(
+            published.len() < 100_000,
+            "rotation truncated {} log and {} batch generations in 100,000 messages",
+            log_truncated.load(Ordering::Relaxed),
+            batches_truncated.load(Ordering::Relaxed)
+        );
+        // The receivers stay within 200 messages of the publisher, so generations get
+        // passed (a subscription that lags keeps them, by design).
+        let behind = published.len();
+        postbox::testkit::until_within(
+            "the receivers to catch up",
+            std::time::Duration::from_secs(60),
+            || received.load(Ordering::Relaxed) + 200 >= behind,
+        )
+        .await;
+        published.extend(publish(&backend, "t", 50).await?);
+    }
+    postbox::testkit::until_within(
+        "the receivers to ack every message",
+        std::time::Duration::from_secs(60),
+        || received.load(Ordering::Relaxed) >= published.len(),
+    )
+    .await;
+    done.store(true, Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for r in receivers {
+        seen.extend(r.await??);
+    }
+    rotator.await??;
+    seen.sort_unstable();
+    published.sort_unstable();
+    assert_eq!(seen.len(), published.len(), "received as many as published");
+    assert_eq!(seen, published, "each message received once");
+    db.close().await?;
+    Ok(())
+}
+
+/// The topic functions are declared `enable_seqscan = off` (their cached plans never read a
+/// generation by sequential scan) and `jit = off`: the receive reads the log's generation
+/// counter, a sequence, whose only plan is a sequential scan; priced at 10^10 with sequential
+/// scans off it crossed `jit_above_cost` and was compiled at every call (~100 ms per receive
+/// in the `xmin_hold` bench before this was set).
+#[tokio::test]
+async fn topic_functions_run_without_sequential_scans_or_jit_postgres() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let configs: Vec<(String, Vec<String>)> = postbox::sqlx::query_as(
+        "SELECT proname::text, proconfig FROM pg_proc \
+         WHERE proname IN ('postbox_receive', 'postbox_settle') ORDER BY proname",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    assert_eq!(configs.len(), 2, "{configs:?}");
+    for (name, config) in configs {
+        for setting in ["enable_seqscan=off", "jit=off"] {
+            assert!(config.iter().any(|c| c == setting), "{name}: {config:?}");
+        }
+    }
+    db.close().await?;
+    Ok(())
+}

@@ -11,12 +11,14 @@
 //!
 //! A published message is one row of the topic log `T_log`, whatever the number of
 //! subscriptions. A subscription is a cursor over the log (a pair of snapshots and a position
-//! between them) plus the batches it has handed out; receiving writes one batch row and moves
-//! the cursor, and acking a whole batch deletes that row. Only exceptions are written per
-//! message: a retry, a release, a dead letter, a partial ack, or a batch whose lease expired
-//! (its unsettled messages are then taken back one by one). The log is never updated or
-//! deleted from row by row: space comes back when rotation truncates a generation every
-//! subscription has passed (see `docs/design/storage.md`).
+//! between them) plus the batches it has handed out; receiving appends one batch row, which
+//! also records the cursor after it, and acking a whole batch marks that row done. Only
+//! exceptions are written per message: a retry, a release, a dead letter, a partial ack, or a
+//! batch whose lease expired (its unsettled messages are then taken back one by one). Neither
+//! the log nor the batches are deleted from row by row: space comes back when rotation
+//! truncates a generation every subscription has passed and settled, so a long transaction
+//! holding the database's xmin horizon does not make receives slower (see
+//! `docs/design/storage.md`).
 //!
 //! # What a subscription receives
 //!

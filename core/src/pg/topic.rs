@@ -8,11 +8,14 @@
 //!   when transactions commit out of id order. They are the rows whose `xid` was in flight
 //!   at `lo` (`pg_snapshot_xip(lo)`, a few index probes) or is at least `pg_snapshot_xmax(lo)`
 //!   (one index range): an open transaction anywhere in the database never widens the scan.
-//! - **Receive** (`T_receive`) locks the subscription row, takes back expired batches, hands
-//!   out due held messages, then the next messages of the range and, while its limit is not
-//!   reached, of a new range ending now; records them as one batch row and moves the cursor.
+//! - **Receive** (`T_receive`, schema v8 in `topic_batches.rs`) locks the subscription row
+//!   (never updating it), reads the cursor from the newest batch, takes back expired batches
+//!   (once per [`EXPIRED_BATCH_CHECK`](crate::EXPIRED_BATCH_CHECK)), hands out due held
+//!   messages, then the next messages of the range and, while its limit is not reached, of a
+//!   new range ending now; appends them as one batch row carrying the cursor after it.
 //! - **Settle** (`T_settle`) acts on held messages by `(id, token)` and on batches by token:
-//!   acking a whole batch deletes its row; anything else writes a held row per message.
+//!   acking a whole batch marks its row done (a HOT update); anything else writes a held row
+//!   per message. Rotation truncates a generation of batches once all are settled.
 //!
 //! See `docs/design/storage.md` for what each statement touches and what reclaims it.
 

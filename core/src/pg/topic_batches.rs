@@ -67,7 +67,7 @@ CREATE OR REPLACE FUNCTION {receive_fn}(p_sub text, p_max integer, p_ttl_ms floa
 RETURNS TABLE (id bigint, topic text, payload bytea, headers jsonb, correlation_id uuid,
                created_at timestamptz, attempts integer, deliveries integer,
                first_attempt_at timestamptz, last_error text, acquired_at timestamptz)
-LANGUAGE plpgsql SET enable_seqscan = off AS $postbox$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $postbox$
 #variable_conflict use_column
 DECLARE
     v_now     timestamptz := coalesce(p_now, now());
@@ -228,7 +228,7 @@ $postbox$;
 CREATE OR REPLACE FUNCTION {settle_fn}(p_kind text, p_ids bigint[], p_token uuid, p_delay_ms float8,
                             p_text text, p_now timestamptz)
 RETURNS SETOF bigint
-LANGUAGE plpgsql SET enable_seqscan = off AS $postbox$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $postbox$
 DECLARE
     v_now  timestamptz := coalesce(p_now, now());
     v_n    integer;
