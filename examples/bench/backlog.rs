@@ -1,38 +1,53 @@
 //! `backlog`: 1,000,000 messages published first, then drained by one default subscriber; the
-//! outbox relations' size before, right after the drain, and once rotation had a few seconds,
-//! and how many times autovacuum ran on them meanwhile.
+//! relations' size before, right after the drain, and once rotation had a few seconds, and
+//! how many times autovacuum ran on them meanwhile. Once on a queue (the top-level figures)
+//! and once on a topic subscription (`"topic"`).
 
 use std::time::{Duration, Instant};
 
 use postbox::sqlx::{self, PgPool};
-use postbox::{Delivery, HandlerError, Subscriber, SubscriberOptions};
+use postbox::{Delivery, HandlerError, Subscriber, SubscriberOptions, Topics};
 use serde_json::{Value, json};
 
 use crate::Ctx;
-use crate::publish::batches;
+use crate::publish::{batches, topic_batches};
 use crate::server::table_bytes;
 use crate::stats::{rate, round};
 
-/// How long the workload watches the size after the drain.
-const SETTLE: Duration = Duration::from_secs(10);
+/// How long the workload watches the size after the drain: longer than an idle
+/// subscriber's longest wait between polls (`max_fetch_interval`, 10 s by default), since its
+/// polls are what start rotations.
+const SETTLE: Duration = Duration::from_secs(15);
 
 pub(crate) async fn backlog(ctx: &Ctx) -> anyhow::Result<Value> {
+    let mut queue = one_run(ctx, false).await?;
+    let topic = one_run(ctx, true).await?;
+    if let Value::Object(fields) = &mut queue {
+        fields.insert("topic".into(), topic);
+    }
+    Ok(queue)
+}
+
+async fn one_run(ctx: &Ctx, topic: bool) -> anyhow::Result<Value> {
     let n = ctx.size(1_000_000);
     let db = postbox::testkit::postgres().await?;
     let backend = db.backend();
-    ctx.progress(format!("backlog: publishing {n}"));
-    batches(&backend, "backlog", n, 1_000).await?;
+    let storage = if topic { "topic" } else { "queue" };
+    ctx.progress(format!("backlog: publishing {n} to a {storage}"));
+    let options = if topic {
+        backend.subscribe("backlog", "s").await?;
+        topic_batches(&backend, "backlog", n, 1_000).await?;
+        SubscriberOptions::new(["backlog"]).subscription("s")
+    } else {
+        batches(&backend, "backlog", n, 1_000).await?;
+        SubscriberOptions::new(["backlog"])
+    };
     let before = table_bytes(db.pool()).await?;
     let vacuums_before = autovacuums(db.pool()).await?;
     ctx.progress(format!("backlog: draining {n}"));
     let handler = |_d: Delivery| std::future::ready(Ok::<(), HandlerError>(()));
     let start = Instant::now();
-    let sub = Subscriber::new(
-        backend.clone(),
-        SubscriberOptions::new(["backlog"]),
-        handler,
-    )?
-    .spawn();
+    let sub = Subscriber::new(backend.clone(), options, handler)?.spawn();
     let mut peak = before;
     let mut next_sample = Instant::now();
     while sub.stats().acked < n as u64 {
@@ -65,6 +80,7 @@ pub(crate) async fn backlog(ctx: &Ctx) -> anyhow::Result<Value> {
     db.close().await?;
     Ok(json!({
         "workload": "backlog",
+        "storage": storage,
         "messages": n,
         "drain_msgs_per_s": round(rate(n, drained), 0),
         "bytes_before_drain": before,
@@ -77,11 +93,11 @@ pub(crate) async fn backlog(ctx: &Ctx) -> anyhow::Result<Value> {
     }))
 }
 
-/// Autovacuum runs so far on the outbox table and its partitions.
+/// Autovacuum runs so far on the outbox table, the topic tables and their partitions.
 async fn autovacuums(pool: &PgPool) -> anyhow::Result<i64> {
     let n: Option<i64> = sqlx::query_scalar(
         "SELECT sum(autovacuum_count)::bigint FROM pg_stat_user_tables \
-         WHERE relname = 'postbox' OR relname LIKE 'postbox\\_p_'",
+         WHERE relname LIKE 'postbox%'",
     )
     .fetch_one(pool)
     .await?;

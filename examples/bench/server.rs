@@ -53,8 +53,8 @@ pub(crate) async fn table_bytes(pool: &PgPool) -> anyhow::Result<i64> {
         "SELECT sum(pg_total_relation_size(relid))::bigint FROM \
          (SELECT relid FROM pg_partition_tree('postbox') UNION SELECT 'postbox'::regclass \
           UNION SELECT relid FROM pg_partition_tree('postbox_log') \
-          UNION SELECT t::regclass FROM unnest(ARRAY['postbox_subs', 'postbox_batches', \
-                                                     'postbox_held']) AS t) AS t",
+          UNION SELECT relid FROM pg_partition_tree('postbox_batches') \
+          UNION SELECT t::regclass FROM unnest(ARRAY['postbox_subs', 'postbox_held']) AS t) AS t",
     )
     .fetch_one(pool)
     .await?)

@@ -168,12 +168,18 @@ BEGIN
         SELECT coalesce(array_agg(v.r ORDER BY (v.r).xid, (v.r).id), ARRAY[]::{log}[]) INTO v_more
         FROM (
             SELECT u.r FROM (
-                (SELECT l AS r FROM {log} AS l
-                 WHERE l.topic = v_topic
-                   AND l.xid = ANY (ARRAY(SELECT pg_snapshot_xip(v_lo)))
-                   AND (l.xid, l.id) > (v_pos_xid, v_pos_id)
-                   AND pg_visible_in_snapshot(l.xid, v_hi)
-                 ORDER BY l.xid, l.id
+                -- One index probe per transaction in flight at `lo`: as a filter,
+                -- `xid = ANY (...)` made generic plans read every row after the position.
+                (SELECT y.r FROM pg_snapshot_xip(v_lo) AS x(xid)
+                 CROSS JOIN LATERAL (
+                     SELECT l AS r FROM {log} AS l
+                     WHERE l.topic = v_topic
+                       AND l.xid = x.xid
+                       AND (l.xid, l.id) > (v_pos_xid, v_pos_id)
+                       AND pg_visible_in_snapshot(l.xid, v_hi)
+                     ORDER BY l.id
+                     LIMIT v_left) AS y
+                 ORDER BY (y.r).xid, (y.r).id
                  LIMIT v_left)
                 UNION ALL
                 (SELECT l AS r FROM {log} AS l

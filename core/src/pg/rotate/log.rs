@@ -48,8 +48,10 @@ const LOCK_SUBSCRIPTIONS_EXCLUSIVE: &str = "LOCK TABLE {subs} IN EXCLUSIVE MODE"
 
 /// Whether any subscription still needs a row of `{part}`: a row its cursor (its newest
 /// batch, else its row) has not passed (not visible in `lo`, and not at or before the
-/// position in `(lo, hi]`), or an unsettled message of one of its batches. Rows with `xid`
-/// below `lo`'s xmin are passed, so the scan starts there, through the partition's index.
+/// position in `(lo, hi]`), or an unsettled message of one of its batches. Read as rows after
+/// the position (an index range from it) and rows of transactions in flight at `lo` or `hi`
+/// (index probes), never as a scan of the rows already passed: a lagging subscription in a
+/// large generation made the old form read it all under the `SHARE` lock receives wait on.
 const NEEDED: &str = r#"
 SELECT EXISTS (
     SELECT 1 FROM {subs} AS x
@@ -61,10 +63,18 @@ SELECT EXISTS (
         LIMIT 1
     ) AS c
     WHERE EXISTS (
+        -- After the position: one index range, stopping at the first row not in `lo`.
         SELECT 1 FROM {part} AS l
         WHERE l.topic = x.topic
-          AND l.xid >= pg_snapshot_xmin(c.lo)
+          AND (l.xid, l.id) > (c.pos_xid, c.pos_id)
           AND NOT pg_visible_in_snapshot(l.xid, c.lo)
+    ) OR EXISTS (
+        -- At or before it, a row is unpassed only if its transaction was in flight at `hi`
+        -- (the position is visible in `hi`): one index probe per such transaction.
+        SELECT 1
+        FROM (SELECT pg_snapshot_xip(c.lo) AS xid UNION ALL SELECT pg_snapshot_xip(c.hi)) AS t
+        JOIN {part} AS l ON l.topic = x.topic AND l.xid = t.xid
+        WHERE NOT pg_visible_in_snapshot(l.xid, c.lo)
           AND NOT (pg_visible_in_snapshot(l.xid, c.hi)
                    AND (l.xid, l.id) <= (c.pos_xid, c.pos_id))
     )
