@@ -20,7 +20,8 @@
 //! - `publish_single`: 2,000 messages, one commit each; msg/s and WAL bytes per message.
 //! - `drain`: 20,000 messages published beforehand, one subscriber with a no-op handler; msg/s
 //!   with default settings, tuned settings, and per-row versus batched acks; WAL per message and
-//!   the table's size after the drain.
+//!   the table's size after the drain. `--variants A,B` runs only the named variants (to
+//!   profile one).
 //! - `wakeup`: per round, a subscriber idle for 2 s, then one message published and committed;
 //!   commit-to-handler latency in ms, with LISTEN (`--rounds`, default 50) and polling only
 //!   (at most 10 rounds).
@@ -89,12 +90,13 @@ struct Args {
     smoke: bool,
     quiet: bool,
     hold: xmin_hold::HoldSettings,
+    variants: Option<Vec<String>>,
 }
 
 const USAGE: &str = "usage: bench [publish_batch] [publish_single] [drain] [wakeup] [coop] \
 [journal] [fixture] [fake] [xmin_hold] [backlog] [fanout] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
 [--reps N] [--coop-reps N] [--clean-s S] [--hold-s S] [--after-s S] [--rate N] \
-[--storage queue|topic|both] [--smoke] \
+[--storage queue|topic|both] [--variants A,B] [--smoke] \
 [--quiet]\n   or: bench --render FILE --charts DIR";
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -110,6 +112,7 @@ fn parse_args() -> anyhow::Result<Args> {
         smoke: false,
         quiet: false,
         hold: xmin_hold::HoldSettings::default(),
+        variants: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -132,6 +135,14 @@ fn parse_args() -> anyhow::Result<Args> {
                 "both" => (args.hold.queue, args.hold.topic) = (true, true),
                 other => anyhow::bail!("--storage takes queue, topic or both, not {other}"),
             },
+            "--variants" => {
+                args.variants = Some(
+                    value("a comma-separated list")?
+                        .split(',')
+                        .map(str::to_owned)
+                        .collect(),
+                )
+            }
             "--smoke" => args.smoke = true,
             "--quiet" => args.quiet = true,
             "-h" | "--help" => {
@@ -160,6 +171,8 @@ pub(crate) struct Ctx {
     pub(crate) coop_reps: usize,
     /// Rounds of the latency workloads (wakeup, fixture).
     pub(crate) rounds: usize,
+    /// The drain variants to run (`--variants`); all when `None`.
+    variants: Option<Vec<String>>,
     bar: ProgressBar,
 }
 
@@ -167,6 +180,13 @@ impl Ctx {
     /// `full` in a real run, a fortieth of it (at least 1) in smoke mode.
     pub(crate) fn size(&self, full: usize) -> usize {
         if self.smoke { (full / 40).max(1) } else { full }
+    }
+
+    /// Whether the drain variant `name` was asked for (all are, without `--variants`).
+    pub(crate) fn wants(&self, name: &str) -> bool {
+        self.variants
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == name))
     }
 
     /// Shows what is running now.
@@ -229,6 +249,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         reps: args.reps,
         coop_reps: args.coop_reps,
         rounds: args.rounds.unwrap_or(if args.smoke { 3 } else { 50 }),
+        variants: args.variants.clone(),
         bar,
     };
     ctx.progress("starting the server".into());

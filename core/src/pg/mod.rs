@@ -23,6 +23,7 @@ mod session;
 mod statements;
 mod topic;
 mod topic_batches;
+mod topic_receive;
 
 use std::fmt;
 use std::num::NonZeroUsize;

@@ -63,6 +63,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "topics: batches in generations reclaimed by TRUNCATE, the cursor in the newest batch",
         sql: super::topic_batches::V8,
     },
+    Migration {
+        version: 9,
+        description: "topics: the receive reads its range in index order, without sorting rows",
+        sql: super::topic_receive::V9,
+    },
 ];
 
 const V1: &str = r#"

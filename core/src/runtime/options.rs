@@ -105,6 +105,12 @@ impl SubscriberOptions {
     /// handlers never park more than `prefetch` leased messages in one subscriber's buffer
     /// for long. Set it equal to `prefetch` for a fixed buffer. Each fetch still asks for at
     /// most [`MAX_FETCH_LIMIT`] rows. Defaults to 512.
+    ///
+    /// A [`subscription`](Self::subscription) drains fastest with a larger buffer: a receive
+    /// writes one batch row however many messages it hands out, so its cost per message falls
+    /// as the batch grows (queues write every leased row, so they gain little). With fast
+    /// handlers, `max_prefetch(4096)` or a fixed buffer of a few thousand drains a deep
+    /// subscription about 1.4× faster than the default (`bench drain`, *topic_big_batches*).
     #[must_use]
     pub fn max_prefetch(mut self, n: usize) -> Self {
         self.max_prefetch = n;
