@@ -8,9 +8,9 @@ use anyhow::Result;
 use postbox::sqlx::{self, AssertSqlSafe, PgPool};
 use postbox::testkit::{PgFixture, within};
 use postbox::{
-    Access, Backend, BatchedJournalWriter, CoopReceive, Delivery, FetchParams, HandlerError,
-    JournalEvent, Member, Message, PgBackend, Rotation, Subscriber, SubscriberOptions, TailOptions,
-    WriterOptions, snapshot_and_tail,
+    Access, Backend, BatchedJournalWriter, CoopReceive, DeadFilter, Delivery, FetchParams,
+    HandlerError, JournalEvent, Member, Message, PgBackend, Redrive, Rotation, Subscriber,
+    SubscriberOptions, TailOptions, WriterOptions, snapshot_and_tail,
 };
 
 /// A login role holding exactly `access` on the fixture's outbox, and a pool connected as it.
@@ -232,11 +232,51 @@ async fn each_access_does_its_work_and_nothing_else() -> Result<()> {
         "inspector fetch",
         i.fetch(&FetchParams::new(["q"], 1)).await,
     );
+    // A queue's redrive is the owner's (it deletes dead letters and writes messages); a
+    // subscription's needs what settling does, so a consumer has it.
+    assert!(
+        c.requeue_subscription_dead("svc", &DeadFilter::all())
+            .await?
+            .is_empty()
+    );
+    assert!(
+        c.purge_subscription_dead("svc", &DeadFilter::all())
+            .await?
+            .is_empty()
+    );
+    denied(
+        "inspector subscription requeue",
+        i.requeue_subscription_dead("svc", &DeadFilter::all()).await,
+    );
+    for (who, backend) in [("inspector", &i), ("consumer", &c)] {
+        denied(
+            &format!("{who} requeue"),
+            backend.requeue_dead(&DeadFilter::all()).await,
+        );
+        denied(
+            &format!("{who} purge"),
+            backend.purge_dead(&DeadFilter::all()).await,
+        );
+    }
 
     // Admin: owns the outbox (so later migrations can alter it) and may create another.
     let admin = Role::new(&db, &[Access::Admin]).await?;
     admin.backend().migrate().await?;
     admin.backend().validate_schema().await?;
+    assert!(
+        admin
+            .backend()
+            .requeue_dead(&DeadFilter::all())
+            .await?
+            .is_empty()
+    );
+    assert!(
+        admin
+            .backend()
+            .purge_dead(&DeadFilter::all())
+            .await?
+            .is_empty()
+    );
     let owner: String =
         sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE tablename = 'postbox_p1'")
             .fetch_one(db.pool())

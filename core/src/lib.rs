@@ -8,6 +8,7 @@
 //! - [`Backend`]: publish, fetch, and fenced outcomes (ack, retry, dead-letter, renew, release).
 //! - [`PgBackend`]: the Postgres implementation; [`Engine`]: its dedicated connections.
 //! - [`RetryPolicy`] and [`HandlerError`]: how failures become delays or dead letters.
+//! - [`Redrive`] and [`DeadFilter`]: dead letters requeued or purged, by ids or by a filter.
 //! - [`Member`] and [`CoopReceive`]: cooperative subconsumers sharing queues.
 //! - [`BatchedJournalWriter`], [`record_event`], [`snapshot_and_tail`]: journal streams.
 //! - [`Subscriber`]: the runtime that consumes queues with a [`Handler`].
@@ -28,6 +29,7 @@ mod inspect;
 mod journal;
 mod message;
 mod pg;
+mod redrive;
 mod retry;
 mod runtime;
 mod table;
@@ -56,6 +58,7 @@ pub use pg::{
     Access, Engine, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME, PgBackend, Rotation,
     RotationReport, SCHEMA_VERSION, ddl,
 };
+pub use redrive::{DeadFilter, Redrive};
 pub use retry::{
     Backoff, HandlerError, HandlerErrorKind, RetryDecision, RetryPolicy, RetryPredicate,
 };

@@ -154,6 +154,7 @@ impl FakeBroker {
             .lock()
             .dead
             .values()
+            .map(|d| &d.letter)
             .filter(|d| queue.is_none_or(|q| d.queue == q))
             .cloned()
             .collect()

@@ -12,12 +12,14 @@
 //!   `tokio::time::advance`), plus [`FakeBroker::advance`].
 //! - Faults: [`FakeBroker::fail_next_fetches`] and friends, with a [`Fault`].
 //! - Inspection: [`FakeBroker::snapshot`], [`FakeBroker::dead`], [`FakeBroker::counters`].
+//! - Dead-letter redrive: [`Redrive`](postbox_core::Redrive), as on Postgres.
 
 mod broker;
 mod clock;
 mod coop;
 mod faults;
 mod journal;
+mod redrive;
 mod state;
 mod topics;
 mod tx;

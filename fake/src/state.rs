@@ -69,14 +69,49 @@ impl Row {
     }
 
     /// The dead-letter row for this message.
-    pub(crate) fn dead(self, reason: String, at: DateTime<Utc>) -> DeadLetter {
+    pub(crate) fn dead(self, reason: String, at: DateTime<Utc>) -> DeadRow {
         let mut d = DeadLetter::__new(self.id, self.queue, self.payload, reason, at);
         d.headers = self.headers;
         d.correlation_id = self.correlation_id;
         d.attempts = self.attempts;
         d.deliveries = self.deliveries;
         d.last_error = self.last_error;
-        d
+        DeadRow {
+            letter: d,
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// One row of the dead-letter table: what [`DeadLetter`] shows, and the publish time a
+/// requeue gives back to the message (as `T_dead.created_at` does).
+#[derive(Debug, Clone)]
+pub(crate) struct DeadRow {
+    pub(crate) letter: DeadLetter,
+    pub(crate) created_at: DateTime<Utc>,
+}
+
+impl DeadRow {
+    /// The message this dead letter becomes when requeued at `now`: ready, its history
+    /// cleared.
+    pub(crate) fn requeued(self, now: DateTime<Utc>) -> Row {
+        let d = self.letter;
+        Row {
+            id: d.id,
+            queue: d.queue,
+            payload: d.payload,
+            headers: d.headers,
+            correlation_id: d.correlation_id,
+            attempts: 0,
+            deliveries: 0,
+            created_at: self.created_at,
+            next_attempt_at: now,
+            first_attempt_at: None,
+            last_attempt_at: None,
+            lease: None,
+            acquired_by: None,
+            last_error: None,
+        }
     }
 }
 
@@ -118,7 +153,7 @@ pub(crate) struct State {
     pub(crate) unleased: HashMap<String, BTreeSet<(DateTime<Utc>, MessageId)>>,
     /// Leased rows per queue, by lease time.
     pub(crate) leased: HashMap<String, BTreeSet<(DateTime<Utc>, MessageId)>>,
-    pub(crate) dead: BTreeMap<MessageId, DeadLetter>,
+    pub(crate) dead: BTreeMap<MessageId, DeadRow>,
     /// Journal events by (stream, seq).
     pub(crate) journal: BTreeMap<(String, i64), postbox_core::JournalEvent>,
     pub(crate) faults: Faults,

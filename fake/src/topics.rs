@@ -70,6 +70,24 @@ struct Held {
 }
 
 impl Held {
+    /// What a subscription's dead-letter listing shows of this message, if it is dead.
+    fn dead_letter(&self) -> Option<DeadLetter> {
+        let (at, reason) = self.dead.clone()?;
+        let mut d = DeadLetter::__new(
+            self.row.id,
+            self.row.topic.clone(),
+            self.row.payload.clone(),
+            reason,
+            at,
+        );
+        d.headers = self.row.headers.clone();
+        d.correlation_id = self.row.correlation_id;
+        d.attempts = self.attempts;
+        d.deliveries = self.deliveries;
+        d.last_error = self.last_error.clone();
+        Some(d)
+    }
+
     /// A message of a batch leased at `leased_at` for `ttl` that leaves it for a row of its
     /// own: delivered once, due `now`.
     fn from_batch(
@@ -152,6 +170,40 @@ enum KeyCheck {
 }
 
 impl TopicState {
+    /// Requeues (due `now`, history cleared) or deletes the dead letters of `subscription`
+    /// that `filter` selects; their ids, in id order.
+    pub(crate) fn redrive_dead(
+        &mut self,
+        subscription: &str,
+        filter: &postbox_core::DeadFilter,
+        now: DateTime<Utc>,
+        requeue: bool,
+    ) -> Vec<MessageId> {
+        let Some(sub) = self.subs.get_mut(subscription) else {
+            return Vec::new();
+        };
+        let ids: Vec<MessageId> = sub
+            .held
+            .values()
+            .filter(|h| h.dead_letter().is_some_and(|d| filter.matches(&d, now)))
+            .map(|h| h.row.id)
+            .collect();
+        for id in &ids {
+            if !requeue {
+                sub.held.remove(id);
+            } else if let Some(h) = sub.held.get_mut(id) {
+                h.dead = None;
+                h.attempts = 0;
+                h.deliveries = 0;
+                h.next_attempt_at = now;
+                h.first_attempt_at = None;
+                h.last_error = None;
+                h.lease = None;
+            }
+        }
+        ids
+    }
+
     /// Appends committed messages to their topics' logs, in commit order, and turns the
     /// transaction's key reservations into keys.
     pub(crate) fn commit(&mut self, rows: Vec<LogRow>, tx_id: u64) {
@@ -660,26 +712,7 @@ impl Topics for FakeBroker {
         let Some(sub) = state.topics.subs.get(subscription) else {
             return Ok(Vec::new());
         };
-        let mut dead: Vec<DeadLetter> = sub
-            .held
-            .values()
-            .filter_map(|h| {
-                let (at, reason) = h.dead.clone()?;
-                let mut d = DeadLetter::__new(
-                    h.row.id,
-                    h.row.topic.clone(),
-                    h.row.payload.clone(),
-                    reason,
-                    at,
-                );
-                d.headers = h.row.headers.clone();
-                d.correlation_id = h.row.correlation_id;
-                d.attempts = h.attempts;
-                d.deliveries = h.deliveries;
-                d.last_error = h.last_error.clone();
-                Some(d)
-            })
-            .collect();
+        let mut dead: Vec<DeadLetter> = sub.held.values().filter_map(Held::dead_letter).collect();
         dead.sort_by_key(|d| (d.dead_at, d.id));
         Ok(dead)
     }

@@ -12,7 +12,7 @@
 //! | [`Access::JournalWriter`] | `SELECT, INSERT` on `T_events` |
 //! | [`Access::JournalReader`] | `SELECT` on `T_events` |
 //! | [`Access::Inspector`] | `SELECT` on `T`, `T_dead`, `T_members`, `T_events`, `T_log`, `T_subs`, `T_batches`, `T_held`, `T_keys` |
-//! | [`Access::Admin`] | ownership of every object (later migrations alter them) and `CREATE` on the schema |
+//! | [`Access::Admin`] | ownership of every object (later migrations alter them) and `CREATE` on the schema; the only role that can redrive a queue's dead letters ([`Redrive`](crate::Redrive); a consumer can redrive a subscription's) |
 //!
 //! `NOTIFY` and `LISTEN` need no privilege (which is why the journal's live channel carries no
 //! events by default: see [`JournalLive`](crate::JournalLive)).
@@ -40,7 +40,8 @@ pub enum Access {
     /// Reads messages, dead letters, members and journals (`messages`, `dead_letters`,
     /// `coop_members`), changes nothing.
     Inspector,
-    /// Owns the outbox and runs its migrations.
+    /// Owns the outbox and runs its migrations; redrives a queue's dead letters
+    /// ([`Redrive`](crate::Redrive)).
     Admin,
 }
 

@@ -17,6 +17,7 @@ mod journal;
 mod limit;
 mod outcome;
 mod publish;
+mod redrive;
 mod rotate;
 mod schema;
 mod session;

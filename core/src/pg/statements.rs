@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
-use super::{coop, fetch, inspect, journal, outcome, publish, schema, topic};
+use super::{coop, fetch, inspect, journal, outcome, publish, redrive, schema, topic};
 use crate::table::{OutcomeFunction, TableName};
 
 /// Substitutes the identifier placeholders of `template` for `table`, after repeating each
@@ -126,6 +126,10 @@ pub(crate) struct Statements {
     pub(crate) release: SqlStr,
     pub(crate) messages: SqlStr,
     pub(crate) dead_letters: SqlStr,
+    pub(crate) requeue_dead: SqlStr,
+    pub(crate) purge_dead: SqlStr,
+    pub(crate) requeue_subscription_dead: SqlStr,
+    pub(crate) purge_subscription_dead: SqlStr,
     pub(crate) coop_receive: SqlStr,
     pub(crate) coop_register: SqlStr,
     pub(crate) coop_touch: SqlStr,
@@ -170,6 +174,10 @@ impl Statements {
             release: sql(outcome::RELEASE, table),
             messages: sql(inspect::MESSAGES, table),
             dead_letters: sql(inspect::DEAD_LETTERS, table),
+            requeue_dead: sql(redrive::REQUEUE_DEAD, table),
+            purge_dead: sql(redrive::PURGE_DEAD, table),
+            requeue_subscription_dead: sql(redrive::REQUEUE_SUBSCRIPTION_DEAD, table),
+            purge_subscription_dead: sql(redrive::PURGE_SUBSCRIPTION_DEAD, table),
             coop_receive: sql(coop::COOP_RECEIVE, table),
             coop_register: sql(coop::COOP_REGISTER, table),
             coop_touch: sql(coop::COOP_TOUCH, table),

@@ -11,6 +11,7 @@
 //! ```
 //!
 //! Areas: `tx` (publish and transactions), `fetch`, `lease`, `fence`, `retry`, `dead`,
+//! `redrive` (dead letters requeued or purged),
 //! `inspect`, `runtime` (the subscriber on the backend), `coop` (cooperative subconsumers),
 //! `journal`, `topic` (topics and subscriptions), `validation` (what Postgres cannot store,
 //! refused alike). Time moves through
@@ -23,6 +24,7 @@ mod fetch;
 mod inspect;
 mod journal;
 mod leases;
+mod redrive;
 mod retries;
 mod runtime;
 mod topics;
@@ -30,7 +32,9 @@ mod tx;
 mod validation;
 
 use async_trait::async_trait;
-use postbox_core::{Backend, Delivery, FetchParams, Message, MessageId, PgBackend, Topics};
+use postbox_core::{
+    Backend, Delivery, FetchParams, Message, MessageId, PgBackend, Redrive, Topics,
+};
 use postbox_fake::FakeBroker;
 
 pub use coop::*;
@@ -40,6 +44,7 @@ pub use fetch::*;
 pub use inspect::*;
 pub use journal::*;
 pub use leases::*;
+pub use redrive::*;
 pub use retries::*;
 pub use runtime::*;
 pub use topics::*;
@@ -54,7 +59,7 @@ use crate::time::TimeControl;
 #[async_trait]
 pub trait Harness: Send + Sync + Sized + 'static {
     /// The backend under test.
-    type Backend: Backend + Topics + TimeControl + JournalLiveControl + Clone;
+    type Backend: Backend + Topics + Redrive + TimeControl + JournalLiveControl + Clone;
 
     /// The backend, empty at the start of the case.
     fn backend(&self) -> &Self::Backend;
@@ -193,6 +198,13 @@ macro_rules! conformance_tests {
             dead_letter_moves_the_message_with_its_reason,
             dead_letters_are_never_fetched,
             dead_letters_are_listed_per_queue,
+            redrive_requeue_puts_dead_letters_back_ready_and_fresh,
+            redrive_filters_by_ids_queue_reason_and_age,
+            redrive_purge_deletes_only_what_the_filter_selects,
+            redrive_racing_requeues_move_each_letter_once,
+            redrive_refuses_bad_filters_and_changes_nothing,
+            redrive_requeues_a_subscriptions_dead_letters_in_it_alone,
+            redrive_purges_a_subscriptions_dead_letters,
             inspect_reports_ready_scheduled_and_leased,
             inspect_lists_by_queue_and_forgets_acked,
             runtime_delivers_every_message_and_acks_it,

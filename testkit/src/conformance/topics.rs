@@ -13,7 +13,7 @@ use super::{Harness, ids};
 use crate::time::TimeControl;
 
 /// Publishes `messages` to their topics in one committed transaction; returns their ids.
-async fn publish_to<B: Topics>(b: &B, messages: Vec<Message>) -> Vec<MessageId> {
+pub(super) async fn publish_to<B: Topics>(b: &B, messages: Vec<Message>) -> Vec<MessageId> {
     let mut tx = b.begin().await.expect("begin");
     let ids = b
         .publish_to_topics(&mut tx, messages)
@@ -28,13 +28,13 @@ fn many(topic: &str, n: usize) -> Vec<Message> {
     (0..n).map(|i| Message::new(topic, i.to_string())).collect()
 }
 
-async fn receive<B: Topics>(b: &B, subscription: &str, limit: u32) -> Vec<Delivery> {
+pub(super) async fn receive<B: Topics>(b: &B, subscription: &str, limit: u32) -> Vec<Delivery> {
     b.receive(&Receive::new(subscription, limit))
         .await
         .expect("receive")
 }
 
-fn leases(deliveries: &[Delivery]) -> Vec<Lease> {
+pub(super) fn leases(deliveries: &[Delivery]) -> Vec<Lease> {
     deliveries.iter().map(Delivery::lease).collect()
 }
 
@@ -45,7 +45,7 @@ async fn ack<B: Topics>(b: &B, deliveries: &[Delivery]) -> Vec<MessageId> {
 }
 
 /// Receives and acks until the subscription has nothing due; the ids in order of receipt.
-async fn drain<B: Topics>(b: &B, subscription: &str) -> Vec<MessageId> {
+pub(super) async fn drain<B: Topics>(b: &B, subscription: &str) -> Vec<MessageId> {
     let mut seen = Vec::new();
     loop {
         let got = receive(b, subscription, 5).await;
