@@ -8,7 +8,7 @@ use anyhow::Result;
 use postbox::sqlx::{self, AssertSqlSafe, PgPool};
 use postbox::testkit::{PgFixture, within};
 use postbox::{
-    Access, Backend, BatchedJournalWriter, CoopReceive, DeadFilter, Delivery, FetchParams,
+    Access, Backend, BatchedJournalWriter, CoopReceive, DeadFilter, Delivery, Depth, FetchParams,
     HandlerError, JournalEvent, Member, Message, PgBackend, Redrive, Rotation, Subscriber,
     SubscriberOptions, TailOptions, WriterOptions, snapshot_and_tail,
 };
@@ -222,6 +222,10 @@ async fn each_access_does_its_work_and_nothing_else() -> Result<()> {
     let i = inspector.backend();
     assert!(i.messages(Some("q")).await?.is_empty(), "all drained");
     assert!(i.dead_letters(None).await?.is_empty());
+    assert!(
+        i.queue_depths(None).await?.is_empty(),
+        "the depths function runs as the caller"
+    );
     assert_eq!(i.journal_read_after("s", 0, 10).await?.len(), 2);
     assert_eq!(i.subscriptions(None).await?[0].backlog, 0);
     denied(

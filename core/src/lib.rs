@@ -9,6 +9,7 @@
 //! - [`PgBackend`]: the Postgres implementation; [`Engine`]: its dedicated connections.
 //! - [`RetryPolicy`] and [`HandlerError`]: how failures become delays or dead letters.
 //! - [`Redrive`] and [`DeadFilter`]: dead letters requeued or purged, by ids or by a filter.
+//! - [`Depth`]: each queue's messages counted by state, and its lag.
 //! - [`Member`] and [`CoopReceive`]: cooperative subconsumers sharing queues.
 //! - [`BatchedJournalWriter`], [`record_event`], [`snapshot_and_tail`]: journal streams.
 //! - [`Subscriber`]: the runtime that consumes queues with a [`Handler`].
@@ -24,6 +25,7 @@
 
 mod backend;
 mod coop;
+mod depth;
 mod error;
 mod inspect;
 mod journal;
@@ -44,6 +46,7 @@ pub use coop::{
     CoopReceive, HEARTBEAT_REFRESH, MAX_MEMBER_NAME_LEN, Member, MemberInfo, Registration,
     Unregister,
 };
+pub use depth::{Depth, QueueDepth};
 pub use error::{Error, Result, SchemaProblems};
 pub use inspect::{DeadLetter, MessageState, StoredMessage};
 pub use journal::{

@@ -52,6 +52,8 @@ const SUFFIXES: &[&str] = &[
     "_settle",
     "_keys",
     "_keys_idx",
+    "_depths",
+    "_dead_idx",
 ];
 
 /// The single-row outcomes, each run by a function of its own (see
@@ -436,6 +438,16 @@ impl TableName {
     /// The function that settles received messages, `T_settle`.
     pub(crate) fn settle_function(&self) -> String {
         format!("{}_settle", self.name)
+    }
+
+    /// The function that counts each queue's messages by state, `T_depths`.
+    pub(crate) fn depths_function(&self) -> String {
+        format!("{}_depths", self.name)
+    }
+
+    /// The index of dead letters by queue and time, `T_dead_idx`.
+    pub fn dead_index(&self) -> String {
+        format!("{}_dead_idx", self.name)
     }
 
     /// The name the schema-v3 table takes while the v4 migration copies it, `T_v3`.

@@ -17,6 +17,7 @@
 mod broker;
 mod clock;
 mod coop;
+mod depth;
 mod faults;
 mod journal;
 mod redrive;

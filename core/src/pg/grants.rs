@@ -38,7 +38,7 @@ pub enum Access {
     /// Reads journal streams (`snapshot_and_tail`, `journal_read_after`).
     JournalReader,
     /// Reads messages, dead letters, members and journals (`messages`, `dead_letters`,
-    /// `coop_members`), changes nothing.
+    /// `queue_depths`, `coop_members`), changes nothing.
     Inspector,
     /// Owns the outbox and runs its migrations; redrives a queue's dead letters
     /// ([`Redrive`](crate::Redrive)).
@@ -69,6 +69,8 @@ WHERE c.oid = to_regclass($1)"#;
 /// The argument types of `T_receive`, as `GRANT` and `ALTER FUNCTION` name it.
 const RECEIVE_SIGNATURE: &str =
     "(text, integer, double precision, uuid, text, integer, timestamptz)";
+/// The argument types of `T_depths`.
+const DEPTHS_SIGNATURE: &str = "(text, timestamptz)";
 /// The argument types of `T_settle`.
 const SETTLE_SIGNATURE: &str = "(text, bigint[], uuid, double precision, text, timestamptz)";
 
@@ -254,6 +256,10 @@ pub(crate) fn statements(
             out.push(format!(
                 "ALTER FUNCTION {}{SETTLE_SIGNATURE} OWNER TO {role}",
                 q(table.settle_function())
+            ));
+            out.push(format!(
+                "ALTER FUNCTION {}{DEPTHS_SIGNATURE} OWNER TO {role}",
+                q(table.depths_function())
             ));
             for f in OutcomeFunction::ALL {
                 out.push(format!(

@@ -9,6 +9,7 @@
 //! | time control | pin the statements' clock with the `test-util` feature |
 
 mod coop;
+mod depth;
 mod engine;
 mod fetch;
 mod grants;

@@ -68,6 +68,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "topics: the receive reads its range in index order, without sorting rows",
         sql: super::topic_receive::V9,
     },
+    Migration {
+        version: 10,
+        description: "queue depths counted from the indexes; dead letters indexed by queue and time",
+        sql: super::depth::V10,
+    },
 ];
 
 const V1: &str = r#"
@@ -674,6 +679,7 @@ pub(crate) async fn problems(
         table.batch_token_index(),
         table.held_index(),
         table.keys_index(),
+        table.dead_index(),
     ]
     .map(|index| ("index", table.regclass(&index)));
     let sequences = [
@@ -703,7 +709,11 @@ pub(crate) async fn problems(
             problems.push(format!("{kind} {name} is missing"));
         }
     }
-    let topic_functions = [table.receive_function(), table.settle_function()];
+    let topic_functions = [
+        table.receive_function(),
+        table.settle_function(),
+        table.depths_function(),
+    ];
     for function in OutcomeFunction::ALL
         .map(|f| table.regclass(&table.outcome_function(f)))
         .into_iter()

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
-use super::{coop, fetch, inspect, journal, outcome, publish, redrive, schema, topic};
+use super::{coop, depth, fetch, inspect, journal, outcome, publish, redrive, schema, topic};
 use crate::table::{OutcomeFunction, TableName};
 
 /// Substitutes the identifier placeholders of `template` for `table`, after repeating each
@@ -24,6 +24,7 @@ pub(crate) fn render(template: &str, table: &TableName) -> String {
     let function = |f| table.qualified(&table.outcome_function(f));
     each_generation(template)
         .replace("{table}", &q(table.as_str().to_owned()))
+        .replace("{dead_idx}", &bare(table.dead_index()))
         .replace("{dead}", &q(table.dead_letter()))
         .replace("{migrations}", &q(table.migrations()))
         .replace("{pending_idx}", &bare(table.pending_index()))
@@ -43,6 +44,7 @@ pub(crate) fn render(template: &str, table: &TableName) -> String {
         .replace("{bury_fn}", &function(OutcomeFunction::Bury))
         .replace("{renew_fn}", &function(OutcomeFunction::Renew))
         .replace("{release_fn}", &function(OutcomeFunction::Release))
+        .replace("{depths_fn}", &q(table.depths_function()))
         .replace("{log}", &q(table.log()))
         .replace("{log_p0}", &q(table.log_partition(0)))
         .replace("{log_p1}", &q(table.log_partition(1)))
@@ -127,6 +129,7 @@ pub(crate) struct Statements {
     pub(crate) messages: SqlStr,
     pub(crate) dead_letters: SqlStr,
     pub(crate) requeue_dead: SqlStr,
+    pub(crate) depths: SqlStr,
     pub(crate) purge_dead: SqlStr,
     pub(crate) requeue_subscription_dead: SqlStr,
     pub(crate) purge_subscription_dead: SqlStr,
@@ -175,6 +178,7 @@ impl Statements {
             messages: sql(inspect::MESSAGES, table),
             dead_letters: sql(inspect::DEAD_LETTERS, table),
             requeue_dead: sql(redrive::REQUEUE_DEAD, table),
+            depths: sql(depth::DEPTHS, table),
             purge_dead: sql(redrive::PURGE_DEAD, table),
             requeue_subscription_dead: sql(redrive::REQUEUE_SUBSCRIPTION_DEAD, table),
             purge_subscription_dead: sql(redrive::PURGE_SUBSCRIPTION_DEAD, table),

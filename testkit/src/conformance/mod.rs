@@ -11,7 +11,7 @@
 //! ```
 //!
 //! Areas: `tx` (publish and transactions), `fetch`, `lease`, `fence`, `retry`, `dead`,
-//! `redrive` (dead letters requeued or purged),
+//! `redrive` (dead letters requeued or purged), `depth` (counts by state),
 //! `inspect`, `runtime` (the subscriber on the backend), `coop` (cooperative subconsumers),
 //! `journal`, `topic` (topics and subscriptions), `validation` (what Postgres cannot store,
 //! refused alike). Time moves through
@@ -19,6 +19,7 @@
 
 mod coop;
 mod dead;
+mod depth;
 mod fencing;
 mod fetch;
 mod inspect;
@@ -33,12 +34,13 @@ mod validation;
 
 use async_trait::async_trait;
 use postbox_core::{
-    Backend, Delivery, FetchParams, Message, MessageId, PgBackend, Redrive, Topics,
+    Backend, Delivery, Depth, FetchParams, Message, MessageId, PgBackend, Redrive, Topics,
 };
 use postbox_fake::FakeBroker;
 
 pub use coop::*;
 pub use dead::*;
+pub use depth::*;
 pub use fencing::*;
 pub use fetch::*;
 pub use inspect::*;
@@ -59,7 +61,7 @@ use crate::time::TimeControl;
 #[async_trait]
 pub trait Harness: Send + Sync + Sized + 'static {
     /// The backend under test.
-    type Backend: Backend + Topics + Redrive + TimeControl + JournalLiveControl + Clone;
+    type Backend: Backend + Topics + Redrive + Depth + TimeControl + JournalLiveControl + Clone;
 
     /// The backend, empty at the start of the case.
     fn backend(&self) -> &Self::Backend;
@@ -206,6 +208,8 @@ macro_rules! conformance_tests {
             redrive_requeues_a_subscriptions_dead_letters_in_it_alone,
             redrive_purges_a_subscriptions_dead_letters,
             inspect_reports_ready_scheduled_and_leased,
+            depth_counts_each_state_per_queue,
+            depth_refuses_a_bad_queue_name,
             inspect_lists_by_queue_and_forgets_acked,
             runtime_delivers_every_message_and_acks_it,
             runtime_retries_then_dead_letters,
