@@ -24,6 +24,7 @@
 //! dead-letter the message (the call returns `Ok(false)`).
 
 mod backend;
+mod cancel;
 mod coop;
 mod depth;
 mod error;
@@ -67,7 +68,7 @@ pub use retry::{
 };
 pub use runtime::{
     Handler, HandlerFuture, Outcome, ShutdownReport, Stats, Subscriber, SubscriberEvent,
-    SubscriberHandle, SubscriberOptions,
+    SubscriberHandle, SubscriberOptions, shutdown_signal,
 };
 pub use table::{GENERATIONS, MAX_IDENTIFIER_LEN, TableName};
 pub use topic::{

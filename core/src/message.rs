@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::cancel::Cancellation;
 use crate::error::{Error, Result};
 
 /// The id of a message: the outbox table's `bigserial` primary key.
@@ -277,6 +278,8 @@ pub struct Delivery {
     pub acquired_by: Option<String>,
     /// The error recorded by the last retry.
     pub last_error: Option<String>,
+    /// The subscriber's shutdown signal, set when a subscriber starts the handler.
+    pub(crate) cancel: Cancellation,
 }
 
 impl Delivery {
@@ -300,7 +303,56 @@ impl Delivery {
             token: Uuid::nil(),
             acquired_by: None,
             last_error: None,
+            cancel: Cancellation::default(),
         }
+    }
+
+    /// Resolves when the [`Subscriber`](crate::Subscriber) running this delivery's handler
+    /// asks it to stop: at shutdown, [`SubscriberOptions::shutdown_grace`] before the
+    /// [`shutdown_timeout`](crate::SubscriberOptions::shutdown_timeout) aborts the handler.
+    /// Never resolves for a delivery that no subscriber is running (fetched by hand, say).
+    ///
+    /// A handler that may run long selects on it beside its work and ends early: with `Ok`
+    /// if what it did so far completes the message, with an error (retried per the policy;
+    /// [`HandlerError::retry_after`](crate::HandlerError::retry_after) with zero makes it
+    /// ready at once) if not. Either way its outcome is recorded; a handler still running at
+    /// the timeout is aborted instead, and its message is delivered again once its lease
+    /// expires.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use postbox_core::{Delivery, HandlerError};
+    ///
+    /// async fn handle(delivery: Delivery) -> Result<(), HandlerError> {
+    ///     tokio::select! {
+    ///         () = export_report(&delivery) => Ok(()),
+    ///         () = delivery.cancelled() => {
+    ///             Err(HandlerError::retry_after(Duration::ZERO, "shutting down"))
+    ///         }
+    ///     }
+    /// }
+    /// # async fn export_report(_: &Delivery) {}
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future and calling again waits for the same signal.
+    ///
+    /// [`SubscriberOptions::shutdown_grace`]: crate::SubscriberOptions::shutdown_grace
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await;
+    }
+
+    /// Whether the subscriber running this delivery's handler has asked it to stop (see
+    /// [`cancelled`](Self::cancelled)).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// This delivery, carrying the signal of `token`.
+    pub(crate) fn with_cancellation(mut self, token: &tokio_util::sync::CancellationToken) -> Self {
+        self.cancel = Cancellation::of(token);
+        self
     }
 
     /// The lease to pass to outcome calls.

@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use super::Inner;
 use crate::backend::FetchParams;
+use crate::cancel::Cancellation;
 use crate::error::Result;
 use crate::message::Delivery;
 
@@ -231,6 +232,7 @@ pub(crate) fn delivery(row: &PgRow) -> Result<Delivery, sqlx::Error> {
         token: row.try_get("acquired_token")?,
         acquired_by: row.try_get("acquired_by")?,
         last_error: row.try_get("last_error")?,
+        cancel: Cancellation::default(),
     })
 }
 

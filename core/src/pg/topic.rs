@@ -26,6 +26,7 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::PgBackend;
+use crate::cancel::Cancellation;
 use crate::error::{Error, Result};
 use crate::inspect::DeadLetter;
 use crate::message::{Delivery, Lease, Message, MessageId};
@@ -895,6 +896,7 @@ impl Topics for PgBackend {
                     token,
                     acquired_by: params.holder_name().map(str::to_owned),
                     last_error: r.try_get("last_error")?,
+                    cancel: Cancellation::default(),
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;

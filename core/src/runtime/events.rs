@@ -59,6 +59,13 @@ pub enum SubscriberEvent {
         /// How many.
         n: usize,
     },
+    /// Shutdown asked the handlers still running to stop
+    /// ([`Delivery::cancelled`](crate::Delivery::cancelled) resolved for them),
+    /// [`shutdown_grace`](crate::SubscriberOptions::shutdown_grace) before its timeout.
+    HandlersCancelled {
+        /// How many were running.
+        n: usize,
+    },
     /// The loop stopped.
     Stopped,
 }

@@ -3,7 +3,7 @@
 //! - [`Subscriber`]: fetches, runs a [`Handler`] on up to `max_workers` tasks, records
 //!   outcomes (acks batched), renews leases, backs off on errors, shuts down gracefully.
 //! - [`SubscriberOptions`]: its settings, each with its default.
-//! - [`SubscriberHandle`]: `shutdown()`, health (`is_running`, `last_error`), [`Stats`] and
+//! - [`SubscriberHandle`]: `shutdown()` or `shutdown_on(`[`shutdown_signal`]`()?)`, health (`is_running`, `last_error`), [`Stats`] and
 //!   [`SubscriberEvent`]s.
 //!
 //! With Postgres the loop holds one persistent fetch connection and one LISTEN connection;
@@ -16,6 +16,7 @@ mod events;
 mod handler;
 mod listener;
 mod options;
+mod signal;
 mod subscriber;
 mod supervisor;
 mod window;
@@ -24,4 +25,5 @@ mod workers;
 pub use events::{Outcome, Stats, SubscriberEvent};
 pub use handler::{Handler, HandlerFuture};
 pub use options::SubscriberOptions;
+pub use signal::shutdown_signal;
 pub use subscriber::{ShutdownReport, Subscriber, SubscriberHandle};

@@ -39,6 +39,7 @@ pub struct SubscriberOptions {
     pub(crate) retry_policy: RetryPolicy,
     pub(crate) max_deliveries: Option<u32>,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) shutdown_grace: Duration,
     pub(crate) batch_acks: bool,
     pub(crate) ack_delay: Duration,
     pub(crate) listen: bool,
@@ -65,6 +66,7 @@ impl SubscriberOptions {
             retry_policy: RetryPolicy::default(),
             max_deliveries: None,
             shutdown_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
             batch_acks: true,
             ack_delay: Duration::ZERO,
             listen: true,
@@ -165,6 +167,17 @@ impl SubscriberOptions {
     #[must_use]
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// How long before the [`shutdown_timeout`](Self::shutdown_timeout) aborts them running
+    /// handlers are asked to stop ([`Delivery::cancelled`](crate::Delivery::cancelled)
+    /// resolves). Until then a shutdown lets them finish undisturbed; from then a handler
+    /// that watches the signal has this long to end and have its outcome recorded. A grace
+    /// at or above the timeout asks them at once. Defaults to 5 s.
+    #[must_use]
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
         self
     }
 

@@ -1,6 +1,7 @@
 //! The public face of the runtime: [`Subscriber`] and its [`SubscriberHandle`].
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -170,6 +171,9 @@ pub struct SubscriberHandle {
 pub struct ShutdownReport {
     /// Fetched messages that had not started, given back at once.
     pub released: usize,
+    /// Handlers still running when they were asked to stop
+    /// ([`shutdown_grace`](crate::SubscriberOptions::shutdown_grace) before the timeout).
+    pub cancelled: usize,
     /// Handlers still running at the shutdown timeout; their messages stay leased and are
     /// delivered again after `lease_ttl`.
     pub abandoned: usize,
@@ -179,8 +183,10 @@ pub struct ShutdownReport {
 
 impl SubscriberHandle {
     /// Stops fetching, gives back fetched messages that have not started, waits for running
-    /// handlers up to the shutdown timeout and records their outcomes, then closes the
-    /// subscriber's connections. No unprocessed message is deleted.
+    /// handlers up to the shutdown timeout (asking them to stop
+    /// [`shutdown_grace`](crate::SubscriberOptions::shutdown_grace) before it) and records
+    /// their outcomes, then closes the subscriber's connections. No unprocessed message is
+    /// deleted.
     ///
     /// # Errors
     ///
@@ -193,6 +199,47 @@ impl SubscriberHandle {
                 .map_err(|e| Error::Runtime(format!("subscriber task failed: {e}"))),
             None => Err(Error::Runtime("subscriber already shut down".into())),
         }
+    }
+
+    /// Runs until `signal` resolves, then [shuts down](Self::shutdown); returns at once
+    /// with the report if the subscriber stops by itself first (its backend closed).
+    ///
+    /// `signal` is any future: [`shutdown_signal`](crate::shutdown_signal) for `SIGTERM` and
+    /// Ctrl-C, a `tokio_util` `CancellationToken`'s `cancelled_owned()` to stop several
+    /// subscribers together, a channel. Its output is ignored.
+    ///
+    /// ```no_run
+    /// # async fn run(a: postbox_core::SubscriberHandle, b: postbox_core::SubscriberHandle) -> Result<(), postbox_core::Error> {
+    /// use tokio_util::sync::CancellationToken;
+    ///
+    /// let stop = CancellationToken::new();
+    /// let both = tokio::join!(
+    ///     a.shutdown_on(stop.clone().cancelled_owned()),
+    ///     b.shutdown_on(stop.clone().cancelled_owned()),
+    /// );
+    /// # let _ = both; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`shutdown`](Self::shutdown).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: dropping the future before it resolves drops the handle, which asks
+    /// the subscriber to shut down in the background without waiting for it.
+    pub async fn shutdown_on<F: Future>(mut self, signal: F) -> Result<ShutdownReport> {
+        let Some(mut task) = self.task.take() else {
+            return Err(Error::Runtime("subscriber already shut down".into()));
+        };
+        let done = tokio::select! {
+            done = &mut task => done,
+            _ = signal => {
+                let _ = self.stop.send(true);
+                task.await
+            }
+        };
+        done.map_err(|e| Error::Runtime(format!("subscriber task failed: {e}")))
     }
 
     /// Whether the subscriber loop is running (false once it stopped, for a shutdown or

@@ -637,14 +637,29 @@ impl<B: Topics> Supervisor<B> {
         Counters::add(&self.shared.counters.released, released as u64);
         self.shared.emit(SubscriberEvent::Released { n: released });
 
-        let deadline = Instant::now() + self.options.shutdown_timeout;
+        let started = Instant::now();
+        let deadline = started
+            .checked_add(self.options.shutdown_timeout)
+            .unwrap_or_else(|| started + FOREVER);
+        // The signal goes out `shutdown_grace` before the deadline, at once if that is past.
+        let signal_at = deadline
+            .checked_sub(self.options.shutdown_grace)
+            .map_or(started, |at| at.max(started));
+        let mut cancelled = None;
         while !self.workers.is_idle() {
             tokio::select! {
+                biased;
                 Some(()) = self.workers.join_next() => {
                     self.record_finished();
                     self.flush_outcomes(true).await;
                 }
                 _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep_until(signal_at), if cancelled.is_none() => {
+                    let n = self.workers.signal_stop();
+                    tracing::info!(target: "postbox", running = n, "postbox.subscriber: asking running handlers to stop");
+                    self.shared.emit(SubscriberEvent::HandlersCancelled { n });
+                    cancelled = Some(n);
+                }
             }
         }
         let abandoned = self.workers.busy();
@@ -660,11 +675,15 @@ impl<B: Topics> Supervisor<B> {
         }
         ShutdownReport {
             released,
+            cancelled: cancelled.unwrap_or(0),
             abandoned,
             stats: self.shared.counters.snapshot(),
         }
     }
 }
+
+/// A wait longer than any process lives, for timeouts too large to add to an `Instant`.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Sleeps until `at`, or forever without one (the branch is disabled then anyway).
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -11,6 +11,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use tokio::task::{Id, JoinError, JoinSet};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::handler::Handler;
@@ -32,6 +33,8 @@ pub(crate) struct Workers {
     pub(crate) waiting: VecDeque<Delivery>,
     /// Handled deliveries whose outcome the fetch loop has not recorded yet.
     finished: Vec<(Delivery, Finished)>,
+    /// The signal every started delivery carries ([`Delivery::cancelled`]).
+    cancel: CancellationToken,
 }
 
 impl Workers {
@@ -43,6 +46,7 @@ impl Workers {
             running: HashMap::new(),
             waiting: VecDeque::new(),
             finished: Vec::new(),
+            cancel: CancellationToken::new(),
         }
     }
 
@@ -69,7 +73,7 @@ impl Workers {
                 attempt = delivery.attempts + 1,
             );
             let handler = Arc::clone(&self.handler);
-            let input = delivery.clone();
+            let input = delivery.clone().with_cancellation(&self.cancel);
             // A handler that panics while building its future is caught like one that panics
             // while running it.
             let future = async move {
@@ -133,6 +137,12 @@ impl Workers {
                 }
             }
         }
+    }
+
+    /// Asks every handler to stop ([`Delivery::cancelled`] resolves); how many are running.
+    pub(crate) fn signal_stop(&self) -> usize {
+        self.cancel.cancel();
+        self.running.len()
     }
 
     /// Cancels every handler task still running (shutdown timeout).
