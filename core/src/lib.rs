@@ -31,6 +31,7 @@ mod error;
 mod inspect;
 mod journal;
 mod message;
+pub mod metrics;
 mod pg;
 mod redrive;
 mod retry;

@@ -2,8 +2,12 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [WORKLOAD...] [--database-url URL] [--json FILE]
-//!     [--charts DIR] [--rounds N] [--reps N] [--coop-reps N] [--smoke] [--quiet]
+//!     [--charts DIR] [--rounds N] [--reps N] [--coop-reps N] [--metrics] [--smoke] [--quiet]
 //! ```
+//!
+//! `--metrics` installs a recorder (`metrics-util`'s debugging recorder, read and reset every
+//! second as a scraper would), so that a run with it and one without compare the cost of the
+//! `metrics` feature's recording.
 //!
 //! Workloads (all by default; each repeated `--reps` times, default 3, reporting median, min
 //! and max):
@@ -91,12 +95,13 @@ struct Args {
     quiet: bool,
     hold: xmin_hold::HoldSettings,
     variants: Option<Vec<String>>,
+    metrics: bool,
 }
 
 const USAGE: &str = "usage: bench [publish_batch] [publish_single] [drain] [wakeup] [coop] \
 [journal] [fixture] [fake] [xmin_hold] [backlog] [fanout] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
 [--reps N] [--coop-reps N] [--clean-s S] [--hold-s S] [--after-s S] [--rate N] \
-[--storage queue|topic|both] [--variants A,B] [--smoke] \
+[--storage queue|topic|both] [--variants A,B] [--metrics] [--smoke] \
 [--quiet]\n   or: bench --render FILE --charts DIR";
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -113,6 +118,7 @@ fn parse_args() -> anyhow::Result<Args> {
         quiet: false,
         hold: xmin_hold::HoldSettings::default(),
         variants: None,
+        metrics: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -144,6 +150,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 )
             }
             "--smoke" => args.smoke = true,
+            "--metrics" => args.metrics = true,
             "--quiet" => args.quiet = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -235,7 +242,26 @@ fn cpu_steal_s() -> Option<f64> {
     (ticks_per_s > 0).then(|| steal / ticks_per_s as f64)
 }
 
+/// Installs a recorder for every postbox metric, read and reset every second.
+fn install_metrics_recorder() -> anyhow::Result<()> {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder.install()?;
+    postbox::metrics::describe();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            drop(snapshotter.snapshot());
+        }
+    });
+    Ok(())
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
+    if args.metrics {
+        install_metrics_recorder()?;
+    }
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -285,6 +311,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ctx.bar.finish_and_clear();
     let mut doc = json!({
         "smoke": args.smoke,
+        "metrics_recorder": args.metrics,
         "machine": machine,
         "results": results,
     });

@@ -313,6 +313,7 @@ impl Backend for FakeBroker {
         }
         let row = self.row(conn, &mut state, message);
         let id = row.id;
+        postbox_core::metrics::published([row.queue.as_str()]);
         conn.pending.push(row);
         Ok(id)
     }
@@ -336,6 +337,8 @@ impl Backend for FakeBroker {
             ids.push(row.id);
             conn.pending.push(row);
         }
+        let published = &conn.pending[conn.pending.len() - ids.len()..];
+        postbox_core::metrics::published(published.iter().map(|row| row.queue.as_str()));
         Ok(ids)
     }
 

@@ -571,6 +571,7 @@ impl Topics for FakeBroker {
                 );
             }
             published.push(Published::New(id));
+            postbox_core::metrics::published([m.queue()]);
             conn.pending_topic.push(LogRow {
                 id,
                 topic: m.queue().to_owned(),

@@ -237,7 +237,10 @@ impl PgBackend {
     /// # Ok(()) }
     /// ```
     pub fn max_concurrent_fetches(mut self, max: NonZeroUsize) -> Self {
-        self.engine.limit = Some(Arc::new(limit::FetchLimit::new(max.get())));
+        self.engine.limit = Some(Arc::new(limit::FetchLimit::new(
+            max.get(),
+            &self.shared().table,
+        )));
         self
     }
 

@@ -111,6 +111,7 @@ impl PgBackend {
             .fetch_one(conn)
             .await?;
         tracing::debug!(target: "postbox", table = %self.shared().table, queue = %message.queue, message_id = id, "postbox.publish");
+        crate::metrics::published([message.queue.as_str()]);
         Ok(id)
     }
 
@@ -166,6 +167,7 @@ impl PgBackend {
             .fetch_all(conn)
             .await?;
         tracing::debug!(target: "postbox", table = %self.shared().table, rows = ids.len(), queues = distinct.len(), "postbox.publish");
+        crate::metrics::published(queues.iter().map(String::as_str));
         Ok(ids)
     }
 }

@@ -844,6 +844,12 @@ impl Topics for PgBackend {
             })
             .collect::<Result<Vec<_>>>()?;
         tracing::debug!(target: "postbox", table = %self.shared().table, rows = published.len(), duplicates = duplicates.len(), topics = distinct.len(), "postbox.publish_to_topics");
+        crate::metrics::published(
+            rows.iter()
+                .zip(&topics)
+                .filter(|((_, new), _)| *new)
+                .map(|(_, topic)| topic.as_str()),
+        );
         Ok(published)
     }
 

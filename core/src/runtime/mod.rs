@@ -15,6 +15,7 @@ mod backoff;
 mod events;
 mod handler;
 mod listener;
+mod metrics;
 mod options;
 mod signal;
 mod subscriber;

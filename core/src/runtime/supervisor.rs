@@ -16,6 +16,7 @@ use super::backoff::Backoff;
 use super::events::{Counters, Outcome, SubscriberEvent};
 use super::handler::Handler;
 use super::listener::ListenTask;
+use super::metrics::{Counted, QueueMetrics, SubscriberMetrics};
 use super::options::SubscriberOptions;
 use super::subscriber::{Shared, ShutdownReport};
 use super::window::PrefetchWindow;
@@ -49,8 +50,8 @@ pub(crate) struct Supervisor<B: Topics> {
     workers: Workers,
     /// How many fetched messages may wait for a worker now.
     window: PrefetchWindow,
-    /// Every message this subscriber holds a lease on, with its last renewal.
-    held: HashMap<MessageId, (Lease, Instant)>,
+    /// Every message this subscriber holds a lease on.
+    held: HashMap<MessageId, Held>,
     pending_acks: Vec<Lease>,
     /// When the oldest pending ack was queued (for `ack_delay`).
     acks_since: Option<Instant>,
@@ -73,7 +74,11 @@ impl<B: Topics> Supervisor<B> {
         Supervisor {
             idle: Backoff::new(options.min_fetch_interval, options.max_fetch_interval),
             errors: Backoff::new(options.error_backoff_min, options.error_backoff_max),
-            workers: Workers::new(handler, options.max_workers),
+            workers: Workers::new(
+                handler,
+                options.max_workers,
+                SubscriberMetrics::new(&options.queues, options.subscription.as_deref()),
+            ),
             window: PrefetchWindow::new(options.prefetch, options.prefetch_ceiling()),
             backend,
             options,
@@ -277,6 +282,7 @@ impl<B: Topics> Supervisor<B> {
             &params,
         );
         let result = self.workers.drive(fetching).await;
+        self.workers.metrics.fetch_took(started.elapsed());
         Counters::add(&self.shared.counters.fetches, 1);
         match result {
             Ok(deliveries) => {
@@ -305,7 +311,16 @@ impl<B: Topics> Supervisor<B> {
                     now + self.idle.next()
                 };
                 for d in deliveries {
-                    self.held.insert(d.id, (d.lease(), now));
+                    let metrics = self.workers.metrics.queue(&d.queue).clone();
+                    metrics.fetched();
+                    self.held.insert(
+                        d.id,
+                        Held {
+                            lease: d.lease(),
+                            renewed: now,
+                            metrics,
+                        },
+                    );
                     self.workers.waiting.push_back(d);
                 }
             }
@@ -438,17 +453,21 @@ impl<B: Topics> Supervisor<B> {
             match failed {
                 Ok(outcome) => {
                     self.held.remove(&delivery.id);
+                    let metrics = self.workers.metrics.queue(&delivery.queue);
                     let outcome = match outcome {
                         FailOutcome::Retried { delay } => {
                             Counters::add(&self.shared.counters.retried, 1);
+                            metrics.count(Counted::Retried);
                             Outcome::Retried { delay }
                         }
                         FailOutcome::DeadLettered { reason } => {
                             Counters::add(&self.shared.counters.dead_lettered, 1);
+                            metrics.count(Counted::DeadLettered);
                             Outcome::DeadLettered { reason }
                         }
                         FailOutcome::LeaseLost => {
                             Counters::add(&self.shared.counters.lease_lost, 1);
+                            metrics.count(Counted::LeaseLost);
                             Outcome::LeaseLost
                         }
                     };
@@ -532,14 +551,17 @@ impl<B: Topics> Supervisor<B> {
 
     fn settled_acks(&mut self, leases: &[Lease], acked: &HashSet<MessageId>) {
         for lease in leases {
-            self.held.remove(&lease.id);
-            let outcome = if acked.contains(&lease.id) {
+            let metrics = self.held.remove(&lease.id).map(|held| held.metrics);
+            let (outcome, counted) = if acked.contains(&lease.id) {
                 Counters::add(&self.shared.counters.acked, 1);
-                Outcome::Acked
+                (Outcome::Acked, Counted::Acked)
             } else {
                 Counters::add(&self.shared.counters.lease_lost, 1);
-                Outcome::LeaseLost
+                (Outcome::LeaseLost, Counted::LeaseLost)
             };
+            if let Some(metrics) = metrics {
+                metrics.count(counted);
+            }
             self.shared.emit(SubscriberEvent::Handled {
                 id: lease.id,
                 outcome,
@@ -554,21 +576,23 @@ impl<B: Topics> Supervisor<B> {
         let due: Vec<Lease> = self
             .held
             .values()
-            .filter(|(_, last)| now.duration_since(*last) >= every)
-            .map(|(lease, _)| *lease)
+            .filter(|held| now.duration_since(held.renewed) >= every)
+            .map(|held| held.lease)
             .collect();
         let mut renewed = 0;
         for lease in due {
             match Self::settle_one(&self.backend, &self.options, lease, Settlement::Renew).await {
                 Ok(true) => {
                     renewed += 1;
-                    if let Some(entry) = self.held.get_mut(&lease.id) {
-                        entry.1 = now;
+                    if let Some(held) = self.held.get_mut(&lease.id) {
+                        held.renewed = now;
                     }
                 }
                 Ok(false) => {
                     Counters::add(&self.shared.counters.lease_lost, 1);
-                    self.held.remove(&lease.id);
+                    if let Some(held) = self.held.remove(&lease.id) {
+                        held.metrics.count(Counted::LeaseLost);
+                    }
                     self.workers.waiting.retain(|d| d.id != lease.id);
                     tracing::warn!(target: "postbox", message_id = lease.id, "postbox.subscriber: lease lost before renewal");
                 }
@@ -628,7 +652,13 @@ impl<B: Topics> Supervisor<B> {
             )
             .await
             {
-                Ok(true) => released += 1,
+                Ok(true) => {
+                    released += 1;
+                    self.workers
+                        .metrics
+                        .queue(&delivery.queue)
+                        .count(Counted::Released);
+                }
                 Ok(false) => {}
                 // Still leased: delivered again after the lease expires.
                 Err(error) => self.shared.record_error(&error),
@@ -680,6 +710,15 @@ impl<B: Topics> Supervisor<B> {
             stats: self.shared.counters.snapshot(),
         }
     }
+}
+
+/// A lease this subscriber holds.
+struct Held {
+    lease: Lease,
+    /// When it was taken or last renewed.
+    renewed: Instant,
+    /// The handles its outcome is counted on.
+    metrics: QueueMetrics,
 }
 
 /// A wait longer than any process lives, for timeouts too large to add to an `Instant`.

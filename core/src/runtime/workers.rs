@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::handler::Handler;
+use super::metrics::{HandlerTimer, SubscriberMetrics};
 use crate::message::Delivery;
 use crate::retry::HandlerError;
 
@@ -27,18 +28,20 @@ pub(crate) struct Workers {
     handler: Arc<dyn Handler>,
     max: usize,
     tasks: JoinSet<std::result::Result<(), HandlerError>>,
-    /// Deliveries being handled, by task.
-    pub(crate) running: HashMap<Id, Delivery>,
+    /// Deliveries being handled, by task, with their timers.
+    pub(crate) running: HashMap<Id, (Delivery, HandlerTimer)>,
     /// Fetched deliveries not started yet, in fetch order.
     pub(crate) waiting: VecDeque<Delivery>,
     /// Handled deliveries whose outcome the fetch loop has not recorded yet.
     finished: Vec<(Delivery, Finished)>,
     /// The signal every started delivery carries ([`Delivery::cancelled`]).
     cancel: CancellationToken,
+    /// The subscriber's metric handles.
+    pub(crate) metrics: SubscriberMetrics,
 }
 
 impl Workers {
-    pub(crate) fn new(handler: Arc<dyn Handler>, max: usize) -> Self {
+    pub(crate) fn new(handler: Arc<dyn Handler>, max: usize, metrics: SubscriberMetrics) -> Self {
         Workers {
             handler,
             max,
@@ -47,6 +50,7 @@ impl Workers {
             waiting: VecDeque::new(),
             finished: Vec::new(),
             cancel: CancellationToken::new(),
+            metrics,
         }
     }
 
@@ -82,8 +86,9 @@ impl Workers {
                     Err(panic) => std::panic::resume_unwind(panic),
                 }
             };
+            let timer = self.metrics.queue(&delivery.queue).handler_started();
             let task = self.tasks.spawn(future.instrument(span));
-            self.running.insert(task.id(), delivery);
+            self.running.insert(task.id(), (delivery, timer));
         }
     }
 
@@ -108,7 +113,8 @@ impl Workers {
             Ok((id, result)) => (id, Ok(result)),
             Err(join) => (join.id(), Err(join)),
         };
-        if let Some(delivery) = self.running.remove(&id) {
+        if let Some((delivery, timer)) = self.running.remove(&id) {
+            timer.finish();
             self.finished.push((delivery, result));
         }
     }
