@@ -193,6 +193,30 @@ async fn the_ddl_run_by_hand_is_a_migrated_schema() -> Result<()> {
     Ok(())
 }
 
+/// The DDL of each version, run in order by another migration tool as one file each, gives
+/// the same schema: it validates, and `migrate()` has nothing to do. A version that does not
+/// exist has none.
+#[tokio::test]
+async fn the_ddl_of_each_version_run_in_order_is_a_migrated_schema() -> Result<()> {
+    let db = postbox::testkit::postgres().await?;
+    let table = TableName::new("by_version")?;
+    for version in 1..=postbox::SCHEMA_VERSION {
+        let sql = postbox::ddl_of_version(&table, version)
+            .unwrap_or_else(|| panic!("no DDL for version {version}"));
+        assert!(sql.starts_with("CREATE") == (version == 1), "{sql}");
+        postbox::sqlx::raw_sql(postbox::sqlx::AssertSqlSafe(sql))
+            .execute(db.pool())
+            .await?;
+    }
+    let backend = PgBackend::with_table(db.pool().clone(), table.clone());
+    backend.validate_schema().await?;
+    assert_eq!(backend.migrate().await?, Vec::<i32>::new());
+    assert!(postbox::ddl_of_version(&table, 0).is_none());
+    assert!(postbox::ddl_of_version(&table, postbox::SCHEMA_VERSION + 1).is_none());
+    db.close().await?;
+    Ok(())
+}
+
 /// Outboxes of one name in two Postgres schemas (neither on the search path): `migrate()`
 /// creates the schemas, and publish, fetch, the outcomes, coop, the journal, rotation,
 /// inspection and the grants all work on each, apart.

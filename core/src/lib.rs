@@ -61,7 +61,7 @@ pub use message::{
 };
 pub use pg::{
     Access, Engine, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME, PgBackend, Rotation,
-    RotationReport, SCHEMA_VERSION, ddl,
+    RotationReport, SCHEMA_VERSION, ddl, ddl_of_version,
 };
 pub use redrive::{DeadFilter, Redrive};
 pub use retry::{

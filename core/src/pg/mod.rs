@@ -39,7 +39,7 @@ pub(crate) use engine::PermitWait;
 pub use engine::{Engine, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME};
 pub use grants::Access;
 pub use rotate::{Rotation, RotationReport};
-pub use schema::{SCHEMA_VERSION, ddl};
+pub use schema::{SCHEMA_VERSION, ddl, ddl_of_version};
 use statements::Statements;
 
 use crate::backend::{Backend, FetchParams, RetryParams};

@@ -320,18 +320,40 @@ pub fn ddl(table: &TableName) -> String {
     let mut out = render(CREATE_MIGRATIONS, table).trim().to_owned();
     out.push_str(";\n");
     for m in MIGRATIONS {
-        out.push_str(&format!("\n-- version {}: {}\n", m.version, m.description));
-        out.push_str(render(m.sql, table).trim());
         out.push('\n');
-        // Recorded as `migrate()` records it, so `migrate()` and `validate_schema()` know
-        // the schema afterwards.
-        out.push_str(&format!(
-            "INSERT INTO {} (version, description) VALUES ({}, '{}') ON CONFLICT DO NOTHING;\n",
-            table.qualified(&table.migrations()),
-            m.version,
-            m.description.replace('\'', "''")
-        ));
+        out.push_str(&migration_sql(table, m));
     }
+    out
+}
+
+/// The DDL of one schema `version` of `table` (1 to [`SCHEMA_VERSION`]), as `migrate()`
+/// runs it on a database at the version before, followed by the row that records it: one
+/// migration file each, for teams that run migrations with their own tool (sqlx-cli,
+/// refinery). Version 1 expects the migrations table, which [`ddl`] creates first; `None`
+/// for a version this build does not know.
+pub fn ddl_of_version(table: &TableName, version: i32) -> Option<String> {
+    let m = MIGRATIONS.iter().find(|m| m.version == version)?;
+    let mut out = String::new();
+    if version == 1 {
+        out.push_str(render(CREATE_MIGRATIONS, table).trim());
+        out.push_str(";\n\n");
+    }
+    out.push_str(&migration_sql(table, m));
+    Some(out)
+}
+
+fn migration_sql(table: &TableName, m: &Migration) -> String {
+    let mut out = format!("-- version {}: {}\n", m.version, m.description);
+    out.push_str(render(m.sql, table).trim());
+    out.push('\n');
+    // Recorded as `migrate()` records it, so `migrate()` and `validate_schema()` know the
+    // schema afterwards.
+    out.push_str(&format!(
+        "INSERT INTO {} (version, description) VALUES ({}, '{}') ON CONFLICT DO NOTHING;\n",
+        table.qualified(&table.migrations()),
+        m.version,
+        m.description.replace('\'', "''")
+    ));
     out
 }
 
