@@ -38,6 +38,7 @@ mod retry;
 mod runtime;
 mod table;
 pub mod topic;
+pub mod trace;
 mod validate;
 
 pub use backend::{

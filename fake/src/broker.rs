@@ -305,8 +305,9 @@ impl Backend for FakeBroker {
         Ok(())
     }
 
-    async fn publish(&self, conn: &mut FakeConn, message: Message) -> Result<MessageId> {
+    async fn publish(&self, conn: &mut FakeConn, mut message: Message) -> Result<MessageId> {
         message.validate_for_queue()?;
+        postbox_core::trace::inject_current(&mut message);
         let mut state = self.shared.state.lock();
         if let Some(error) = faults::take(&mut state.faults.publish) {
             return Err(error);
@@ -332,7 +333,8 @@ impl Backend for FakeBroker {
             return Err(error);
         }
         let mut ids = Vec::with_capacity(messages.len());
-        for message in messages {
+        for mut message in messages {
+            postbox_core::trace::inject_current(&mut message);
             let row = self.row(conn, &mut state, message);
             ids.push(row.id);
             conn.pending.push(row);

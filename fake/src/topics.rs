@@ -546,7 +546,8 @@ impl Topics for FakeBroker {
         }
         let mut state = self.shared.state.lock();
         let mut published = Vec::with_capacity(messages.len());
-        for m in messages {
+        for mut m in messages {
+            postbox_core::trace::inject_current(&mut m);
             if let Some(key) = m.key()
                 && let KeyCheck::Duplicate(id) =
                     state.topics.check_key(m.queue(), key, conn.tx_id, now)

@@ -67,8 +67,11 @@ ORDER BY q.queue
 $postbox$;
 "#;
 
-// $1 queue (NULL: every queue), $2 pinned now
-pub(crate) const DEPTHS: &str = "SELECT * FROM {depths_fn}($1, $2)";
+// $1 queue (NULL: every queue), $2 pinned now. The clock the function counted by comes back
+// with each row (`now()` is the statement's transaction time, as inside the function), so
+// the lag needs no second round trip to read it.
+pub(crate) const DEPTHS: &str =
+    "SELECT d.*, coalesce($2, now()) AS counted_at FROM {depths_fn}($1, $2) AS d";
 
 #[async_trait]
 impl Depth for PgBackend {
@@ -77,18 +80,18 @@ impl Depth for PgBackend {
             crate::validate_queue(queue)?;
         }
         let shared = self.shared();
-        let now = self.database_now().await?;
         let mut session = shared.session().await?;
         let rows = sqlx::query(shared.sql.depths.clone())
             .persistent(shared.persistent())
             .bind(queue)
-            .bind(now)
+            .bind(shared.now())
             .fetch_all(&mut *session)
             .await?;
         session.done().await?;
         rows.iter()
             .map(|row| {
                 let oldest: Option<DateTime<Utc>> = row.try_get("oldest_ready_at")?;
+                let now: DateTime<Utc> = row.try_get("counted_at")?;
                 Ok(QueueDepth {
                     queue: row.try_get("queue")?,
                     ready: row.try_get("ready")?,

@@ -95,8 +95,13 @@ impl PgBackend {
     /// [`Error::InvalidQueue`](crate::Error::InvalidQueue) before anything is sent,
     /// [`Error::Database`](crate::Error::Database) if the statement fails (your transaction is
     /// then aborted, as with any failed statement).
-    pub async fn publish(&self, conn: &mut PgConnection, message: Message) -> Result<MessageId> {
+    pub async fn publish(
+        &self,
+        conn: &mut PgConnection,
+        mut message: Message,
+    ) -> Result<MessageId> {
         message.validate_for_queue()?;
+        crate::trace::inject_current(&mut message);
         let row = columns(&message);
         let id = sqlx::query_scalar(self.shared().sql.publish.clone())
             .persistent(self.shared().persistent())
@@ -138,7 +143,8 @@ impl PgBackend {
         let mut correlation_ids = Vec::with_capacity(n);
         let mut not_before: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
         let mut delays = Vec::with_capacity(n);
-        for message in messages {
+        for mut message in messages {
+            crate::trace::inject_current(&mut message);
             let row = columns(&message);
             headers.push(row.headers);
             correlation_ids.push(row.correlation_id);

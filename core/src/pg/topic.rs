@@ -777,7 +777,8 @@ impl Topics for PgBackend {
         let mut headers = Vec::with_capacity(messages.len());
         let mut correlation_ids = Vec::with_capacity(messages.len());
         let mut keys = Vec::with_capacity(messages.len());
-        for m in messages {
+        for mut m in messages {
+            crate::trace::inject_current(&mut m);
             headers.push(m.headers.map(serde_json::Value::Object));
             correlation_ids.push(m.correlation_id.unwrap_or_else(Uuid::new_v4));
             topics.push(m.queue);

@@ -70,12 +70,15 @@ impl Workers {
             let Some(delivery) = self.waiting.pop_front() else {
                 return;
             };
-            let span = tracing::debug_span!(
+            let span = tracing::span!(
+                crate::trace::HANDLE_LEVEL,
                 "postbox.handle",
                 queue = %delivery.queue,
                 message_id = delivery.id,
                 attempt = delivery.attempts + 1,
+                correlation_id = %delivery.correlation_id,
             );
+            crate::trace::continue_trace(&span, &delivery);
             let handler = Arc::clone(&self.handler);
             let input = delivery.clone().with_cancellation(&self.cancel);
             // A handler that panics while building its future is caught like one that panics
