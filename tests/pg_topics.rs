@@ -364,7 +364,17 @@ async fn rotation_racing_receivers_loses_and_repeats_nothing_postgres() -> Resul
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     let db = postbox::testkit::postgres().await?;
-    let backend = rotating(&db);
+    // Two receivers send statements back to back, so a truncation's 20 ms lock wait (the
+    // default) mostly times out on a loaded machine (CI's Docker run truncated 2 generations
+    // of each in 100,000 messages). A longer wait lets the rotation through; the receivers
+    // queue behind it, which is the race this test is about.
+    let backend = db.backend().rotation(
+        postbox::Rotation::new()
+            .automatic(false)
+            .rotate_bytes(0)
+            .max_age(std::time::Duration::ZERO)
+            .lock_wait(std::time::Duration::from_millis(500)),
+    );
     backend.subscribe("t", "s").await?;
     let done = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicUsize::new(0));
