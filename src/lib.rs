@@ -124,3 +124,76 @@ pub mod testkit {
     #[doc(inline)]
     pub use postbox_testkit::*;
 }
+
+/// Runs one async test body on both backends: [`FakeBroker`](fake::FakeBroker) and a fresh
+/// Postgres database.
+///
+/// Write the body once, generic over [`TestBackend`](testkit::TestBackend); the attribute
+/// keeps the function and adds a module of the same name with one `#[test]` per backend, so
+/// `cargo test order_is_published` runs `order_is_published::fake` and
+/// `order_is_published::postgres`, and a failure names the backend it failed on.
+///
+/// ```
+/// use postbox::testkit::{Expect, TestBackend, assert_published};
+/// use postbox::{Backend, Message};
+///
+/// #[postbox::test]
+/// async fn order_is_published(outbox: impl TestBackend) -> Result<(), postbox::Error> {
+///     let mut tx = outbox.begin().await?;
+///     outbox.publish(&mut tx, Message::new("emails", "receipt 42")).await?;
+///     outbox.commit(tx).await?;
+///     assert_published(&outbox, Expect::queue("emails").payload("receipt 42")).await;
+///     Ok(())
+/// }
+/// ```
+///
+/// - **The fake** runs on a current-thread runtime with paused time: retry delays and lease
+///   expiry pass as soon as the test waits for them, and nothing sleeps.
+/// - **Postgres** runs on a fixture from [`testkit::postgres()`](fn@testkit::postgres) (an
+///   existing server, a container or the local binaries). When the test passes, the database
+///   is dropped; when it fails (a panic, or an `Err` returned), it is kept, and its name and
+///   URL are printed.
+///
+/// # The argument
+///
+/// One parameter, or none:
+///
+/// - the backend, by value or by reference: `outbox: impl TestBackend`, or a generic
+///   `B: TestBackend`;
+/// - a [`TestContext`](testkit::TestContext) (`ctx: TestContext<impl TestBackend>`), which
+///   also gives the fixture's pool and database name on Postgres.
+///
+/// The body returns `()` or a `Result`; an `Err` fails the test.
+///
+/// # Options
+///
+/// | option | effect |
+/// |---|---|
+/// | `fake` / `postgres` | run on that backend only (default: both) |
+/// | `table = "orders_outbox"` | the outbox table (migrated in the fixture) instead of `postbox` |
+/// | `sql = "tests/schema.sql"` | run this file (relative to the crate's `Cargo.toml`, embedded at compile time) on the fixture first; repeat for several, they run in order |
+/// | `setup = my_schema` | then call `async fn my_schema(pool: &PgPool) -> Result<(), E>` (or `-> ()`) |
+/// | `crate = "path"` | where the facade is, if not `::postbox` |
+///
+/// The SQL files run before the outbox table is migrated, the set-up function after. A
+/// failing step fails the test, names the step, and keeps the database. `#[ignore]` and
+/// `#[should_panic]` apply to both generated tests.
+///
+/// ```
+/// use postbox::testkit::{TestBackend, TestContext};
+///
+/// async fn seed(pool: &postbox::sqlx::PgPool) -> Result<(), postbox::sqlx::Error> {
+///     postbox::sqlx::query("CREATE TABLE orders (id bigint PRIMARY KEY)").execute(pool).await?;
+///     Ok(())
+/// }
+///
+/// #[postbox::test(postgres, table = "orders_outbox", setup = seed)]
+/// async fn orders_table_exists(ctx: TestContext<impl TestBackend>) {
+///     let pool = ctx.pool().expect("a Postgres run has a pool");
+///     postbox::sqlx::query("SELECT count(*) FROM orders").execute(pool).await.unwrap();
+/// }
+/// ```
+///
+/// **Feature:** `testkit`.
+#[cfg(feature = "testkit")]
+pub use postbox_macros::test;

@@ -25,11 +25,13 @@
 
 mod assert;
 pub mod conformance;
+mod context;
 mod drain;
 mod error;
 mod live;
 pub mod postgres;
 pub mod props;
+mod runner;
 mod time;
 mod wait;
 
@@ -37,9 +39,18 @@ pub use assert::{
     AssertError, Expect, assert_not_published, assert_published, assert_published_many, published,
     try_assert_not_published, try_assert_published, try_assert_published_many,
 };
+pub use context::{TestBackend, TestContext};
 pub use drain::{DrainOptions, DrainReport, RunOutcome, drain, run_one};
 pub use error::TestkitError;
 pub use live::JournalLiveControl;
 pub use postgres::{PgFixture, Provider, postgres};
 pub use time::TimeControl;
 pub use wait::{deadline, until_within, wait_for_event, wait_for_event_within, within};
+
+/// What `#[postbox::test]` expands to calls; not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::runner::{
+        PgSetup, SetupOutcome, TestOutcome, pg_pool, run_fake, run_postgres, setup_done,
+    };
+}

@@ -15,7 +15,7 @@
 //! `inspect`, `runtime` (the subscriber on the backend), `coop` (cooperative subconsumers),
 //! `journal`, `topic` (topics and subscriptions), `validation` (what Postgres cannot store,
 //! refused alike). Time moves through
-//! [`TimeControl`], never by sleeping.
+//! [`TimeControl`](crate::TimeControl), never by sleeping.
 
 mod coop;
 mod dead;
@@ -33,9 +33,7 @@ mod tx;
 mod validation;
 
 use async_trait::async_trait;
-use postbox_core::{
-    Backend, Delivery, Depth, FetchParams, Message, MessageId, PgBackend, Redrive, Topics,
-};
+use postbox_core::{Backend, Delivery, FetchParams, Message, MessageId, PgBackend};
 use postbox_fake::FakeBroker;
 
 pub use coop::*;
@@ -53,15 +51,14 @@ pub use topics::*;
 pub use tx::*;
 pub use validation::*;
 
-use crate::live::JournalLiveControl;
+use crate::context::TestBackend;
 use crate::postgres::PgFixture;
-use crate::time::TimeControl;
 
 /// A fresh backend for one case.
 #[async_trait]
 pub trait Harness: Send + Sync + Sized + 'static {
     /// The backend under test.
-    type Backend: Backend + Topics + Redrive + Depth + TimeControl + JournalLiveControl + Clone;
+    type Backend: TestBackend;
 
     /// The backend, empty at the start of the case.
     fn backend(&self) -> &Self::Backend;

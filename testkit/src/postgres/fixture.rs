@@ -107,6 +107,16 @@ impl PgFixture {
         Ok(backend)
     }
 
+    /// Keeps the database for inspection instead of dropping it: closes the pool and returns
+    /// the database's name and its URL (password redacted). On a shared server (`url`
+    /// provider) a later test process sweeps kept databases older than ten minutes; a started
+    /// cluster or container goes with the test process.
+    pub fn keep(mut self) -> (String, String) {
+        self.closed = true;
+        drop(self.pool.close());
+        (self.database.clone(), redact(&self.url))
+    }
+
     /// Closes the pool and drops the database, terminating any connection still open on it
     /// (a listener the test still holds, for example).
     ///
