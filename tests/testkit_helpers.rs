@@ -250,3 +250,121 @@ async fn a_panicking_handler_counts_as_a_failure_in_run_one() {
         "{outcome:?}"
     );
 }
+
+mod in_transaction {
+    use std::time::Duration;
+
+    use postbox::testkit::{
+        AssertError, Expect, TestBackend, assert_not_published, assert_not_published_in,
+        assert_published_as, assert_published_in, try_assert_published_as,
+        try_wait_published_within, wait_published,
+    };
+    use postbox::{Backend, Message};
+
+    #[postbox::test]
+    async fn uncommitted_messages_are_seen_inside_their_transaction_only(
+        outbox: impl TestBackend,
+    ) -> postbox::Result<()> {
+        let mut tx = outbox.begin().await?;
+        outbox
+            .publish(&mut tx, Message::new("emails", "receipt"))
+            .await?;
+        let inside = assert_published_in(&outbox, &mut tx, Expect::queue("emails")).await;
+        assert_eq!(inside.payload, b"receipt");
+        assert_not_published_in(&outbox, &mut tx, Expect::queue("sms")).await;
+        assert_not_published(&outbox, Expect::queue("emails")).await;
+        drop(tx); // rolled back
+
+        let mut tx = outbox.begin().await?;
+        assert_not_published_in(&outbox, &mut tx, Expect::queue("emails")).await;
+        outbox
+            .publish(&mut tx, Message::new("emails", "second"))
+            .await?;
+        outbox.commit(tx).await?;
+
+        // Committed messages are seen from a later transaction too.
+        let mut tx = outbox.begin().await?;
+        assert_published_in(&outbox, &mut tx, Expect::queue("emails").payload("second")).await;
+        Ok(())
+    }
+
+    #[postbox::test]
+    #[should_panic(expected = "in the open transaction: expected 1 message(s)")]
+    async fn a_missing_message_in_a_transaction_fails_the_assertion(outbox: impl TestBackend) {
+        let mut tx = outbox.begin().await.expect("begin");
+        outbox
+            .publish(&mut tx, Message::new("emails", "receipt"))
+            .await
+            .expect("publish");
+        assert_published_in(&outbox, &mut tx, Expect::queue("sms")).await;
+    }
+
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    struct Receipt {
+        order: u64,
+        total_cents: u64,
+    }
+
+    #[postbox::test]
+    async fn typed_assertions_return_the_decoded_payload(
+        outbox: impl TestBackend,
+    ) -> postbox::Result<()> {
+        let mut tx = outbox.begin().await?;
+        let receipt = serde_json::json!({"order": 42, "total_cents": 990});
+        outbox
+            .publish(&mut tx, Message::json("emails", &receipt)?)
+            .await?;
+        outbox
+            .publish(&mut tx, Message::new("sms", "not json"))
+            .await?;
+        outbox.commit(tx).await?;
+
+        let got: Receipt = assert_published_as(&outbox, Expect::queue("emails")).await;
+        assert_eq!(
+            got,
+            Receipt {
+                order: 42,
+                total_cents: 990
+            }
+        );
+        let refused = try_assert_published_as::<Receipt, _>(&outbox, &Expect::queue("sms")).await;
+        match refused {
+            Err(AssertError::Decode { message, .. }) => assert!(message.contains("not json")),
+            other => panic!("expected a decode failure, got {other:?}"),
+        }
+        Ok(())
+    }
+
+    #[postbox::test]
+    async fn waiting_assertions_see_what_spawned_work_publishes(
+        outbox: impl TestBackend,
+    ) -> postbox::Result<()> {
+        let publisher = outbox.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut tx = publisher.begin().await?;
+            publisher
+                .publish(&mut tx, Message::new("emails", "later"))
+                .await?;
+            publisher.commit(tx).await
+        });
+        let message = wait_published(&outbox, Expect::queue("emails")).await;
+        assert_eq!(message.payload, b"later");
+        task.await.expect("publisher task")?;
+
+        let timeout =
+            try_wait_published_within(&outbox, &Expect::queue("sms"), Duration::from_millis(30))
+                .await;
+        match timeout {
+            Err(AssertError::Timeout { waited, last }) => {
+                assert_eq!(waited, Duration::from_millis(30));
+                assert!(
+                    last.to_string().contains("later"),
+                    "lists what is stored: {last}"
+                );
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        Ok(())
+    }
+}

@@ -147,6 +147,23 @@ impl FakeBroker {
         rows
     }
 
+    /// The messages of `queue` (or of all queues), in id order, as the transaction `conn` sees
+    /// them: the committed ones plus what it published and has not committed yet. Like
+    /// Postgres, states are judged at the transaction's start time (its `now()`).
+    pub fn messages_in(&self, conn: &FakeConn, queue: Option<&str>) -> Vec<StoredMessage> {
+        let now = conn.started_at;
+        let state = self.shared.state.lock();
+        let mut rows: Vec<StoredMessage> = state
+            .rows
+            .values()
+            .chain(&conn.pending)
+            .filter(|r| queue.is_none_or(|q| r.queue == q))
+            .map(|r| r.stored(now))
+            .collect();
+        rows.sort_by_key(|m| m.id);
+        rows
+    }
+
     /// The dead letters of `queue` (or of every queue), in id order.
     pub fn dead(&self, queue: Option<&str>) -> Vec<DeadLetter> {
         self.shared

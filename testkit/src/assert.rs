@@ -4,10 +4,15 @@
 //! same failure as an [`AssertError`]. Unset fields of an [`Expect`] are not checked.
 
 use std::fmt;
+use std::time::Duration;
 
 use postbox_core::{Backend, MessageState, StoredMessage};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use crate::context::TestBackend;
+use crate::wait::deadline;
 
 /// What a published message should look like. Unset fields match anything.
 ///
@@ -115,6 +120,20 @@ pub enum AssertError {
     },
     /// Reading the messages failed.
     Backend(postbox_core::Error),
+    /// The one matching message's payload is not the JSON of the expected type.
+    Decode {
+        /// The message, described.
+        message: String,
+        /// What serde said.
+        error: serde_json::Error,
+    },
+    /// Waiting for a matching message ran out of time.
+    Timeout {
+        /// How long it waited.
+        waited: Duration,
+        /// What the last check found.
+        last: Box<AssertError>,
+    },
 }
 
 impl fmt::Display for AssertError {
@@ -137,6 +156,15 @@ impl fmt::Display for AssertError {
                 }
             }
             AssertError::Backend(e) => write!(f, "could not read messages: {e}"),
+            AssertError::Decode { message, error } => {
+                write!(
+                    f,
+                    "the payload does not decode as expected: {error}\n  {message}"
+                )
+            }
+            AssertError::Timeout { waited, last } => {
+                write!(f, "still not published after waiting {waited:?}: {last}")
+            }
         }
     }
 }
@@ -180,21 +208,48 @@ pub async fn try_assert_published_many<B: Backend>(
     n: usize,
 ) -> Result<Vec<StoredMessage>, AssertError> {
     let all = backend.messages(None).await.map_err(AssertError::Backend)?;
-    let matched: Vec<StoredMessage> = all
-        .iter()
-        .filter(|m| expected.matches(m))
-        .cloned()
-        .collect();
+    exactly(all, expected, n)
+}
+
+/// The messages of `all` matching `expected`, if there are exactly `n`.
+#[allow(
+    clippy::result_large_err,
+    reason = "builds the public AssertError as it is"
+)]
+fn exactly(
+    all: Vec<StoredMessage>,
+    expected: &Expect,
+    n: usize,
+) -> Result<Vec<StoredMessage>, AssertError> {
+    let (matched, others): (Vec<StoredMessage>, Vec<StoredMessage>) =
+        all.into_iter().partition(|m| expected.matches(m));
     if matched.len() == n {
         Ok(matched)
     } else {
+        let mut seen: Vec<&StoredMessage> = matched.iter().chain(&others).collect();
+        seen.sort_by_key(|m| m.id);
         Err(AssertError::Count {
             expected: expected.clone(),
             wanted: n,
             matched: matched.len(),
-            seen: all.iter().map(describe).collect(),
+            seen: seen.into_iter().map(describe).collect(),
         })
     }
+}
+
+/// The one message of `all` matching `expected`.
+#[allow(
+    clippy::result_large_err,
+    reason = "builds the public AssertError as it is"
+)]
+fn one(all: Vec<StoredMessage>, expected: &Expect) -> Result<StoredMessage, AssertError> {
+    let mut one = exactly(all, expected, 1)?;
+    one.pop().ok_or_else(|| AssertError::Count {
+        expected: expected.clone(),
+        wanted: 1,
+        matched: 0,
+        seen: Vec::new(),
+    })
 }
 
 /// Returns the one message matching `expected`.
@@ -206,13 +261,8 @@ pub async fn try_assert_published<B: Backend>(
     backend: &B,
     expected: &Expect,
 ) -> Result<StoredMessage, AssertError> {
-    let mut one = try_assert_published_many(backend, expected, 1).await?;
-    one.pop().ok_or_else(|| AssertError::Count {
-        expected: expected.clone(),
-        wanted: 1,
-        matched: 0,
-        seen: Vec::new(),
-    })
+    let all = backend.messages(None).await.map_err(AssertError::Backend)?;
+    one(all, expected)
 }
 
 /// Checks that no stored message matches `expected`.
@@ -264,4 +314,170 @@ pub async fn assert_not_published<B: Backend>(backend: &B, expected: Expect) {
     try_assert_not_published(backend, &expected)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Returns the one message matching `expected` among those the open transaction `conn` sees:
+/// the committed ones and its own uncommitted publishes.
+///
+/// # Errors
+///
+/// [`AssertError::Count`] when none or several match, or [`AssertError::Backend`] (which on
+/// Postgres aborts the transaction).
+pub async fn try_assert_published_in<B: TestBackend>(
+    backend: &B,
+    conn: &mut B::Conn,
+    expected: &Expect,
+) -> Result<StoredMessage, AssertError> {
+    let all = backend
+        .messages_in(conn, None)
+        .await
+        .map_err(AssertError::Backend)?;
+    one(all, expected)
+}
+
+/// Asserts exactly one message matching `expected` is visible to the open transaction `conn`
+/// (published in it, or committed before), and returns it: check what your code published
+/// before deciding to commit.
+///
+/// ```no_run
+/// # async fn t(outbox: impl postbox_testkit::TestBackend) -> postbox_core::Result<()> {
+/// use postbox_core::{Backend, Message};
+/// use postbox_testkit::{Expect, assert_not_published, assert_published_in};
+///
+/// let mut tx = outbox.begin().await?;
+/// outbox.publish(&mut tx, Message::new("emails", "receipt")).await?;
+/// assert_published_in(&outbox, &mut tx, Expect::queue("emails")).await; // seen inside
+/// assert_not_published(&outbox, Expect::queue("emails")).await; // not yet outside
+/// outbox.commit(tx).await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Panics
+///
+/// When none or several match, listing what the transaction sees.
+pub async fn assert_published_in<B: TestBackend>(
+    backend: &B,
+    conn: &mut B::Conn,
+    expected: Expect,
+) -> StoredMessage {
+    try_assert_published_in(backend, conn, &expected)
+        .await
+        .unwrap_or_else(|e| panic!("in the open transaction: {e}"))
+}
+
+/// Asserts no message visible to the open transaction `conn` matches `expected`.
+///
+/// # Panics
+///
+/// When one does, listing what the transaction sees.
+pub async fn assert_not_published_in<B: TestBackend>(
+    backend: &B,
+    conn: &mut B::Conn,
+    expected: Expect,
+) {
+    let all = backend
+        .messages_in(conn, None)
+        .await
+        .unwrap_or_else(|e| panic!("could not read messages: {e}"));
+    if let Err(e) = exactly(all, &expected, 0) {
+        panic!("in the open transaction: {e}");
+    }
+}
+
+/// Returns the payload of the one message matching `expected`, decoded from JSON as `T`.
+///
+/// # Errors
+///
+/// [`AssertError::Count`], [`AssertError::Decode`] (with the message and serde's reason), or
+/// [`AssertError::Backend`].
+pub async fn try_assert_published_as<T: DeserializeOwned, B: Backend>(
+    backend: &B,
+    expected: &Expect,
+) -> Result<T, AssertError> {
+    let message = try_assert_published(backend, expected).await?;
+    serde_json::from_slice(&message.payload).map_err(|error| AssertError::Decode {
+        message: describe(&message),
+        error,
+    })
+}
+
+/// Asserts exactly one stored message matches `expected` and returns its payload decoded as
+/// `T`, for assertions on the typed value rather than on JSON.
+///
+/// ```no_run
+/// # async fn t(outbox: impl postbox_core::Backend) {
+/// #[derive(serde::Deserialize)]
+/// struct Receipt { order: u64, total_cents: u64 }
+///
+/// let receipt: Receipt =
+///     postbox_testkit::assert_published_as(&outbox, postbox_testkit::Expect::queue("emails")).await;
+/// assert_eq!((receipt.order, receipt.total_cents), (42, 990));
+/// # }
+/// ```
+///
+/// # Panics
+///
+/// When none or several match (listing what is stored), or when the payload is not a `T`.
+pub async fn assert_published_as<T: DeserializeOwned, B: Backend>(
+    backend: &B,
+    expected: Expect,
+) -> T {
+    try_assert_published_as(backend, &expected)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Waits up to `limit` until exactly one stored message matches `expected`, and returns it:
+/// for messages published by work the test spawned (a subscriber's handler, a background
+/// task). Checks every 5 ms; under paused tokio time the limit is virtual.
+///
+/// # Errors
+///
+/// [`AssertError::Timeout`] with what the last check found, or [`AssertError::Backend`].
+pub async fn try_wait_published_within<B: Backend>(
+    backend: &B,
+    expected: &Expect,
+    limit: Duration,
+) -> Result<StoredMessage, AssertError> {
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        match try_assert_published(backend, expected).await {
+            Ok(message) => return Ok(message),
+            Err(AssertError::Count { .. }) if tokio::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(last @ AssertError::Count { .. }) => {
+                return Err(AssertError::Timeout {
+                    waited: limit,
+                    last: Box::new(last),
+                });
+            }
+            Err(other) => return Err(other),
+        }
+    }
+}
+
+/// Waits up to [`deadline()`] until exactly one stored message matches `expected`, and
+/// returns it.
+///
+/// # Panics
+///
+/// After the deadline, listing what is stored.
+pub async fn wait_published<B: Backend>(backend: &B, expected: Expect) -> StoredMessage {
+    wait_published_within(backend, expected, deadline()).await
+}
+
+/// [`wait_published`] with an explicit limit.
+///
+/// # Panics
+///
+/// After `limit`, listing what is stored.
+pub async fn wait_published_within<B: Backend>(
+    backend: &B,
+    expected: Expect,
+    limit: Duration,
+) -> StoredMessage {
+    try_wait_published_within(backend, &expected, limit)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }

@@ -1,8 +1,9 @@
 //! What a test written once for both backends receives.
 
-use postbox_core::{Backend, Depth, PgBackend, Redrive, Topics};
-use postbox_fake::FakeBroker;
-use sqlx::PgPool;
+use async_trait::async_trait;
+use postbox_core::{Backend, Depth, PgBackend, Redrive, Result, StoredMessage, Topics};
+use postbox_fake::{FakeBroker, FakeConn};
+use sqlx::{PgConnection, PgPool};
 
 use crate::live::JournalLiveControl;
 use crate::time::TimeControl;
@@ -13,6 +14,7 @@ use crate::time::TimeControl;
 /// Write a test body generic over it (`b: impl TestBackend`) and it means the same on both:
 /// that is what `#[postbox::test]` runs, and what the [conformance suite](crate::conformance)
 /// is written against.
+#[async_trait]
 pub trait TestBackend:
     Backend
     + Topics
@@ -27,14 +29,44 @@ pub trait TestBackend:
 {
     /// `"fake"` or `"postgres"`, for messages.
     const NAME: &'static str;
+
+    /// The messages of `queue` (or of all queues), in id order, as the open transaction
+    /// `conn` sees them: committed ones and its own uncommitted publishes.
+    ///
+    /// # Errors
+    ///
+    /// A database error (on Postgres, it aborts the transaction).
+    async fn messages_in(
+        &self,
+        conn: &mut Self::Conn,
+        queue: Option<&str>,
+    ) -> Result<Vec<StoredMessage>>;
 }
 
+#[async_trait]
 impl TestBackend for FakeBroker {
     const NAME: &'static str = "fake";
+
+    async fn messages_in(
+        &self,
+        conn: &mut FakeConn,
+        queue: Option<&str>,
+    ) -> Result<Vec<StoredMessage>> {
+        Ok(FakeBroker::messages_in(self, conn, queue))
+    }
 }
 
+#[async_trait]
 impl TestBackend for PgBackend {
     const NAME: &'static str = "postgres";
+
+    async fn messages_in(
+        &self,
+        conn: &mut PgConnection,
+        queue: Option<&str>,
+    ) -> Result<Vec<StoredMessage>> {
+        PgBackend::messages_in(self, conn, queue).await
+    }
 }
 
 /// One run of a `#[postbox::test]`: the backend, and on Postgres the fixture database behind

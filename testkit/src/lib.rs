@@ -3,7 +3,11 @@
 //! - [`postgres()`](fn@postgres): a fresh, migrated, isolated Postgres database per test, from
 //!   an existing server, a testcontainers container or the local Postgres binaries.
 //! - [`assert_published`], [`assert_not_published`], [`assert_published_many`],
-//!   [`published`]: what was published, on any backend, with an [`Expect`].
+//!   [`published`]: what was published, on any backend, with an [`Expect`];
+//!   [`assert_published_in`] inside an open transaction, [`assert_published_as`] returning the
+//!   decoded payload, [`wait_published`] for what spawned work publishes.
+//! - `#[postbox::test]` (through the facade) runs one body on both backends, with a
+//!   [`TestBackend`] or a [`TestContext`].
 //! - [`run_one`] and [`drain`]: run a handler on one or all ready messages, step by step.
 //! - [`TimeControl`]: move a backend's clock (the fake's, or the one Postgres statements read).
 //! - [`wait_for_event`]: wait on a subscriber event with one deadline instead of sleeping.
@@ -36,8 +40,11 @@ mod time;
 mod wait;
 
 pub use assert::{
-    AssertError, Expect, assert_not_published, assert_published, assert_published_many, published,
-    try_assert_not_published, try_assert_published, try_assert_published_many,
+    AssertError, Expect, assert_not_published, assert_not_published_in, assert_published,
+    assert_published_as, assert_published_in, assert_published_many, published,
+    try_assert_not_published, try_assert_published, try_assert_published_as,
+    try_assert_published_in, try_assert_published_many, try_wait_published_within, wait_published,
+    wait_published_within,
 };
 pub use context::{TestBackend, TestContext};
 pub use drain::{DrainOptions, DrainReport, RunOutcome, drain, run_one};

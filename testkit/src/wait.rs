@@ -51,10 +51,7 @@ pub async fn wait_for_event_within(
             Ok(Err(RecvError::Closed)) => {
                 panic!("waiting for {what}: subscriber gone; saw {seen:?}")
             }
-            Err(_) => panic!(
-                "waiting for {what}: no such event within {:?}; saw {seen:?}",
-                deadline()
-            ),
+            Err(_) => panic!("waiting for {what}: no such event within {within:?}; saw {seen:?}"),
         }
     }
 }

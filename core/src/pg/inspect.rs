@@ -60,13 +60,42 @@ impl PgBackend {
 
     pub(crate) async fn list_messages(&self, queue: Option<&str>) -> Result<Vec<StoredMessage>> {
         let mut session = self.shared().session().await?;
+        let messages = self.messages_on(&mut session, queue).await?;
+        session.done().await?;
+        Ok(messages)
+    }
+
+    /// The messages of `queue` (or of all queues), in id order, as `conn` sees them: on an
+    /// open transaction, that includes what it published and has not committed yet, which is
+    /// what a test asserts before deciding to commit.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database), which on a transaction aborts it.
+    ///
+    /// # Cancel safety
+    ///
+    /// One read-only statement: dropping the future leaves `conn` as it was (a transaction
+    /// stays usable once the statement's result is drained by its next use).
+    pub async fn messages_in(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        queue: Option<&str>,
+    ) -> Result<Vec<StoredMessage>> {
+        self.messages_on(conn, queue).await
+    }
+
+    async fn messages_on(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        queue: Option<&str>,
+    ) -> Result<Vec<StoredMessage>> {
         let rows = sqlx::query(self.shared().sql.messages.clone())
             .persistent(self.shared().persistent())
             .bind(queue)
             .bind(self.shared().now())
-            .fetch_all(&mut *session)
+            .fetch_all(&mut *conn)
             .await?;
-        session.done().await?;
         rows.iter()
             .map(|row| {
                 let state = match row.try_get::<String, _>("state")?.as_str() {
