@@ -259,7 +259,7 @@ mod in_transaction {
         assert_published_as, assert_published_in, try_assert_published_as,
         try_wait_published_within, wait_published,
     };
-    use postbox::{Backend, Message};
+    use postbox::Message;
 
     #[postbox::test]
     async fn uncommitted_messages_are_seen_inside_their_transaction_only(

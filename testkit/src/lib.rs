@@ -11,6 +11,8 @@
 //! - [`run_one`] and [`drain`]: run a handler on one or all ready messages, step by step.
 //! - [`TimeControl`]: move a backend's clock (the fake's, or the one Postgres statements read).
 //! - [`wait_for_event`]: wait on a subscriber event with one deadline instead of sleeping.
+//! - [`adversary`]: does your handler end in the same state under duplicates, crashes before
+//!   the ack, concurrent redelivery and retries as when each message is delivered once?
 //! - [`props`]: proptest schedules, a reference model and the invariants, to run on any
 //!   backend (model vs fake, model vs Postgres, fake vs Postgres).
 //! - [`conformance`]: the behavioural suite every backend passes, and
@@ -27,6 +29,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod adversary;
 mod assert;
 pub mod conformance;
 mod context;
