@@ -255,3 +255,76 @@ async fn a_docker_fixture_needs_its_random_password() -> Result<()> {
     db.close().await?;
     Ok(())
 }
+
+/// Run in a child process by `a_killed_test_process_takes_its_local_cluster_with_it`: starts a
+/// private cluster, prints its URL, and waits to be killed.
+#[test]
+#[ignore = "helper: runs in the child process of a_killed_test_process_takes_its_local_cluster_with_it"]
+fn helper_start_a_cluster_and_wait_to_be_killed() {
+    if std::env::var_os("POSTBOX_KILL_HELPER").is_none() {
+        return;
+    }
+    let server = postbox::testkit::postgres::LocalServer::start().expect("a local cluster");
+    println!("CLUSTER_URL={}", server.url("postgres"));
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Whether `pid` is a running process (a zombie waiting to be reaped is not).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
+/// A test process killed with SIGKILL runs no exit hook; on Linux the server still goes,
+/// through its parent-death signal.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_killed_test_process_takes_its_local_cluster_with_it() -> Result<()> {
+    use std::io::BufRead;
+
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "helper_start_a_cluster_and_wait_to_be_killed",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("POSTBOX_KILL_HELPER", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let url = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(std::io::Result::ok)
+        .find_map(|line| line.strip_prefix("CLUSTER_URL=").map(str::to_owned))
+        .expect("the child prints its cluster's URL");
+    let dir = socket_dir(&url).expect("a socket directory in the URL");
+    let pid: i32 = std::fs::read_to_string(dir.join("data/postmaster.pid"))?
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("postmaster.pid names the server");
+    assert!(running(pid), "the server runs while its test process lives");
+
+    child.kill()?; // SIGKILL: no exit hook, no unwinding
+    child.wait()?;
+    let deadline = std::time::Instant::now() + postbox::testkit::deadline();
+    while running(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waiting for postgres (pid {pid}) to exit after its test process was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The directory stays until the next run's sweep; remove it now.
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

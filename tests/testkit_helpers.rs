@@ -254,12 +254,12 @@ async fn a_panicking_handler_counts_as_a_failure_in_run_one() {
 mod in_transaction {
     use std::time::Duration;
 
+    use postbox::Message;
     use postbox::testkit::{
         AssertError, Expect, TestBackend, assert_not_published, assert_not_published_in,
         assert_published_as, assert_published_in, try_assert_published_as,
         try_wait_published_within, wait_published,
     };
-    use postbox::Message;
 
     #[postbox::test]
     async fn uncommitted_messages_are_seen_inside_their_transaction_only(

@@ -23,6 +23,9 @@
 //! **fenced** by the lease token: a consumer that lost its lease can no longer ack, retry or
 //! dead-letter the message (the call returns `Ok(false)`).
 
+// docs.rs builds with `--cfg docsrs`: mark what a feature or platform enables.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod backend;
 mod cancel;
 mod coop;

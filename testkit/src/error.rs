@@ -8,7 +8,7 @@ pub enum TestkitError {
     #[error(
         "no Postgres server for tests. Tried:\n{tried}\nGet one in any of three ways:\n  \
          1. an existing server: set POSTBOX_TEST_DATABASE_URL (or DATABASE_URL) to a URL whose user may CREATE DATABASE;\n  \
-         2. Docker: start a Docker engine (testcontainers runs {image}; set POSTBOX_TEST_PG_IMAGE=name:tag to choose the image);\n  \
+         2. Docker: enable the testkit-docker feature of postbox and start a Docker engine (testcontainers runs {image}; set POSTBOX_TEST_PG_IMAGE=name:tag to choose the image);\n  \
          3. local binaries: install Postgres so that `initdb` and `postgres` are on PATH or under /usr/lib/postgresql/<version>/bin.\n\
          Set POSTBOX_TEST_PG=url|docker|local to force one."
     )]

@@ -29,6 +29,9 @@
 //! # Ok(()) }
 //! ```
 
+// docs.rs builds with `--cfg docsrs`: mark what a feature or platform enables.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod adversary;
 mod assert;
 pub mod conformance;

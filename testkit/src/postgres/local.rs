@@ -11,17 +11,21 @@
 //! user a root test process starts it as; root passes the permission check). Any other local
 //! user gets `permission denied` on the socket: tested in `tests/testkit_fixture.rs`.
 //!
-//! Nothing outlives the test process: the server gets `SIGQUIT` through `PR_SET_PDEATHSIG`
-//! when the keeper thread (which lives as long as the process) goes away, an exit hook stops it
-//! and removes its directory, and directories left by killed runs are swept at the next start.
+//! Nothing outlives the test process: on Linux the server gets `SIGQUIT` through
+//! `PR_SET_PDEATHSIG` when the keeper thread (which lives as long as the process) goes away;
+//! everywhere an exit hook stops it and removes its directory, and directories left by killed
+//! runs are swept at the next start. Unix only (a socket directory, uids); the system calls go
+//! through `nix`.
 
-use std::ffi::CString;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 
 /// Prefix of the temp dirs, for sweeping.
 const DIR_PREFIX: &str = "postbox-pg-";
@@ -64,10 +68,7 @@ impl LocalCluster {
 
     /// Stops the server at once and removes its directory. Best effort; used at exit.
     pub(crate) fn stop(&self) {
-        // SAFETY: plain syscalls on a pid we started.
-        unsafe {
-            libc::kill(self.pid, libc::SIGQUIT);
-        }
+        signal(self.pid, Signal::SIGQUIT);
         let deadline = Instant::now() + Duration::from_secs(5);
         while alive(self.pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -79,10 +80,7 @@ impl LocalCluster {
 /// Restarts `cluster` in place (same directory and port): a fast shutdown (SIGINT: clients
 /// are disconnected, in-flight transactions roll back), then a new postmaster.
 pub(crate) fn restart(cluster: &mut LocalCluster) -> Result<(), String> {
-    // SAFETY: plain syscall on the pid we started.
-    unsafe {
-        libc::kill(cluster.pid, libc::SIGINT);
-    }
+    signal(cluster.pid, Signal::SIGINT);
     let deadline = Instant::now() + Duration::from_secs(30);
     while alive(cluster.pid) {
         if Instant::now() > deadline {
@@ -196,14 +194,7 @@ fn spawn_server(
         .stdout(Stdio::null())
         .stderr(log);
     as_user(&mut cmd, user);
-    // SAFETY: prctl is async-signal-safe; it runs in the forked child before exec, after the
-    // uid change (which would clear it otherwise).
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT);
-            Ok(())
-        });
-    }
+    die_with_parent(&mut cmd);
     // The keeper thread owns the child for the life of the process: PR_SET_PDEATHSIG fires
     // when the *thread* that forked the child ends, so it must not be a short-lived test thread.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -234,10 +225,7 @@ fn spawn_server(
             return Ok(pid);
         }
         if !alive(pid) || Instant::now() > deadline {
-            // SAFETY: plain syscall on the pid we started.
-            unsafe {
-                libc::kill(pid, libc::SIGQUIT);
-            }
+            signal(pid, Signal::SIGQUIT);
             let log = fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(10).collect();
             return Err(format!(
@@ -249,10 +237,32 @@ fn spawn_server(
     }
 }
 
+/// Linux: the server gets SIGQUIT (immediate shutdown) when the thread that started it ends,
+/// even if the test process is killed and its exit hook never runs.
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and makes one
+    // async-signal-safe call (prctl), after the uid change that would otherwise clear it.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGQUIT).map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// Elsewhere no such signal exists: the exit hook stops the server, and the next run's
+/// [`sweep`] stops what a killed process left.
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_: &mut Command) {}
+
+/// Sends `sig` to `pid`, best effort (it may have exited already).
+fn signal(pid: i32, sig: Signal) {
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
+}
+
 /// Whether `pid` exists (a zombie counts until its parent reaps it).
 fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    unsafe { libc::kill(pid, 0) == 0 }
+    nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok()
 }
 
 /// The directory holding `initdb` and `postgres`: on PATH, else the newest
@@ -282,21 +292,14 @@ fn find_bin_dir() -> Result<PathBuf, String> {
 
 /// `None` when not root; otherwise the unprivileged (uid, gid) to run as.
 fn run_as() -> Result<Option<(u32, u32)>, String> {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return Ok(None);
     }
     for name in ["postgres", "nobody"] {
-        let c = CString::new(name).map_err(|e| e.to_string())?;
-        // SAFETY: getpwnam returns NULL or a pointer to static storage; we copy the ids out
-        // at once. The testkit starts one cluster at a time.
-        let pw = unsafe { libc::getpwnam(c.as_ptr()) };
-        if !pw.is_null() {
-            // SAFETY: checked non-null above.
-            let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-            if uid != 0 {
-                return Ok(Some((uid, gid)));
-            }
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|e| format!("cannot look up user {name}: {e}"))?;
+        if let Some(user) = user.filter(|u| !u.uid.is_root()) {
+            return Ok(Some((user.uid.as_raw(), user.gid.as_raw())));
         }
     }
     Err("running as root and no unprivileged user (postgres or nobody) to run Postgres as".into())
@@ -342,10 +345,7 @@ fn sweep() {
             .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
             && alive(pid)
         {
-            // SAFETY: plain syscall; the pid file names a postmaster of a dead run.
-            unsafe {
-                libc::kill(pid, libc::SIGQUIT);
-            }
+            signal(pid, Signal::SIGQUIT);
         }
         let _ = fs::remove_dir_all(&dir);
     }

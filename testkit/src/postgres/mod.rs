@@ -6,9 +6,12 @@
 //! postbox's migrations applied. Each fixture is then `CREATE DATABASE ... TEMPLATE`, which
 //! takes tens of milliseconds instead of re-running migrations.
 
+#[cfg(feature = "docker")]
 mod docker;
 mod fixture;
+#[cfg(unix)]
 mod local;
+#[cfg(unix)]
 mod private;
 mod provider;
 mod template;
@@ -16,6 +19,7 @@ mod template;
 use std::sync::OnceLock;
 
 pub use fixture::PgFixture;
+#[cfg(unix)]
 pub use private::LocalServer;
 pub use provider::{DEFAULT_IMAGE, Provider};
 
@@ -39,7 +43,9 @@ pub(crate) struct Server {
 
 /// What must be stopped when the process exits.
 enum Owned {
+    #[cfg(unix)]
     Local(local::LocalCluster),
+    #[cfg(feature = "docker")]
     Docker(docker::DockerServer),
 }
 
@@ -59,8 +65,9 @@ static OWNED: parking_lot::Mutex<Vec<Owned>> = parking_lot::Mutex::new(Vec::new(
 ///
 /// 1. `url`: the server at `POSTBOX_TEST_DATABASE_URL`, else `DATABASE_URL` (its user must be
 ///    allowed to `CREATE DATABASE`);
-/// 2. `docker`: a testcontainers Postgres when a Docker engine answers; image
-///    [`DEFAULT_IMAGE`] unless `POSTBOX_TEST_PG_IMAGE=name:tag`;
+/// 2. `docker` (feature `docker`, `testkit-docker` of the facade): a testcontainers Postgres
+///    when a Docker engine answers; image [`DEFAULT_IMAGE`] unless
+///    `POSTBOX_TEST_PG_IMAGE=name:tag`;
 /// 3. `local`: a throwaway cluster from the local `initdb`/`postgres` binaries (on `PATH` or
 ///    under `/usr/lib/postgresql/<version>/bin`), in a temp dir, with `fsync=off`; run as the
 ///    `postgres` user when the tests run as root.
@@ -150,17 +157,31 @@ fn start_one(provider: Provider, config: &Config) -> Result<Server, String> {
         Provider::Url => config.url.clone().ok_or_else(|| {
             "neither POSTBOX_TEST_DATABASE_URL nor DATABASE_URL is set".to_owned()
         })?,
+        #[cfg(feature = "docker")]
         Provider::Docker => {
             let container = docker::start(&config.image)?;
             let url = container.url.clone();
             own(Owned::Docker(container));
             url
         }
+        #[cfg(not(feature = "docker"))]
+        Provider::Docker => {
+            return Err(
+                "not compiled in: enable the `docker` feature of postbox-testkit \
+                        (`testkit-docker` of postbox)"
+                    .to_owned(),
+            );
+        }
+        #[cfg(unix)]
         Provider::Local => {
             let cluster = local::start()?;
             let url = cluster.url();
             own(Owned::Local(cluster));
             url
+        }
+        #[cfg(not(unix))]
+        Provider::Local => {
+            return Err("the local provider runs on Unix only".to_owned());
         }
     };
     let (template, version) = template::prepare(&url, provider == Provider::Url)?;
@@ -189,7 +210,9 @@ extern "C" fn stop_owned() {
     let _ = std::panic::catch_unwind(|| {
         for owned in OWNED.lock().drain(..) {
             match owned {
+                #[cfg(unix)]
                 Owned::Local(cluster) => cluster.stop(),
+                #[cfg(feature = "docker")]
                 Owned::Docker(container) => container.stop(),
             }
         }

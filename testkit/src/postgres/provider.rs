@@ -2,10 +2,13 @@
 //!
 //! Unless `POSTBOX_TEST_PG` forces one, providers are tried in this order: an existing server
 //! (`POSTBOX_TEST_DATABASE_URL`, then `DATABASE_URL`), a testcontainers Postgres when a Docker
-//! engine answers, and a throwaway cluster from the local Postgres binaries.
+//! engine answers (with the `docker` feature), and a throwaway cluster from the local Postgres
+//! binaries.
 
 use std::fmt;
+#[cfg(feature = "docker")]
 use std::io::{Read, Write};
+#[cfg(feature = "docker")]
 use std::time::Duration;
 
 use crate::error::TestkitError;
@@ -73,7 +76,8 @@ impl Config {
         match self.forced {
             Some(p) => vec![p],
             None if self.url.is_some() => vec![Provider::Url],
-            None => vec![Provider::Docker, Provider::Local],
+            None if cfg!(feature = "docker") => vec![Provider::Docker, Provider::Local],
+            None => vec![Provider::Local],
         }
     }
 
@@ -83,6 +87,7 @@ impl Config {
 }
 
 /// Whether a Docker engine answers `GET /_ping` at `DOCKER_HOST` or the default socket.
+#[cfg(feature = "docker")]
 pub(crate) fn docker_answers() -> Result<(), String> {
     let host = std::env::var("DOCKER_HOST").unwrap_or_default();
     let timeout = Duration::from_secs(2);
@@ -96,15 +101,7 @@ pub(crate) fn docker_answers() -> Result<(), String> {
             s.read_to_end(&mut response)
         })
     } else {
-        let path = host
-            .strip_prefix("unix://")
-            .filter(|p| !p.is_empty())
-            .unwrap_or("/var/run/docker.sock");
-        std::os::unix::net::UnixStream::connect(path).and_then(|mut s| {
-            s.set_read_timeout(Some(timeout))?;
-            s.write_all(request)?;
-            s.read_to_end(&mut response)
-        })
+        unix_ping(&host, timeout, request, &mut response)
     };
     match result {
         Ok(_) if response.starts_with(b"HTTP/1.0 200") || response.starts_with(b"HTTP/1.1 200") => {
@@ -122,6 +119,31 @@ pub(crate) fn docker_answers() -> Result<(), String> {
     }
 }
 
+#[cfg(all(feature = "docker", unix))]
+fn unix_ping(
+    host: &str,
+    timeout: Duration,
+    request: &[u8],
+    response: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    let path = host
+        .strip_prefix("unix://")
+        .filter(|p| !p.is_empty())
+        .unwrap_or("/var/run/docker.sock");
+    std::os::unix::net::UnixStream::connect(path).and_then(|mut s| {
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(request)?;
+        s.read_to_end(response)
+    })
+}
+
+#[cfg(all(feature = "docker", not(unix)))]
+fn unix_ping(_: &str, _: Duration, _: &[u8], _: &mut Vec<u8>) -> std::io::Result<usize> {
+    Err(std::io::Error::other(
+        "set DOCKER_HOST=tcp://host:port: only TCP engines are reached on this platform",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,7 +159,11 @@ mod tests {
     #[test]
     fn order_without_settings_is_docker_then_local() {
         let c = config(&[]).expect("valid");
-        assert_eq!(c.candidates(), [Provider::Docker, Provider::Local]);
+        if cfg!(feature = "docker") {
+            assert_eq!(c.candidates(), [Provider::Docker, Provider::Local]);
+        } else {
+            assert_eq!(c.candidates(), [Provider::Local]);
+        }
         assert_eq!(c.image_ref(), DEFAULT_IMAGE);
     }
 
