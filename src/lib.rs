@@ -204,3 +204,9 @@ pub mod testkit {
 /// **Feature:** `testkit`.
 #[cfg(feature = "testkit")]
 pub use postbox_macros::test;
+
+/// The README's code blocks, compiled (and run where they need no server) as doctests, so the
+/// README cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
