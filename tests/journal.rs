@@ -331,3 +331,36 @@ async fn a_dropped_tail_closes_its_listen_connection_on_postgres() -> anyhow::Re
     db.close().await?;
     Ok(())
 }
+
+/// A `record` whose flush is cancelled (a caller's timeout) must not lose the batch it took:
+/// the flush goes on without the caller, and `close` reports every event written.
+#[tokio::test]
+async fn a_cancelled_record_does_not_lose_the_batch_its_flush_took_on_postgres() {
+    use postbox::sqlx::{self, Connection};
+
+    let db = postbox::testkit::postgres().await.expect("fixture");
+    let b = db.backend();
+    let w = BatchedJournalWriter::new(b.clone(), "s", WriterOptions::default().max_batch(2));
+    w.record(1, "delta", payload(1)).await.expect("record");
+
+    // Another session holds the journal table: the flush's insert waits for it.
+    let mut blocker = sqlx::PgConnection::connect(db.url()).await.expect("connect");
+    let mut lock = blocker.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE postbox_events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let cancelled =
+        tokio::time::timeout(Duration::from_millis(200), w.record(2, "delta", payload(2))).await;
+    assert!(cancelled.is_err(), "the flush waits for the lock, so the call times out");
+    lock.rollback().await.expect("release the lock");
+
+    let stats = w.close().await.expect("close");
+    assert_eq!(
+        (stats.written, stats.dropped),
+        (2, 0),
+        "both events written, none silently lost: {stats:?}"
+    );
+    assert_eq!(seqs(&b, "s").await, [1, 2]);
+    db.close().await.expect("close");
+}

@@ -176,7 +176,14 @@ impl<B: Backend> BatchedJournalWriter<B> {
     /// # Errors
     ///
     /// [`Error::WriterClosed`] after [`close`](Self::close); [`Error::InvalidArgument`] for an
-    /// event [`JournalEvent::validate`] refuses (it is neither published nor buffered). Flush failures are not errors here: see [`WriterStats::dropped`].
+    /// event [`JournalEvent::validate`] refuses (it is neither published nor buffered). Flush
+    /// failures are not errors here: see [`WriterStats::dropped`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe once the event is buffered: a flush it starts runs on a task of its own,
+    /// so dropping the call (a caller's timeout) never loses the batch the flush took. Dropped
+    /// before the writer's lock was taken, the event is not recorded.
     pub async fn record(&self, seq: i64, event_type: &str, payload: EventPayload) -> Result<()> {
         let event = JournalEvent::new(self.inner.stream.clone(), seq, event_type, payload);
         event.validate()?;
@@ -191,26 +198,31 @@ impl<B: Backend> BatchedJournalWriter<B> {
         }
         state.stats.recorded += 1;
         state.buffer.push(event);
-        if state.buffer.len() >= self.inner.options.max_batch
-            || state.last_flush.elapsed() >= self.inner.options.max_delay
-        {
-            self.inner.flush(&mut state).await;
+        let due = state.buffer.len() >= self.inner.options.max_batch
+            || state.last_flush.elapsed() >= self.inner.options.max_delay;
+        drop(state);
+        if due {
+            self.inner.flush_detached(Due::Always).await;
         }
         Ok(())
     }
 
     /// Flushes if `max_delay` has passed since the last flush (the timer does this too).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the flush runs on a task of its own and completes without the caller.
     pub async fn tick(&self) {
-        let mut state = self.inner.state.lock().await;
-        if state.last_flush.elapsed() >= self.inner.options.max_delay {
-            self.inner.flush(&mut state).await;
-        }
+        self.inner.flush_detached(Due::AfterMaxDelay).await;
     }
 
     /// Flushes now.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the flush runs on a task of its own and completes without the caller.
     pub async fn flush(&self) {
-        let mut state = self.inner.state.lock().await;
-        self.inner.flush(&mut state).await;
+        self.inner.flush_detached(Due::Always).await;
     }
 
     /// Flushes and closes; idempotent. Once it returns, every recorded event is durable (or
@@ -219,11 +231,18 @@ impl<B: Backend> BatchedJournalWriter<B> {
     /// # Errors
     ///
     /// None today; the `Result` leaves room for close-time failures.
+    ///
+    /// # Cancel safety
+    ///
+    /// The writer is closed as soon as the call starts, and its last flush completes without
+    /// the caller; a dropped call only skips waiting for the live notifier.
     pub async fn close(&self) -> Result<WriterStats> {
         let mut state = self.inner.state.lock().await;
         if !state.closed {
             state.closed = true;
-            self.inner.flush(&mut state).await;
+            drop(state);
+            self.inner.flush_detached(Due::Always).await;
+            state = self.inner.state.lock().await;
             self.timer.abort();
             // Let the notifier send what is queued, then end.
             self.live.lock().take();
@@ -288,12 +307,16 @@ async fn flush_timer<B: Backend>(inner: Weak<Inner<B>>) {
     loop {
         tokio::time::sleep(period).await;
         let Some(inner) = inner.upgrade() else { return };
-        let mut state = inner.state.lock().await;
-        if state.closed {
-            return;
-        }
-        if !state.buffer.is_empty() && state.last_flush.elapsed() >= inner.options.max_delay {
-            inner.flush(&mut state).await;
+        let due = {
+            let state = inner.state.lock().await;
+            if state.closed {
+                return;
+            }
+            !state.buffer.is_empty() && state.last_flush.elapsed() >= inner.options.max_delay
+        };
+        if due {
+            // Detached: aborting this timer (on close or drop) never cuts a flush short.
+            inner.flush_detached(Due::AfterMaxDelay).await;
         }
     }
 }
@@ -322,7 +345,35 @@ async fn notify_live<B: Backend>(
     }
 }
 
+/// When a detached flush writes.
+#[derive(Debug, Clone, Copy)]
+enum Due {
+    Always,
+    AfterMaxDelay,
+}
+
 impl<B: Backend> Inner<B> {
+    /// Flushes on a task of its own, which the caller awaits. The flush takes the buffer
+    /// before it writes, so running it inside the caller's future would lose that batch
+    /// (uncounted) when the caller is cancelled mid-write; on its own task the write always
+    /// completes and is counted.
+    async fn flush_detached(self: &Arc<Self>, due: Due) {
+        let inner = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let mut state = inner.state.lock().await;
+            let run = match due {
+                Due::Always => true,
+                Due::AfterMaxDelay => state.last_flush.elapsed() >= inner.options.max_delay,
+            };
+            if run {
+                inner.flush(&mut state).await;
+            }
+        });
+        if let Err(e) = task.await {
+            tracing::error!(target: "postbox", stream = %self.stream, error = %e, "postbox.journal: flush task failed");
+        }
+    }
+
     fn with_live_failures(&self, mut stats: WriterStats) -> WriterStats {
         stats.live_failures = self.live_failures.load(Ordering::Relaxed);
         stats
