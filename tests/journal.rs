@@ -344,7 +344,9 @@ async fn a_cancelled_record_does_not_lose_the_batch_its_flush_took_on_postgres()
     w.record(1, "delta", payload(1)).await.expect("record");
 
     // Another session holds the journal table: the flush's insert waits for it.
-    let mut blocker = sqlx::PgConnection::connect(db.url()).await.expect("connect");
+    let mut blocker = sqlx::PgConnection::connect(db.url())
+        .await
+        .expect("connect");
     let mut lock = blocker.begin().await.expect("begin");
     sqlx::query("LOCK TABLE postbox_events IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *lock)
@@ -352,7 +354,10 @@ async fn a_cancelled_record_does_not_lose_the_batch_its_flush_took_on_postgres()
         .expect("lock");
     let cancelled =
         tokio::time::timeout(Duration::from_millis(200), w.record(2, "delta", payload(2))).await;
-    assert!(cancelled.is_err(), "the flush waits for the lock, so the call times out");
+    assert!(
+        cancelled.is_err(),
+        "the flush waits for the lock, so the call times out"
+    );
     lock.rollback().await.expect("release the lock");
 
     let stats = w.close().await.expect("close");

@@ -67,6 +67,11 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`] if no connection could be acquired.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a transaction dropped before it is returned rolls back, and its connection
+    /// goes back to the pool.
     async fn begin(&self) -> Result<Self::Tx>;
 
     /// Commits `tx`: its messages become visible to fetch and wake-ups are sent.
@@ -74,6 +79,11 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`] if the commit fails; then nothing was published.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: once the commit is sent, a dropped call leaves the transaction
+    /// committed or not, as any database commit. Its messages are then all published or none.
     async fn commit(&self, tx: Self::Tx) -> Result<()>;
 
     /// Rolls `tx` back: its messages and wake-ups are discarded. Dropping a transaction does
@@ -82,6 +92,10 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`] if the connection failed (the transaction is gone either way).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a dropped transaction rolls back anyway.
     async fn rollback(&self, tx: Self::Tx) -> Result<()>;
 
     /// Publishes one message on the caller's connection or transaction and returns its id.
@@ -93,6 +107,12 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// [`Error::InvalidQueue`] for an empty or over-long queue name (nothing is written),
     /// [`Error::Database`] if the insert fails.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe for the transaction: dropped while its statement runs, the message may
+    /// or may not be in it (a batch is one statement: all of it or none). Roll the transaction
+    /// back rather than commit it.
     async fn publish(&self, conn: &mut Self::Conn, message: Message) -> Result<MessageId>;
 
     /// Publishes many messages in one statement and returns their ids, in input order.
@@ -103,6 +123,12 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// As [`publish`](Self::publish); one invalid message rejects the whole batch before
     /// anything is written.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe for the transaction: dropped while its statement runs, the message may
+    /// or may not be in it (a batch is one statement: all of it or none). Roll the transaction
+    /// back rather than commit it.
     async fn publish_batch(
         &self,
         conn: &mut Self::Conn,
@@ -132,6 +158,12 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped, the outcome may or may not have been applied (one statement, never half). If
+    /// not, the lease expires and the message is delivered again; a stale lease never changes
+    /// another holder's row.
     async fn ack(&self, lease: Lease) -> Result<bool>;
 
     /// Acks many deliveries in one statement and returns the ids whose ack took effect; a lost
@@ -140,6 +172,12 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped, the outcome may or may not have been applied (one statement, never half). If
+    /// not, the lease expires and the message is delivered again; a stale lease never changes
+    /// another holder's row. A batch is one statement: all of its acks or none.
     async fn ack_batch(&self, leases: &[Lease]) -> Result<Vec<MessageId>>;
 
     /// Schedules a delivered message for another attempt: `attempts + 1`,
@@ -149,6 +187,12 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped, the outcome may or may not have been applied (one statement, never half). If
+    /// not, the lease expires and the message is delivered again; a stale lease never changes
+    /// another holder's row.
     async fn retry(&self, lease: Lease, params: RetryParams) -> Result<bool>;
 
     /// Moves a delivered message to the dead-letter table with `reason`, in one statement.
@@ -157,6 +201,12 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped, the outcome may or may not have been applied (one statement, never half). If
+    /// not, the lease expires and the message is delivered again; a stale lease never changes
+    /// another holder's row.
     async fn dead_letter(&self, lease: Lease, reason: &str) -> Result<bool>;
 
     /// Extends a lease: its clock restarts at `now`. For handlers that run longer than a
@@ -165,6 +215,11 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped, the lease may or may not have been renewed (one statement); renewing again is
+    /// harmless.
     async fn renew_lease(&self, lease: Lease) -> Result<bool>;
 
     /// Gives a leased message back unhandled (for example at shutdown, before its handler
@@ -174,6 +229,12 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped, the outcome may or may not have been applied (one statement, never half). If
+    /// not, the lease expires and the message is delivered again; a stale lease never changes
+    /// another holder's row.
     async fn release(&self, lease: Lease) -> Result<bool>;
 
     /// The messages still stored (committed, not acked, not dead-lettered), of `queue` or of
@@ -183,6 +244,10 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
     async fn messages(&self, queue: Option<&str>) -> Result<Vec<StoredMessage>>;
 
     /// The dead-lettered messages, of `queue` or of every queue, in id order.
@@ -190,6 +255,10 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
     async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>>;
 
     /// Registers `member` for `queues`; idempotent and race-free: of concurrent first
@@ -198,6 +267,10 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: registration is idempotent; call again.
     async fn coop_register(&self, member: &Member, queues: &[String]) -> Result<Registration>;
 
     /// Leases up to `max_messages` rows to the member under a fresh token, registering it on
@@ -208,6 +281,12 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::InvalidArgument`], [`Error::InvalidQueue`], [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe in the at-least-once sense: dropped after the database leased the rows to
+    /// the member, they are not returned and are delivered again once `lease_ttl` has passed.
+    /// Nothing is lost.
     async fn coop_receive(&self, params: &CoopReceive) -> Result<Vec<Delivery>>;
 
     /// The heartbeat: marks `member` alive now. `Ok(false)` if it is not registered.
@@ -215,6 +294,10 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a heartbeat; touching again is harmless.
     async fn coop_touch(&self, member: &Member) -> Result<bool>;
 
     /// Removes `member` from its group; see [`Unregister`] for the rows it holds. `Ok(false)`
@@ -224,6 +307,11 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// [`Error::MemberHoldsMessages`] with [`Unregister::Fail`] while it holds rows;
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: one transaction, so a dropped call unregisters the member (with its rows
+    /// handled) or changes nothing; call again.
     async fn coop_unregister(&self, member: &Member, handling: Unregister) -> Result<bool>;
 
     /// The members of `group`, by name, with what each holds.
@@ -231,6 +319,10 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
     async fn coop_members(&self, group: &str) -> Result<Vec<MemberInfo>>;
 
     /// Writes `events` durably in one transaction (one multi-row insert).
@@ -239,6 +331,11 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// [`Error::SeqConflict`] if a `(stream, seq)` is taken (nothing is written);
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// One statement, all of the events or none: dropped, they may or may not be stored.
+    /// Appending the same seqs again then reports `Error::SeqConflict` if they were.
     async fn journal_append(&self, events: &[JournalEvent]) -> Result<()>;
 
     /// The highest seq written in `stream`, if any.
@@ -246,6 +343,10 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
     async fn journal_latest_seq(&self, stream: &str) -> Result<Option<i64>>;
 
     /// Up to `limit` committed events of `stream` with `seq > after`, in seq order.
@@ -253,6 +354,10 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
     async fn journal_read_after(
         &self,
         stream: &str,
@@ -268,6 +373,11 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped, the live notification may or may not have been sent; readers catch up from the
+    /// stored journal.
     async fn journal_publish(&self, event: &JournalEvent) -> Result<()>;
 
     /// Publishes several events live, in order; backends may send them in one round trip.
@@ -276,6 +386,11 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped, the live notifications may or may not have been sent; readers catch up from the
+    /// stored journal.
     async fn journal_publish_batch(&self, events: &[JournalEvent]) -> Result<()> {
         for event in events {
             self.journal_publish(event).await?;
@@ -288,6 +403,10 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`] if the channel cannot be listened to.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a dropped call leaves no subscription behind (its connection is closed).
     async fn journal_subscribe(&self, stream: &str) -> Result<LiveEvents>;
 
     /// Settles a failed delivery through `policy`: retry after the policy's delay, or
@@ -296,6 +415,12 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped, the outcome may or may not have been applied (one statement, never half). If
+    /// not, the lease expires and the message is delivered again; a stale lease never changes
+    /// another holder's row.
     async fn fail(
         &self,
         delivery: &Delivery,

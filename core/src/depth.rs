@@ -60,5 +60,9 @@ pub trait Depth: Backend {
     ///
     /// [`Error::InvalidQueue`](crate::Error::InvalidQueue) for a bad queue name;
     /// [`Error::Database`](crate::Error::Database).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
     async fn queue_depths(&self, queue: Option<&str>) -> Result<Vec<QueueDepth>>;
 }

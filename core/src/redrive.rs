@@ -173,6 +173,11 @@ pub trait Redrive: Topics {
     ///
     /// What [`DeadFilter::validate`] refuses (nothing is moved);
     /// [`Error::Database`](crate::Error::Database).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: one statement, so a dropped call moved every selected dead letter back or
+    /// none; call again (a requeued letter is not selected twice).
     async fn requeue_dead(&self, filter: &DeadFilter) -> Result<Vec<MessageId>>;
 
     /// Deletes the selected dead letters for good. Returns the ids deleted, in id order.
@@ -180,6 +185,11 @@ pub trait Redrive: Topics {
     /// # Errors
     ///
     /// As [`requeue_dead`](Self::requeue_dead).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: one statement, so a dropped call deleted every selected dead letter or
+    /// none; call again.
     async fn purge_dead(&self, filter: &DeadFilter) -> Result<Vec<MessageId>>;
 
     /// Makes the selected dead letters of `subscription` due again in that subscription
@@ -193,6 +203,11 @@ pub trait Redrive: Topics {
     ///
     /// As [`requeue_dead`](Self::requeue_dead), and
     /// [`Error::InvalidQueue`](crate::Error::InvalidQueue) for a bad subscription name.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: one statement, so a dropped call moved every selected dead letter back or
+    /// none; call again.
     async fn requeue_subscription_dead(
         &self,
         subscription: &str,
@@ -205,6 +220,11 @@ pub trait Redrive: Topics {
     /// # Errors
     ///
     /// As [`requeue_subscription_dead`](Self::requeue_subscription_dead).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: one statement, so a dropped call deleted every selected dead letter or
+    /// none; call again.
     async fn purge_subscription_dead(
         &self,
         subscription: &str,

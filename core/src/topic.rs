@@ -301,6 +301,10 @@ pub trait Topics: Backend {
     /// [`Error::InvalidQueue`] for a bad topic or subscription name,
     /// [`Error::SubscriptionTopic`] if the name subscribes another topic,
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: subscribing is idempotent; call again.
     async fn subscribe(&self, topic: &str, subscription: &str) -> Result<Subscribed>;
 
     /// Removes `subscription`; `Ok(false)` if it did not exist. Its leases, retries and dead
@@ -310,6 +314,11 @@ pub trait Topics: Backend {
     ///
     /// [`Error::SubscriptionNotDrained`] with [`Unsubscribe::IfDrained`],
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: one transaction, so a dropped call removes the subscription or changes
+    /// nothing; call again.
     async fn unsubscribe(&self, subscription: &str, pending: Unsubscribe) -> Result<bool>;
 
     /// The subscriptions (of `topic`, or all), by name, with their backlog.
@@ -317,6 +326,10 @@ pub trait Topics: Backend {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
     async fn subscriptions(&self, topic: Option<&str>) -> Result<Vec<SubscriptionInfo>>;
 
     /// Publishes `messages` on the caller's connection or transaction, each to the topic
@@ -333,6 +346,12 @@ pub trait Topics: Backend {
     ///
     /// [`Error::InvalidQueue`], [`Error::InvalidArgument`] for a delayed message or a bad
     /// key (nothing is written), [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe for the transaction: dropped while its statement runs, the message may
+    /// or may not be in it (a batch is one statement: all of it or none). Roll the transaction
+    /// back rather than commit it.
     async fn publish_to_topics(
         &self,
         conn: &mut Self::Conn,
@@ -362,6 +381,12 @@ pub trait Topics: Backend {
     ///
     /// [`Error::InvalidArgument`] for a negative retry delay or an empty dead-letter reason,
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped, the outcome may or may not have been applied (one statement, never half). If
+    /// not, the lease expires and the message is delivered again; a stale lease never changes
+    /// another holder's row. All of the leases or none.
     async fn settle(&self, leases: &[Lease], settlement: Settlement) -> Result<Vec<MessageId>>;
 
     /// The messages `subscription` dead-lettered, oldest first.
@@ -369,6 +394,10 @@ pub trait Topics: Backend {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
     async fn subscription_dead_letters(&self, subscription: &str) -> Result<Vec<DeadLetter>>;
 
     /// Settles a failed received message through `policy`, as [`Backend::fail`] does for a
@@ -378,6 +407,12 @@ pub trait Topics: Backend {
     /// # Errors
     ///
     /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped, the outcome may or may not have been applied (one statement, never half). If
+    /// not, the lease expires and the message is delivered again; a stale lease never changes
+    /// another holder's row.
     async fn fail_received(
         &self,
         delivery: &Delivery,

@@ -190,6 +190,10 @@ fn describe(m: &StoredMessage) -> String {
 /// # Panics
 ///
 /// If the backend cannot be read.
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only; drop the call and make it again.
 pub async fn published<B: Backend>(backend: &B, queue: Option<&str>) -> Vec<StoredMessage> {
     backend
         .messages(queue)
@@ -202,6 +206,10 @@ pub async fn published<B: Backend>(backend: &B, queue: Option<&str>) -> Vec<Stor
 /// # Errors
 ///
 /// [`AssertError::Count`] listing every stored message, or [`AssertError::Backend`].
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only; drop the call and make it again.
 pub async fn try_assert_published_many<B: Backend>(
     backend: &B,
     expected: &Expect,
@@ -257,6 +265,10 @@ fn one(all: Vec<StoredMessage>, expected: &Expect) -> Result<StoredMessage, Asse
 /// # Errors
 ///
 /// [`AssertError::Count`] when none or several match (ambiguous), or [`AssertError::Backend`].
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only; drop the call and make it again.
 pub async fn try_assert_published<B: Backend>(
     backend: &B,
     expected: &Expect,
@@ -270,6 +282,10 @@ pub async fn try_assert_published<B: Backend>(
 /// # Errors
 ///
 /// [`AssertError::Count`] listing every stored message, or [`AssertError::Backend`].
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only; drop the call and make it again.
 pub async fn try_assert_not_published<B: Backend>(
     backend: &B,
     expected: &Expect,
@@ -284,6 +300,10 @@ pub async fn try_assert_not_published<B: Backend>(
 /// # Panics
 ///
 /// When none or several match, listing what is stored.
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only; drop the call and make it again.
 pub async fn assert_published<B: Backend>(backend: &B, expected: Expect) -> StoredMessage {
     try_assert_published(backend, &expected)
         .await
@@ -295,6 +315,10 @@ pub async fn assert_published<B: Backend>(backend: &B, expected: Expect) -> Stor
 /// # Panics
 ///
 /// When another number match, listing what is stored.
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only; drop the call and make it again.
 pub async fn assert_published_many<B: Backend>(
     backend: &B,
     expected: Expect,
@@ -310,6 +334,10 @@ pub async fn assert_published_many<B: Backend>(
 /// # Panics
 ///
 /// When one does, listing what is stored.
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only; drop the call and make it again.
 pub async fn assert_not_published<B: Backend>(backend: &B, expected: Expect) {
     try_assert_not_published(backend, &expected)
         .await
@@ -323,6 +351,10 @@ pub async fn assert_not_published<B: Backend>(backend: &B, expected: Expect) {
 ///
 /// [`AssertError::Count`] when none or several match, or [`AssertError::Backend`] (which on
 /// Postgres aborts the transaction).
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only (on Postgres, the transaction stays usable).
 pub async fn try_assert_published_in<B: TestBackend>(
     backend: &B,
     conn: &mut B::Conn,
@@ -355,6 +387,10 @@ pub async fn try_assert_published_in<B: TestBackend>(
 /// # Panics
 ///
 /// When none or several match, listing what the transaction sees.
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only (on Postgres, the transaction stays usable).
 pub async fn assert_published_in<B: TestBackend>(
     backend: &B,
     conn: &mut B::Conn,
@@ -370,6 +406,10 @@ pub async fn assert_published_in<B: TestBackend>(
 /// # Panics
 ///
 /// When one does, listing what the transaction sees.
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only (on Postgres, the transaction stays usable).
 pub async fn assert_not_published_in<B: TestBackend>(
     backend: &B,
     conn: &mut B::Conn,
@@ -390,6 +430,10 @@ pub async fn assert_not_published_in<B: TestBackend>(
 ///
 /// [`AssertError::Count`], [`AssertError::Decode`] (with the message and serde's reason), or
 /// [`AssertError::Backend`].
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only; drop the call and make it again.
 pub async fn try_assert_published_as<T: DeserializeOwned, B: Backend>(
     backend: &B,
     expected: &Expect,
@@ -418,6 +462,10 @@ pub async fn try_assert_published_as<T: DeserializeOwned, B: Backend>(
 /// # Panics
 ///
 /// When none or several match (listing what is stored), or when the payload is not a `T`.
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only; drop the call and make it again.
 pub async fn assert_published_as<T: DeserializeOwned, B: Backend>(
     backend: &B,
     expected: Expect,
@@ -434,6 +482,10 @@ pub async fn assert_published_as<T: DeserializeOwned, B: Backend>(
 /// # Errors
 ///
 /// [`AssertError::Timeout`] with what the last check found, or [`AssertError::Backend`].
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only; drop the call and make it again.
 pub async fn try_wait_published_within<B: Backend>(
     backend: &B,
     expected: &Expect,
@@ -463,6 +515,10 @@ pub async fn try_wait_published_within<B: Backend>(
 /// # Panics
 ///
 /// After the deadline, listing what is stored.
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only; drop the call and make it again.
 pub async fn wait_published<B: Backend>(backend: &B, expected: Expect) -> StoredMessage {
     wait_published_within(backend, expected, deadline()).await
 }
@@ -472,6 +528,10 @@ pub async fn wait_published<B: Backend>(backend: &B, expected: Expect) -> Stored
 /// # Panics
 ///
 /// After `limit`, listing what is stored.
+///
+/// # Cancel safety
+///
+/// Cancel safe: read-only; drop the call and make it again.
 pub async fn wait_published_within<B: Backend>(
     backend: &B,
     expected: Expect,

@@ -36,6 +36,11 @@ pub trait TestBackend:
     /// # Errors
     ///
     /// A database error (on Postgres, it aborts the transaction).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only (on Postgres, drain the dropped statement's result by using the
+    /// transaction again, or roll it back).
     async fn messages_in(
         &self,
         conn: &mut Self::Conn,

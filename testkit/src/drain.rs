@@ -95,6 +95,11 @@ impl DrainOptions {
 /// # Errors
 ///
 /// A backend error while fetching or settling.
+///
+/// # Cancel safety
+///
+/// Dropped while the handler runs, the message stays leased and is delivered again once its
+/// lease expires (the handler's own task runs to its end).
 pub async fn run_one<B: Backend>(
     backend: &B,
     queue: &str,
@@ -138,6 +143,11 @@ pub async fn run_one<B: Backend>(
 /// # Errors
 ///
 /// A backend error while fetching, settling or moving the clock.
+///
+/// # Cancel safety
+///
+/// Dropped while a handler runs, that message stays leased and is delivered again once its
+/// lease expires; what was settled stays settled.
 pub async fn drain<B: Backend + TimeControl>(
     backend: &B,
     queue: &str,

@@ -20,6 +20,10 @@ pub fn deadline() -> Duration {
 /// # Panics
 ///
 /// After [`deadline()`], or if the subscriber is gone, listing the events seen meanwhile.
+///
+/// # Cancel safety
+///
+/// Cancel safe: it only waits.
 pub async fn wait_for_event(
     events: &mut Receiver<SubscriberEvent>,
     what: &str,
@@ -35,6 +39,10 @@ pub async fn wait_for_event(
 /// # Panics
 ///
 /// After `within`, or if the subscriber is gone, listing the events seen meanwhile.
+///
+/// # Cancel safety
+///
+/// Cancel safe: it only waits.
 pub async fn wait_for_event_within(
     events: &mut Receiver<SubscriberEvent>,
     what: &str,
@@ -62,6 +70,10 @@ pub async fn wait_for_event_within(
 /// # Panics
 ///
 /// After [`deadline()`] (virtual under paused tokio time).
+///
+/// # Cancel safety
+///
+/// Cancel safe: it only waits.
 pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
     match tokio::time::timeout(deadline(), future).await {
         Ok(output) => output,
@@ -76,6 +88,10 @@ pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output 
 /// # Panics
 ///
 /// After `limit`.
+///
+/// # Cancel safety
+///
+/// Cancel safe: it only waits.
 pub async fn until_within(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let until = tokio::time::Instant::now() + limit;
     while !condition() {

@@ -133,6 +133,13 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 ///
 /// [`Error::InvalidArgument`] for a bad stream or type, [`Error::SeqConflict`] if the retry
 /// collides too, [`Error::Database`].
+///
+/// # Cancel safety
+///
+/// Not cancel safe: dropped, the event may be stored (its insert is one statement) without its
+/// live announcement (readers still find it in the journal), or not stored. Calling again
+/// with the same seq after it was stored writes it a second time at `latest_seq + 1`: read
+/// [`Backend::journal_latest_seq`] first when a call was dropped.
 pub async fn record_event<B: Backend + ?Sized>(
     backend: &B,
     stream: &str,

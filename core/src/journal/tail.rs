@@ -70,6 +70,10 @@ pub struct JournalTail<B: Backend> {
 /// # Errors
 ///
 /// [`Error::Database`](crate::Error::Database) if the live subscription fails.
+///
+/// # Cancel safety
+///
+/// Cancel safe: a dropped call leaves no subscription behind.
 pub async fn snapshot_and_tail<B: Backend>(
     backend: B,
     stream: impl Into<String>,
@@ -112,6 +116,11 @@ impl<B: Backend> JournalTail<B> {
     /// # Errors
     ///
     /// A database error reading the journal (the tail can be polled again).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the tail changes only when an event is in hand, so a dropped call loses
+    /// nothing; the next call continues from the last event returned.
     pub async fn next(&mut self) -> Option<Result<JournalEvent>> {
         loop {
             if self.done {

@@ -256,6 +256,10 @@ impl<B: Backend> BatchedJournalWriter<B> {
 
     /// The events written at another seq than the one recorded because theirs was taken, in
     /// the order they were written (the last [`MAX_REWRITES_KEPT`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only reads the writer's state.
     pub async fn rewrites(&self) -> Vec<Rewrite> {
         self.inner
             .state
@@ -268,6 +272,10 @@ impl<B: Backend> BatchedJournalWriter<B> {
     }
 
     /// The counters so far.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only reads the writer's state.
     pub async fn stats(&self) -> WriterStats {
         let stats = self.inner.state.lock().await.stats;
         self.inner.with_live_failures(stats)

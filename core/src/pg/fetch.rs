@@ -194,6 +194,10 @@ impl super::PgBackend {
     /// # Errors
     ///
     /// As [`Backend::fetch`](crate::Backend::fetch).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
     #[cfg(feature = "test-util")]
     pub async fn explain_fetch(&self, params: &FetchParams) -> Result<String> {
         use sqlx::SqlSafeStr;

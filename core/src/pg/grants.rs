@@ -298,6 +298,10 @@ impl PgBackend {
     ///
     /// [`Error::InvalidArgument`] for a role name that is not a plain lowercase identifier;
     /// [`Error::Schema`] if the outbox table does not exist yet; [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
     pub async fn grants(&self, access: Access, role: &str) -> Result<String> {
         quoted_role(role)?;
         let table = &self.shared().table;

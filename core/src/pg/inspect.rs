@@ -47,6 +47,10 @@ impl PgBackend {
     /// # Errors
     ///
     /// [`Error::Database`](crate::Error::Database).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
     pub async fn database_now(&self) -> Result<DateTime<Utc>> {
         let mut session = self.shared().session().await?;
         let now = sqlx::query_scalar(NOW)

@@ -298,6 +298,11 @@ impl PgBackend {
     /// `T_members` or `T_events` exist but no migration is recorded;
     /// [`Error::Migration`](crate::Error::Migration) naming the failing version, or
     /// [`Error::Database`](crate::Error::Database).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: one transaction under a transaction-level advisory lock, so a dropped call
+    /// applies every pending version or none, and holds no lock afterwards; call again.
     pub async fn migrate(&self) -> Result<Vec<i32>> {
         schema::migrate(
             &self.shared().pool,
@@ -315,6 +320,11 @@ impl PgBackend {
     /// # Errors
     ///
     /// As [`migrate`](Self::migrate).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: one transaction under a transaction-level advisory lock, so a dropped call
+    /// applies every pending version or none, and holds no lock afterwards; call again.
     #[cfg(feature = "test-util")]
     pub async fn migrate_to(&self, version: i32) -> Result<Vec<i32>> {
         schema::migrate_to(
@@ -333,6 +343,10 @@ impl PgBackend {
     ///
     /// [`Error::Schema`](crate::Error::Schema) listing each missing item by name, or
     /// [`Error::Database`](crate::Error::Database).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
     pub async fn validate_schema(&self) -> Result<()> {
         let problems = schema::problems(
             &self.shared().pool,

@@ -95,6 +95,12 @@ impl PgBackend {
     /// [`Error::InvalidQueue`](crate::Error::InvalidQueue) before anything is sent,
     /// [`Error::Database`](crate::Error::Database) if the statement fails (your transaction is
     /// then aborted, as with any failed statement).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe for the transaction: dropped while its statement runs, the message may
+    /// or may not be in it (a batch is one statement: all of it or none). Roll the transaction
+    /// back rather than commit it.
     pub async fn publish(
         &self,
         conn: &mut PgConnection,
@@ -127,6 +133,12 @@ impl PgBackend {
     ///
     /// As [`publish`](Self::publish); one invalid queue name rejects the whole batch before
     /// anything is sent.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe for the transaction: dropped while its statement runs, the message may
+    /// or may not be in it (a batch is one statement: all of it or none). Roll the transaction
+    /// back rather than commit it.
     pub async fn publish_batch(
         &self,
         conn: &mut PgConnection,

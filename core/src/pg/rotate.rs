@@ -585,6 +585,11 @@ impl PgBackend {
     /// # Errors
     ///
     /// [`Error::Database`](crate::Error::Database); nothing is changed then.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a rotation is a few short transactions, each complete on its own; a dropped
+    /// call stops between two of them and the next `rotate` carries on from there.
     pub async fn rotate(&self) -> Result<RotationReport> {
         let mut conn = self.shared().pool.acquire().await?;
         self.shared().rotator.rotate_on(&mut conn).await
@@ -599,6 +604,11 @@ impl PgBackend {
     /// # Errors
     ///
     /// [`Error::Database`](crate::Error::Database); nothing is changed then.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a rotation is a few short transactions, each complete on its own; a dropped
+    /// call stops between two of them and the next `rotate_topics` carries on from there.
     pub async fn rotate_topics(&self) -> Result<RotationReport> {
         let mut conn = self.shared().pool.acquire().await?;
         self.shared().rotator.rotate_log_on(&mut conn).await

@@ -191,6 +191,11 @@ impl SubscriberHandle {
     /// # Errors
     ///
     /// [`Error::Runtime`] if the subscriber task panicked.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: dropping the future drops the handle, which asks the subscriber to shut
+    /// down in the background without waiting for it.
     pub async fn shutdown(mut self) -> Result<ShutdownReport> {
         let _ = self.stop.send(true);
         match self.task.take() {

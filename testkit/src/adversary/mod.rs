@@ -176,6 +176,10 @@ impl std::error::Error for AdversaryError {
 ///
 /// [`AdversaryError::NotIdempotent`] with the steps, [`AdversaryError::Stuck`] or
 /// [`AdversaryError::Backend`].
+///
+/// # Cancel safety
+///
+/// Cancel safe: each call builds its own worlds; a dropped check leaves them to be dropped.
 pub async fn check_schedule<B, H, S, F, Fut>(
     make_world: F,
     messages: &[Message],

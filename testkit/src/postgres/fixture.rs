@@ -101,6 +101,10 @@ impl PgFixture {
     /// # Errors
     ///
     /// [`TestkitError::Migrate`] for an invalid name or a failed migration.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the migration is one transaction; call again.
     pub async fn backend_for(&self, table: &str) -> Result<PgBackend, TestkitError> {
         let backend = PgBackend::with_table(self.pool.clone(), TableName::new(table)?);
         backend.migrate().await?;
@@ -123,6 +127,11 @@ impl PgFixture {
     /// # Errors
     ///
     /// [`TestkitError::Database`] if the server could not drop it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped, the database may remain; a later run's sweep (shared server) or the server's
+    /// removal at exit (started cluster or container) takes it.
     pub async fn close(mut self) -> Result<(), TestkitError> {
         self.closed = true;
         // `close()` marks the pool closed at once; its future would wait for every checked-out

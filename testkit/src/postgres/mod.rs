@@ -102,6 +102,11 @@ static OWNED: parking_lot::Mutex<Vec<Owned>> = parking_lot::Mutex::new(Vec::new(
 /// assert_eq!(backend.fetch(&FetchParams::new(["q"], 10)).await?.len(), 1);
 /// # Ok(()) }
 /// ```
+///
+/// # Cancel safety
+///
+/// Dropped after the database was created, it remains until a later run's sweep (shared server)
+/// or the server's removal at exit (started cluster or container).
 pub async fn postgres() -> Result<PgFixture, TestkitError> {
     let server =
         tokio::task::spawn_blocking(server)
