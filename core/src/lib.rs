@@ -29,6 +29,8 @@
 mod backend;
 mod cancel;
 mod coop;
+#[cfg(feature = "test-util")]
+mod delivery_builder;
 mod depth;
 mod error;
 mod inspect;
@@ -52,6 +54,8 @@ pub use coop::{
     CoopReceive, HEARTBEAT_REFRESH, MAX_MEMBER_NAME_LEN, Member, MemberInfo, Registration,
     Unregister,
 };
+#[cfg(feature = "test-util")]
+pub use delivery_builder::DeliveryBuilder;
 pub use depth::{Depth, QueueDepth};
 pub use error::{Error, Result, SchemaProblems};
 pub use inspect::{DeadLetter, MessageState, StoredMessage};

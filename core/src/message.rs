@@ -283,30 +283,6 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// A delivery with the given id, queue and payload and every other field at a neutral
-    /// value, for other backends (the fake) to fill in. Not part of the stable API.
-    #[doc(hidden)]
-    pub fn __new(id: MessageId, queue: String, payload: Vec<u8>) -> Self {
-        let epoch = DateTime::<Utc>::UNIX_EPOCH;
-        Delivery {
-            id,
-            queue,
-            payload,
-            headers: None,
-            correlation_id: Uuid::nil(),
-            attempts: 0,
-            deliveries: 0,
-            created_at: epoch,
-            next_attempt_at: epoch,
-            first_attempt_at: epoch,
-            acquired_at: epoch,
-            token: Uuid::nil(),
-            acquired_by: None,
-            last_error: None,
-            cancel: Cancellation::default(),
-        }
-    }
-
     /// Resolves when the [`Subscriber`](crate::Subscriber) running this delivery's handler
     /// asks it to stop: at shutdown, [`SubscriberOptions::shutdown_grace`] before the
     /// [`shutdown_timeout`](crate::SubscriberOptions::shutdown_timeout) aborts the handler.

@@ -32,20 +32,21 @@ pub(crate) struct Row {
 impl Row {
     pub(crate) fn delivery(&self) -> Option<Delivery> {
         let (token, acquired_at) = self.lease?;
-        let mut d =
-            postbox_core::Delivery::__new(self.id, self.queue.clone(), self.payload.clone());
-        d.headers = self.headers.clone();
-        d.correlation_id = self.correlation_id;
-        d.attempts = self.attempts;
-        d.deliveries = self.deliveries;
-        d.created_at = self.created_at;
-        d.next_attempt_at = self.next_attempt_at;
-        d.first_attempt_at = self.first_attempt_at.unwrap_or(acquired_at);
-        d.acquired_at = acquired_at;
-        d.token = token;
-        d.acquired_by = self.acquired_by.clone();
-        d.last_error = self.last_error.clone();
-        Some(d)
+        let delivery = Delivery::builder(self.queue.clone(), self.payload.clone())
+            .id(self.id)
+            .headers(self.headers.clone())
+            .correlation_id(self.correlation_id)
+            .attempts(self.attempts)
+            .deliveries(self.deliveries)
+            .created_at(self.created_at)
+            .next_attempt_at(self.next_attempt_at)
+            .first_attempt_at(self.first_attempt_at.unwrap_or(acquired_at))
+            .acquired_at(acquired_at)
+            .token(token)
+            .acquired_by(self.acquired_by.clone())
+            .last_error(self.last_error.clone())
+            .build();
+        Some(delivery)
     }
 
     pub(crate) fn stored(&self, now: DateTime<Utc>) -> StoredMessage {

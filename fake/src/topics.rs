@@ -310,19 +310,20 @@ fn delivery(
     first: DateTime<Utc>,
     last_error: Option<String>,
 ) -> Delivery {
-    let mut d = Delivery::__new(row.id, row.topic.clone(), row.payload.clone());
-    d.headers = row.headers.clone();
-    d.correlation_id = row.correlation_id;
-    d.attempts = counts.0;
-    d.deliveries = counts.1;
-    d.created_at = row.created_at;
-    d.next_attempt_at = now;
-    d.first_attempt_at = first;
-    d.acquired_at = now;
-    d.token = token;
-    d.acquired_by = holder.map(str::to_owned);
-    d.last_error = last_error;
-    d
+    Delivery::builder(row.topic.clone(), row.payload.clone())
+        .id(row.id)
+        .headers(row.headers.clone())
+        .correlation_id(row.correlation_id)
+        .attempts(counts.0)
+        .deliveries(counts.1)
+        .created_at(row.created_at)
+        .next_attempt_at(now)
+        .first_attempt_at(first)
+        .acquired_at(now)
+        .token(token)
+        .acquired_by(holder.map(str::to_owned))
+        .last_error(last_error)
+        .build()
 }
 
 impl Sub {
