@@ -423,7 +423,7 @@ async fn plans_made_while_the_outbox_was_empty_stay_index_scans_once_it_fills() 
         .await?;
     let backend = PgBackend::new(pool.clone());
     exec(&pool, "VACUUM ANALYZE postbox").await;
-    let engine = backend.engine().expect("a Postgres engine");
+    let engine = backend.pg_engine();
     let mut conn = engine.connect().await?;
     let params = FetchParams::new(["q"], 50);
     for _ in 0..8 {

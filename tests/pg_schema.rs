@@ -85,7 +85,7 @@ async fn two_outbox_tables_in_one_database_are_independent() -> Result<()> {
     assert_eq!(count(db.pool(), "postbox_dead", "true").await, 0);
     assert_eq!(a.fetch(&FetchParams::new(["q"], 10)).await?.len(), 1);
     assert_eq!(
-        b.engine().map(|e| e.channel()).as_deref(),
+        Some(b.pg_engine().channel()).as_deref(),
         Some("postbox_billing_outbox")
     );
     db.close().await?;
@@ -260,10 +260,7 @@ async fn outboxes_in_their_own_schemas_work_on_every_path_and_stay_apart() -> Re
             .fetch_one(db.pool())
             .await?;
     assert_eq!(in_public, None, "nothing in the search path's schema");
-    assert_ne!(
-        billing.engine().map(|e| e.channel()),
-        sales.engine().map(|e| e.channel())
-    );
+    assert_ne!(billing.pg_engine().channel(), sales.pg_engine().channel());
 
     let mut tx = db.pool().begin().await?;
     billing

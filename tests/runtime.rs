@@ -121,7 +121,9 @@ async fn every_fetch_of_a_subscriber_runs_on_one_persistent_connection() -> Resu
         })
         .await
         {
-            SubscriberEvent::FetchConnected { backend_pid: pid } => backend_pid = Some(pid),
+            SubscriberEvent::FetchConnected { session_id } => {
+                backend_pid = Some(i32::try_from(session_id).expect("a Postgres pid"))
+            }
             _ => listening = true,
         }
     }

@@ -6,19 +6,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::coop::{CoopReceive, Member, MemberInfo, Registration, Unregister};
-use crate::error::{Error, Result};
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::fetch::FetchParams;
 use crate::inspect::{DeadLetter, StoredMessage};
 use crate::journal::{JournalEvent, LiveEvents};
-use crate::message::{Delivery, Lease, Message, MessageId, validate_queue};
-use crate::pg::Engine;
+use crate::message::{Delivery, Lease, Message, MessageId};
 use crate::retry::{HandlerError, RetryDecision, RetryPolicy};
 use crate::table::TableName;
 
-/// The default lease time-to-live of a fetch: 30 seconds.
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
-
-/// The largest `limit` a single fetch accepts.
-pub const MAX_FETCH_LIMIT: u32 = 10_000;
 
 /// A message store: publish inside a transaction, lease with fetch, settle with fenced outcomes.
 ///
@@ -50,11 +46,11 @@ pub trait Backend: Send + Sync + 'static {
     /// The outbox table this backend reads and writes.
     fn table(&self) -> &TableName;
 
-    /// The Postgres engine, if this backend has one.
+    /// The backend's [`Engine`], if it has one: server-side sessions the runtime keeps.
     ///
     /// `Some` lets the subscriber runtime hold a persistent fetch connection and a LISTEN
     /// connection; `None` (the fake) makes it poll and open no connection at all.
-    fn engine(&self) -> Option<&Engine>;
+    fn engine(&self) -> Option<&dyn Engine>;
 
     /// Whether the backend was shut down for good (for Postgres: its pool was closed). A
     /// subscriber whose backend is closed stops instead of retrying forever.
@@ -66,7 +62,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`] if no connection could be acquired.
+    /// [`Error::Database`](crate::Error::Database) if no connection could be acquired.
     ///
     /// # Cancel safety
     ///
@@ -78,7 +74,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`] if the commit fails; then nothing was published.
+    /// [`Error::Database`](crate::Error::Database) if the commit fails; then nothing was published.
     ///
     /// # Cancel safety
     ///
@@ -91,7 +87,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`] if the connection failed (the transaction is gone either way).
+    /// [`Error::Database`](crate::Error::Database) if the connection failed (the transaction is gone either way).
     ///
     /// # Cancel safety
     ///
@@ -105,8 +101,8 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidQueue`] for an empty or over-long queue name (nothing is written),
-    /// [`Error::Database`] if the insert fails.
+    /// [`Error::InvalidQueue`](crate::Error::InvalidQueue) for an empty or over-long queue name (nothing is written),
+    /// [`Error::Database`](crate::Error::Database) if the insert fails.
     ///
     /// # Cancel safety
     ///
@@ -144,8 +140,8 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] for no queues or a zero limit, [`Error::InvalidQueue`],
-    /// [`Error::Database`].
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for no queues or a zero limit, [`Error::InvalidQueue`](crate::Error::InvalidQueue),
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -157,7 +153,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -171,7 +167,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -186,7 +182,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -200,7 +196,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -214,7 +210,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -228,7 +224,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -243,7 +239,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -254,7 +250,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -266,7 +262,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -280,7 +276,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`], [`Error::InvalidQueue`], [`Error::Database`].
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument), [`Error::InvalidQueue`](crate::Error::InvalidQueue), [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -293,7 +289,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -305,8 +301,8 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::MemberHoldsMessages`] with [`Unregister::Fail`] while it holds rows;
-    /// [`Error::Database`].
+    /// [`Error::MemberHoldsMessages`](crate::Error::MemberHoldsMessages) with [`Unregister::Fail`] while it holds rows;
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -318,7 +314,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -329,8 +325,8 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::SeqConflict`] if a `(stream, seq)` is taken (nothing is written);
-    /// [`Error::Database`].
+    /// [`Error::SeqConflict`](crate::Error::SeqConflict) if a `(stream, seq)` is taken (nothing is written);
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -342,7 +338,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -353,7 +349,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -372,7 +368,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -385,7 +381,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -402,7 +398,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`] if the channel cannot be listened to.
+    /// [`Error::Database`](crate::Error::Database) if the channel cannot be listened to.
     ///
     /// # Cancel safety
     ///
@@ -414,7 +410,7 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`].
+    /// [`Error::Database`](crate::Error::Database).
     ///
     /// # Cancel safety
     ///
@@ -471,110 +467,6 @@ pub enum FailOutcome {
     LeaseLost,
 }
 
-/// Parameters of [`Backend::fetch`].
-///
-/// ```
-/// use std::time::Duration;
-/// use postbox_core::FetchParams;
-///
-/// let p = FetchParams::new(["emails"], 10).lease_ttl(Duration::from_secs(60)).max_deliveries(5);
-/// assert_eq!(p.limit(), 10);
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FetchParams {
-    queues: Vec<String>,
-    limit: u32,
-    lease_ttl: Duration,
-    max_deliveries: Option<u32>,
-    acquired_by: Option<String>,
-}
-
-impl FetchParams {
-    /// Fetch up to `limit` messages from `queues`.
-    pub fn new<Q: Into<String>>(queues: impl IntoIterator<Item = Q>, limit: u32) -> Self {
-        FetchParams {
-            queues: queues.into_iter().map(Into::into).collect(),
-            limit,
-            lease_ttl: DEFAULT_LEASE_TTL,
-            max_deliveries: None,
-            acquired_by: None,
-        }
-    }
-
-    /// How long a lease lasts before the message may be fetched again. Defaults to 30 s.
-    #[must_use]
-    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
-        self.lease_ttl = ttl;
-        self
-    }
-
-    /// Dead-letters, instead of leasing, a message already leased this many times (a crash
-    /// loop: its handler never reported an outcome). Defaults to no limit.
-    #[must_use]
-    pub fn max_deliveries(mut self, n: u32) -> Self {
-        self.max_deliveries = Some(n);
-        self
-    }
-
-    /// Records the holder's name in `acquired_by`. Defaults to none.
-    #[must_use]
-    pub fn acquired_by(mut self, holder: impl Into<String>) -> Self {
-        self.acquired_by = Some(holder.into());
-        self
-    }
-
-    /// The queues to fetch from.
-    pub fn queues(&self) -> &[String] {
-        &self.queues
-    }
-
-    /// The maximum number of messages.
-    pub fn limit(&self) -> u32 {
-        self.limit
-    }
-
-    /// The lease time-to-live.
-    pub fn ttl(&self) -> Duration {
-        self.lease_ttl
-    }
-
-    /// The delivery limit, if any.
-    pub fn delivery_limit(&self) -> Option<u32> {
-        self.max_deliveries
-    }
-
-    /// The holder name, if any.
-    pub fn holder(&self) -> Option<&str> {
-        self.acquired_by.as_deref()
-    }
-
-    /// Checks the parameters; backends call this before touching storage.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidArgument`] for an empty queue list or a limit of 0 or above
-    /// [`MAX_FETCH_LIMIT`]; [`Error::InvalidQueue`] for a bad queue name.
-    pub fn validate(&self) -> Result<()> {
-        if self.queues.is_empty() {
-            return Err(Error::InvalidArgument(
-                "fetch needs at least one queue".into(),
-            ));
-        }
-        if self.limit == 0 || self.limit > MAX_FETCH_LIMIT {
-            return Err(Error::InvalidArgument(format!(
-                "fetch limit must be between 1 and {MAX_FETCH_LIMIT}, got {}",
-                self.limit
-            )));
-        }
-        if self.max_deliveries == Some(0) {
-            return Err(Error::InvalidArgument(
-                "max_deliveries must be at least 1".into(),
-            ));
-        }
-        self.queues.iter().try_for_each(|q| validate_queue(q))
-    }
-}
-
 /// Parameters of [`Backend::retry`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryParams {
@@ -610,7 +502,7 @@ impl RetryParams {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] naming the field.
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the field.
     pub fn validate(&self) -> Result<()> {
         crate::validate::delay("retry delay", self.delay)?;
         if let Some(error) = &self.error {
@@ -625,27 +517,7 @@ impl RetryParams {
 ///
 /// # Errors
 ///
-/// [`Error::InvalidArgument`].
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument).
 pub fn validate_reason(reason: &str) -> Result<()> {
     crate::validate::text("dead-letter reason", reason)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fetch_params_validation() {
-        assert!(FetchParams::new(["q"], 1).validate().is_ok());
-        let none: [&str; 0] = [];
-        for bad in [
-            FetchParams::new(none, 1),
-            FetchParams::new(["q"], 0),
-            FetchParams::new(["q"], MAX_FETCH_LIMIT + 1),
-            FetchParams::new([""], 1),
-            FetchParams::new(["q"], 1).max_deliveries(0),
-        ] {
-            assert!(bad.validate().is_err(), "{bad:?}");
-        }
-    }
 }

@@ -6,7 +6,8 @@
 //! - [`Message`]: what you publish (queue, payload, headers, correlation id, delay).
 //! - [`Delivery`] and [`Lease`]: what a fetch hands out, and the proof of holding it.
 //! - [`Backend`]: publish, fetch, and fenced outcomes (ack, retry, dead-letter, renew, release).
-//! - [`PgBackend`]: the Postgres implementation; [`Engine`]: its dedicated connections.
+//! - [`PgBackend`]: the Postgres implementation; [`PgEngine`]: its dedicated connections, the
+//!   [`Engine`] the subscriber runtime drives.
 //! - [`RetryPolicy`] and [`HandlerError`]: how failures become delays or dead letters.
 //! - [`Redrive`] and [`DeadFilter`]: dead letters requeued or purged, by ids or by a filter.
 //! - [`Depth`]: each queue's messages counted by state, and its lag.
@@ -32,7 +33,9 @@ mod coop;
 #[cfg(feature = "test-util")]
 mod delivery_builder;
 mod depth;
+mod engine;
 mod error;
+mod fetch;
 mod inspect;
 mod journal;
 mod message;
@@ -46,8 +49,9 @@ pub mod topic;
 pub mod trace;
 mod validate;
 
+pub use fetch::{DEFAULT_LEASE_TTL, FetchParams, MAX_FETCH_LIMIT};
 pub use backend::{
-    Backend, DEFAULT_LEASE_TTL, FailOutcome, FetchParams, MAX_FETCH_LIMIT, RetryParams,
+    Backend, FailOutcome, RetryParams,
     validate_reason,
 };
 pub use coop::{
@@ -57,6 +61,7 @@ pub use coop::{
 #[cfg(feature = "test-util")]
 pub use delivery_builder::DeliveryBuilder;
 pub use depth::{Depth, QueueDepth};
+pub use engine::{Engine, FetchSession, PermitWait, WakeUps};
 pub use error::{Error, Result, SchemaProblems};
 pub use inspect::{DeadLetter, MessageState, StoredMessage};
 pub use journal::{
@@ -68,7 +73,7 @@ pub use message::{
     Availability, Delivery, Headers, Lease, MAX_QUEUE_LEN, Message, MessageId, validate_queue,
 };
 pub use pg::{
-    Access, Engine, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME, PgBackend, Rotation,
+    Access, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME, PgBackend, PgEngine, Rotation,
     RotationReport, SCHEMA_VERSION, ddl, ddl_of_version,
 };
 pub use redrive::{DeadFilter, Redrive};

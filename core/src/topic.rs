@@ -41,7 +41,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::backend::{Backend, DEFAULT_LEASE_TTL, FailOutcome, MAX_FETCH_LIMIT, RetryParams};
+use crate::backend::{Backend, FailOutcome, RetryParams};
+use crate::fetch::{DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT};
 use crate::error::{Error, Result};
 use crate::inspect::DeadLetter;
 use crate::message::{Delivery, Lease, Message, MessageId, validate_queue};

@@ -304,7 +304,7 @@ impl Backend for FakeBroker {
         &self.shared.table
     }
 
-    fn engine(&self) -> Option<&Engine> {
+    fn engine(&self) -> Option<&dyn Engine> {
         None
     }
 

@@ -18,7 +18,7 @@ impl Backend for NoEngine {
     fn table(&self) -> &TableName {
         self.0.table()
     }
-    fn engine(&self) -> Option<&Engine> {
+    fn engine(&self) -> Option<&dyn Engine> {
         None
     }
     async fn begin(&self) -> postbox::Result<Self::Tx> {

@@ -1,17 +1,18 @@
-//! What the subscriber runtime needs beyond the [`Backend`](crate::Backend) trait on Postgres:
-//! dedicated connections for fetching and for LISTEN.
+//! The Postgres [`Engine`](crate::Engine): dedicated connections for fetching and for LISTEN.
 
 use std::fmt;
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use sqlx::postgres::{PgListener, PgPoolOptions};
-use sqlx::{ConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::Inner;
 use super::limit::FetchLimit;
-use crate::backend::FetchParams;
+use crate::fetch::FetchParams;
 use crate::coop::CoopReceive;
+use crate::engine::{Engine, FetchSession, PermitWait, WakeUps};
 use crate::error::Result;
 use crate::message::Delivery;
 use crate::table::TableName;
@@ -31,20 +32,21 @@ pub const FETCH_APPLICATION_NAME: &str = "postbox.fetch";
 /// `application_name` of the subscriber runtime's LISTEN connection.
 pub const LISTEN_APPLICATION_NAME: &str = "postbox.listen";
 
-/// The Postgres engine of a [`PgBackend`](crate::PgBackend), returned by
-/// [`Backend::engine`](crate::Backend::engine).
+/// The Postgres [`Engine`] of a [`PgBackend`](crate::PgBackend), returned by
+/// [`Backend::engine`](crate::Backend::engine) (as a trait object) and
+/// [`PgBackend::pg_engine`](crate::PgBackend::pg_engine).
 ///
 /// A long-running consumer should not check a connection out of the pool for every fetch, and
 /// a LISTEN connection must not run other statements (it would miss nothing, but a slow fetch
 /// would delay wake-ups). The engine opens both **outside** the pool, with the pool's connect
 /// options: size your pool for publishes and outcome writes only.
 #[derive(Clone)]
-pub struct Engine {
+pub struct PgEngine {
     pub(crate) inner: Arc<Inner>,
     pub(crate) limit: Option<Arc<FetchLimit>>,
 }
 
-impl Engine {
+impl PgEngine {
     /// The outbox table.
     pub fn table(&self) -> &TableName {
         &self.inner.table
@@ -153,23 +155,93 @@ impl Engine {
     pub(crate) async fn permit(&self) -> Option<OwnedSemaphorePermit> {
         self.limit.as_ref()?.acquire().await
     }
+}
 
-    /// A place in the queue for a fetch permit, or `None` when fetches are not capped. The
-    /// runtime keeps it across loop turns (dropping it gives the place up) and meanwhile goes
-    /// on writing outcomes and starting handlers.
-    pub(crate) fn permit_wait(&self) -> Option<PermitWait> {
+#[async_trait]
+impl Engine for PgEngine {
+    fn table(&self) -> &TableName {
+        &self.inner.table
+    }
+
+    async fn open_session(&self) -> Result<Box<dyn FetchSession>> {
+        let mut conn = self.connect().await?;
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await?;
+        Ok(Box::new(PgFetchSession {
+            inner: Arc::clone(&self.inner),
+            conn,
+            pid,
+        }))
+    }
+
+    async fn open_wake_ups(&self) -> Result<Box<dyn WakeUps>> {
+        let mut listener = self.listener().await?;
+        // Report a lost connection instead of reconnecting quietly: notifications sent
+        // meanwhile are lost, and the runtime must fetch after every reconnect.
+        listener.eager_reconnect(false);
+        Ok(Box::new(PgWakeUps { listener }))
+    }
+
+    fn permit_wait(&self) -> Option<PermitWait> {
         let limit = Arc::clone(self.limit.as_ref()?);
         Some(Box::pin(async move { limit.acquire().await }))
     }
 }
 
-/// A pending wait for a fetch permit ([`Engine::permit_wait`]).
-pub(crate) type PermitWait =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
+/// The fetch connection of [`PgEngine::open_session`]. The runtime holds the fetch permit (if
+/// fetches are capped) while it calls these, so they run the statements directly rather than
+/// through [`PgEngine::fetch`], which would queue for a permit again.
+struct PgFetchSession {
+    inner: Arc<Inner>,
+    conn: PgConnection,
+    pid: i32,
+}
 
-impl fmt::Debug for Engine {
+#[async_trait]
+impl FetchSession for PgFetchSession {
+    fn id(&self) -> i64 {
+        self.pid.into()
+    }
+
+    async fn fetch(&mut self, params: &FetchParams) -> Result<Vec<Delivery>> {
+        self.inner.fetch_on(&mut self.conn, params).await
+    }
+
+    async fn coop_receive(&mut self, params: &CoopReceive) -> Result<Vec<Delivery>> {
+        self.inner.coop_receive_on(&mut self.conn, params).await
+    }
+
+    async fn close(self: Box<Self>) {
+        let _ = self.conn.close().await;
+    }
+}
+
+/// The LISTEN connection of [`PgEngine::open_wake_ups`]: each notification's payload is the
+/// queue that got a commit.
+struct PgWakeUps {
+    listener: PgListener,
+}
+
+#[async_trait]
+impl WakeUps for PgWakeUps {
+    async fn next(&mut self) -> Result<Option<String>> {
+        Ok(self
+            .listener
+            .try_recv()
+            .await?
+            .map(|notification| notification.payload().to_owned()))
+    }
+
+    async fn check(&mut self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&mut self.listener).await?;
+        Ok(())
+    }
+}
+
+impl fmt::Debug for PgEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Engine")
+        f.debug_struct("PgEngine")
             .field("table", &self.inner.table)
             .finish_non_exhaustive()
     }

@@ -25,7 +25,7 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::Inner;
-use crate::backend::FetchParams;
+use crate::fetch::FetchParams;
 use crate::cancel::Cancellation;
 use crate::error::Result;
 use crate::message::Delivery;

@@ -2,9 +2,9 @@
 //!
 //! | capability | |
 //! |---|---|
-//! | LISTEN/NOTIFY wake-ups | yes ([`Engine::listener`]) |
+//! | LISTEN/NOTIFY wake-ups | yes ([`PgEngine::listener`]) |
 //! | publish in the caller's transaction | yes (`&mut PgConnection`) |
-//! | persistent fetch connection | yes ([`Engine::connect`], [`Engine::fetch`]) |
+//! | persistent fetch connection | yes ([`PgEngine::connect`], [`PgEngine::fetch`]) |
 //! | fault injection | no (kill connections with `pg_terminate_backend`) |
 //! | time control | pin the statements' clock with the `test-util` feature |
 
@@ -35,14 +35,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
-pub(crate) use engine::PermitWait;
-pub use engine::{Engine, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME};
+pub use engine::{FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME, PgEngine};
 pub use grants::Access;
 pub use rotate::{Rotation, RotationReport};
 pub use schema::{SCHEMA_VERSION, ddl, ddl_of_version};
 use statements::Statements;
 
-use crate::backend::{Backend, FetchParams, RetryParams};
+use crate::backend::{Backend, RetryParams};
+use crate::fetch::FetchParams;
 use crate::coop::{CoopReceive, Member, MemberInfo, Registration, Unregister};
 use crate::error::Result;
 use crate::inspect::{DeadLetter, StoredMessage};
@@ -86,7 +86,7 @@ use crate::table::TableName;
 /// ```
 #[derive(Clone)]
 pub struct PgBackend {
-    engine: Engine,
+    engine: PgEngine,
     journal_live: JournalLive,
 }
 
@@ -142,7 +142,7 @@ impl PgBackend {
     pub fn with_table(pool: PgPool, table: TableName) -> Self {
         let persistent = Arc::new(std::sync::atomic::AtomicBool::new(true));
         PgBackend {
-            engine: Engine {
+            engine: PgEngine {
                 inner: Arc::new(Inner {
                     sql: Statements::new(&table),
                     rotator: Arc::new(rotate::Rotator::new(
@@ -255,7 +255,7 @@ impl PgBackend {
     }
 
     /// A pool transaction that keeps generic plans, as the runtime's fetch connection does
-    /// (see [`Engine::connect`]), for this transaction only: the pool connection is handed
+    /// (see [`PgEngine::connect`]), for this transaction only: the pool connection is handed
     /// back as it was.
     async fn generic_plans_tx(&self) -> Result<Transaction<'static, Postgres>> {
         let mut tx = self.shared().pool.begin().await?;
@@ -267,6 +267,13 @@ impl PgBackend {
 
     fn shared(&self) -> &Inner {
         &self.engine.inner
+    }
+
+    /// The Postgres engine itself, for its connections ([`PgEngine::connect`],
+    /// [`PgEngine::listener`]); [`Backend::engine`] gives the runtime's view of it, and `None`
+    /// behind a transaction pooler.
+    pub fn pg_engine(&self) -> &PgEngine {
+        &self.engine
     }
 
     /// The pool statements run on (publishes run on the caller's connection instead).
@@ -368,7 +375,7 @@ impl PgBackend {
         *self.engine.inner.now.write() = now;
     }
 
-    /// Makes the next `n` calls of [`Engine::listener`] fail, as if the server (or a pooler)
+    /// Makes the next `n` calls of [`PgEngine::listener`] fail, as if the server (or a pooler)
     /// refused LISTEN.
     ///
     /// **Feature:** `test-util`.
@@ -403,9 +410,11 @@ impl Backend for PgBackend {
         &self.shared().table
     }
 
-    fn engine(&self) -> Option<&Engine> {
+    fn engine(&self) -> Option<&dyn crate::engine::Engine> {
         // Behind a transaction pooler (unnamed statements) there is no session to keep.
-        self.shared().persistent().then_some(&self.engine)
+        self.shared()
+            .persistent()
+            .then_some(&self.engine as &dyn crate::engine::Engine)
     }
 
     fn is_closed(&self) -> bool {

@@ -13,10 +13,11 @@ use crate::message::MessageId;
 pub enum SubscriberEvent {
     /// The loop started.
     Started,
-    /// The fetch connection (re)connected; `backend_pid` is its server process id.
+    /// The fetch session (re)connected.
     FetchConnected {
-        /// `pg_backend_pid()` of the fetch connection.
-        backend_pid: i32,
+        /// The server's id of the session (on Postgres, `pg_backend_pid()` of the fetch
+        /// connection).
+        session_id: i64,
     },
     /// A fetch leased `n` messages (`n > 0`).
     Fetched {

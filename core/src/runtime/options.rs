@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::backend::{DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT};
+use crate::fetch::{DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT};
 use crate::coop::Member;
 use crate::error::{Error, Result};
 use crate::message::validate_queue;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use sqlx::PgConnection;
 use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
 use tokio::task::JoinError;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -21,11 +20,12 @@ use super::options::SubscriberOptions;
 use super::subscriber::{Shared, ShutdownReport};
 use super::window::PrefetchWindow;
 use super::workers::{Finished, Workers};
-use crate::backend::{FailOutcome, FetchParams};
+use crate::backend::FailOutcome;
+use crate::fetch::FetchParams;
 use crate::coop::CoopReceive;
+use crate::engine::{FetchSession, PermitWait};
 use crate::error::{Error, Result};
 use crate::message::{Delivery, Lease, MessageId};
-use crate::pg::PermitWait;
 use crate::retry::HandlerError;
 use crate::topic::{Receive, Settlement, Topics};
 
@@ -39,8 +39,8 @@ pub(crate) struct Supervisor<B: Topics> {
     wake: Arc<Notify>,
     /// Asks the LISTEN task to reconnect after a database error.
     reset_listener: Arc<Notify>,
-    /// The persistent fetch connection (engine only).
-    conn: Option<PgConnection>,
+    /// The persistent fetch session (engine only).
+    session: Option<Box<dyn FetchSession>>,
     /// Our place in the queue for a fetch permit when the backend caps concurrent fetches
     /// (`PgBackend::max_concurrent_fetches`). Kept across loop turns, so the loop goes on
     /// writing outcomes and starting handlers while it waits.
@@ -87,7 +87,7 @@ impl<B: Topics> Supervisor<B> {
             stopping: false,
             wake: Arc::new(Notify::new()),
             reset_listener: Arc::new(Notify::new()),
-            conn: None,
+            session: None,
             permit_wait: None,
             permit: None,
             held: HashMap::new(),
@@ -127,9 +127,9 @@ impl<B: Topics> Supervisor<B> {
         if !self.options.listen {
             return None;
         }
-        let engine = self.backend.engine()?.clone();
+        self.backend.engine()?;
         let task = ListenTask {
-            engine,
+            backend: Arc::clone(&self.backend),
             queues: self.options.queues.iter().cloned().collect::<HashSet<_>>(),
             wake: Arc::clone(&self.wake),
             reset: Arc::clone(&self.reset_listener),
@@ -277,7 +277,7 @@ impl<B: Topics> Supervisor<B> {
         let fetching = Self::fetch_once(
             &self.backend,
             &self.options,
-            &mut self.conn,
+            &mut self.session,
             &self.shared,
             &params,
         );
@@ -331,7 +331,7 @@ impl<B: Topics> Supervisor<B> {
     async fn fetch_once(
         backend: &B,
         options: &SubscriberOptions,
-        conn_slot: &mut Option<PgConnection>,
+        session_slot: &mut Option<Box<dyn FetchSession>>,
         shared: &Shared,
         params: &FetchParams,
     ) -> Result<Vec<Delivery>> {
@@ -364,28 +364,25 @@ impl<B: Topics> Supervisor<B> {
                 None => backend.fetch(params).await,
             };
         };
-        if conn_slot.is_none() {
-            let mut conn = engine.connect().await?;
-            let backend_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-                .fetch_one(&mut conn)
-                .await?;
-            tracing::debug!(target: "postbox", backend_pid, "postbox.fetch: connected");
-            shared.emit(SubscriberEvent::FetchConnected { backend_pid });
-            *conn_slot = Some(conn);
+        if session_slot.is_none() {
+            let session = engine.open_session().await?;
+            let session_id = session.id();
+            tracing::debug!(target: "postbox", session_id, "postbox.fetch: connected");
+            shared.emit(SubscriberEvent::FetchConnected { session_id });
+            *session_slot = Some(session);
         }
-        // The loop already holds the permit, if fetches are capped (`may_fetch`): run the
-        // statements directly rather than through `Engine::fetch`, which would queue again.
-        match (conn_slot.as_mut(), &coop) {
-            (Some(conn), Some(receive)) => engine.inner.coop_receive_on(conn, receive).await,
-            (Some(conn), None) => engine.inner.fetch_on(conn, params).await,
-            (None, _) => Err(Error::Runtime("fetch connection missing".into())),
+        // The loop already holds the permit, if fetches are capped (`may_fetch`).
+        match (session_slot.as_mut(), &coop) {
+            (Some(session), Some(receive)) => session.coop_receive(receive).await,
+            (Some(session), None) => session.fetch(params).await,
+            (None, _) => Err(Error::Runtime("fetch session missing".into())),
         }
     }
 
-    /// Closes both connections and backs off.
+    /// Drops the fetch session, has the wake-up source reopened, and backs off.
     fn database_error(&mut self, error: &Error) {
         self.shared.record_error(error);
-        self.conn = None;
+        self.session = None;
         self.reset_listener.notify_one();
         let delay = self.errors.next();
         let now = Instant::now();
@@ -700,8 +697,8 @@ impl<B: Topics> Supervisor<B> {
         while self.workers.join_next().await.is_some() {}
         self.record_finished();
         self.flush_outcomes(true).await;
-        if let Some(conn) = self.conn.take() {
-            let _ = sqlx::Connection::close(conn).await;
+        if let Some(session) = self.session.take() {
+            session.close().await;
         }
         ShutdownReport {
             released,

@@ -1,0 +1,136 @@
+//! What a fetch asks for: [`FetchParams`] and its limits.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::message::validate_queue;
+
+/// The default lease time-to-live of a fetch: 30 seconds.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// The largest `limit` a single fetch accepts.
+pub const MAX_FETCH_LIMIT: u32 = 10_000;
+
+/// Parameters of [`Backend::fetch`](crate::Backend::fetch).
+///
+/// ```
+/// use std::time::Duration;
+/// use postbox_core::FetchParams;
+///
+/// let p = FetchParams::new(["emails"], 10).lease_ttl(Duration::from_secs(60)).max_deliveries(5);
+/// assert_eq!(p.limit(), 10);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchParams {
+    queues: Vec<String>,
+    limit: u32,
+    lease_ttl: Duration,
+    max_deliveries: Option<u32>,
+    acquired_by: Option<String>,
+}
+
+impl FetchParams {
+    /// Fetch up to `limit` messages from `queues`.
+    pub fn new<Q: Into<String>>(queues: impl IntoIterator<Item = Q>, limit: u32) -> Self {
+        FetchParams {
+            queues: queues.into_iter().map(Into::into).collect(),
+            limit,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            max_deliveries: None,
+            acquired_by: None,
+        }
+    }
+
+    /// How long a lease lasts before the message may be fetched again. Defaults to 30 s.
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// Dead-letters, instead of leasing, a message already leased this many times (a crash
+    /// loop: its handler never reported an outcome). Defaults to no limit.
+    #[must_use]
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = Some(n);
+        self
+    }
+
+    /// Records the holder's name in `acquired_by`. Defaults to none.
+    #[must_use]
+    pub fn acquired_by(mut self, holder: impl Into<String>) -> Self {
+        self.acquired_by = Some(holder.into());
+        self
+    }
+
+    /// The queues to fetch from.
+    pub fn queues(&self) -> &[String] {
+        &self.queues
+    }
+
+    /// The maximum number of messages.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// The lease time-to-live.
+    pub fn ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    /// The delivery limit, if any.
+    pub fn delivery_limit(&self) -> Option<u32> {
+        self.max_deliveries
+    }
+
+    /// The holder name, if any.
+    pub fn holder(&self) -> Option<&str> {
+        self.acquired_by.as_deref()
+    }
+
+    /// Checks the parameters; backends call this before touching storage.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for an empty queue list or a limit of 0 or above
+    /// [`MAX_FETCH_LIMIT`]; [`Error::InvalidQueue`] for a bad queue name.
+    pub fn validate(&self) -> Result<()> {
+        if self.queues.is_empty() {
+            return Err(Error::InvalidArgument(
+                "fetch needs at least one queue".into(),
+            ));
+        }
+        if self.limit == 0 || self.limit > MAX_FETCH_LIMIT {
+            return Err(Error::InvalidArgument(format!(
+                "fetch limit must be between 1 and {MAX_FETCH_LIMIT}, got {}",
+                self.limit
+            )));
+        }
+        if self.max_deliveries == Some(0) {
+            return Err(Error::InvalidArgument(
+                "max_deliveries must be at least 1".into(),
+            ));
+        }
+        self.queues.iter().try_for_each(|q| validate_queue(q))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fetch_params_validation() {
+        assert!(FetchParams::new(["q"], 1).validate().is_ok());
+        let none: [&str; 0] = [];
+        for bad in [
+            FetchParams::new(none, 1),
+            FetchParams::new(["q"], 0),
+            FetchParams::new(["q"], MAX_FETCH_LIMIT + 1),
+            FetchParams::new([""], 1),
+            FetchParams::new(["q"], 1).max_deliveries(0),
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+}
