@@ -15,7 +15,6 @@ use crate::message::{Delivery, Lease, Message, MessageId};
 use crate::retry::{HandlerError, RetryDecision, RetryPolicy};
 use crate::table::TableName;
 
-
 /// A message store: publish inside a transaction, lease with fetch, settle with fenced outcomes.
 ///
 /// Implemented by [`PgBackend`](crate::PgBackend) (Postgres) and by `postbox_fake::FakeBroker`

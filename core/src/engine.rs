@@ -18,9 +18,9 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::fetch::FetchParams;
 use crate::coop::CoopReceive;
 use crate::error::Result;
+use crate::fetch::FetchParams;
 use crate::message::Delivery;
 use crate::table::TableName;
 

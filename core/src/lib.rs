@@ -49,11 +49,7 @@ pub mod topic;
 pub mod trace;
 mod validate;
 
-pub use fetch::{DEFAULT_LEASE_TTL, FetchParams, MAX_FETCH_LIMIT};
-pub use backend::{
-    Backend, FailOutcome, RetryParams,
-    validate_reason,
-};
+pub use backend::{Backend, FailOutcome, RetryParams, validate_reason};
 pub use coop::{
     CoopReceive, HEARTBEAT_REFRESH, MAX_MEMBER_NAME_LEN, Member, MemberInfo, Registration,
     Unregister,
@@ -63,6 +59,7 @@ pub use delivery_builder::DeliveryBuilder;
 pub use depth::{Depth, QueueDepth};
 pub use engine::{Engine, FetchSession, PermitWait, WakeUps};
 pub use error::{Error, Result, SchemaProblems};
+pub use fetch::{DEFAULT_LEASE_TTL, FetchParams, MAX_FETCH_LIMIT};
 pub use inspect::{DeadLetter, MessageState, StoredMessage};
 pub use journal::{
     BatchedJournalWriter, EventPayload, JournalEvent, JournalLive, JournalTail, LiveEvent,

@@ -42,8 +42,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::backend::{Backend, FailOutcome, RetryParams};
-use crate::fetch::{DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT};
 use crate::error::{Error, Result};
+use crate::fetch::{DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT};
 use crate::inspect::DeadLetter;
 use crate::message::{Delivery, Lease, Message, MessageId, validate_queue};
 use crate::retry::{HandlerError, RetryDecision, RetryPolicy};

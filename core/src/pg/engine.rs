@@ -10,10 +10,10 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::Inner;
 use super::limit::FetchLimit;
-use crate::fetch::FetchParams;
 use crate::coop::CoopReceive;
 use crate::engine::{Engine, FetchSession, PermitWait, WakeUps};
 use crate::error::Result;
+use crate::fetch::FetchParams;
 use crate::message::Delivery;
 use crate::table::TableName;
 

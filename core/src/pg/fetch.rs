@@ -25,9 +25,9 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::Inner;
-use crate::fetch::FetchParams;
 use crate::cancel::Cancellation;
 use crate::error::Result;
+use crate::fetch::FetchParams;
 use crate::message::Delivery;
 
 /// The ready branch shared by the fetch and the cooperative receive: per queue, the first

@@ -42,9 +42,9 @@ pub use schema::{SCHEMA_VERSION, ddl, ddl_of_version};
 use statements::Statements;
 
 use crate::backend::{Backend, RetryParams};
-use crate::fetch::FetchParams;
 use crate::coop::{CoopReceive, Member, MemberInfo, Registration, Unregister};
 use crate::error::Result;
+use crate::fetch::FetchParams;
 use crate::inspect::{DeadLetter, StoredMessage};
 use crate::journal::{JournalEvent, JournalLive, LiveEvents};
 use crate::message::{Delivery, Lease, Message, MessageId};

@@ -11,7 +11,7 @@
 //! round trip rather than of the polling interval. Without LISTEN (refused by a pooler, or
 //! the fake) it polls, backing off from `min_fetch_interval` to `max_fetch_interval`.
 
-mod backoff;
+mod escalation;
 mod events;
 mod handler;
 mod listener;

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use crate::fetch::{DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT};
 use crate::coop::Member;
 use crate::error::{Error, Result};
+use crate::fetch::{DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT};
 use crate::message::validate_queue;
 use crate::retry::RetryPolicy;
 

@@ -11,7 +11,7 @@ use tokio::task::JoinError;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
 
-use super::backoff::Backoff;
+use super::escalation::Escalation;
 use super::events::{Counters, Outcome, SubscriberEvent};
 use super::handler::Handler;
 use super::listener::ListenTask;
@@ -21,10 +21,10 @@ use super::subscriber::{Shared, ShutdownReport};
 use super::window::PrefetchWindow;
 use super::workers::{Finished, Workers};
 use crate::backend::FailOutcome;
-use crate::fetch::FetchParams;
 use crate::coop::CoopReceive;
 use crate::engine::{FetchSession, PermitWait};
 use crate::error::{Error, Result};
+use crate::fetch::FetchParams;
 use crate::message::{Delivery, Lease, MessageId};
 use crate::retry::HandlerError;
 use crate::topic::{Receive, Settlement, Topics};
@@ -56,8 +56,8 @@ pub(crate) struct Supervisor<B: Topics> {
     /// When the oldest pending ack was queued (for `ack_delay`).
     acks_since: Option<Instant>,
     pending_failures: Vec<(Delivery, HandlerError)>,
-    idle: Backoff,
-    errors: Backoff,
+    idle: Escalation,
+    errors: Escalation,
     next_fetch: Instant,
     backoff_until: Instant,
 }
@@ -72,8 +72,8 @@ impl<B: Topics> Supervisor<B> {
     ) -> Self {
         let now = Instant::now();
         Supervisor {
-            idle: Backoff::new(options.min_fetch_interval, options.max_fetch_interval),
-            errors: Backoff::new(options.error_backoff_min, options.error_backoff_max),
+            idle: Escalation::new(options.min_fetch_interval, options.max_fetch_interval),
+            errors: Escalation::new(options.error_backoff_min, options.error_backoff_max),
             workers: Workers::new(
                 handler,
                 options.max_workers,
