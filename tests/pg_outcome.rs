@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::Result;
 use postbox::sqlx::PgPool;
 use postbox::{
-    Backend, Delivery, FailOutcome, FetchParams, HandlerError, Lease, Message, PgBackend,
-    RetryParams, RetryPolicy,
+    Backend, Delivery, FetchParams, HandlerError, Lease, Message, Outcome, PgBackend, RetryParams,
+    RetryPolicy,
 };
 use support::{count, db_now, exec};
 
@@ -283,7 +283,7 @@ async fn fail_retries_through_the_policy_and_dead_letters_when_exhausted() -> Re
         let outcome = backend.fail(&d, &error, &policy).await?;
         assert_eq!(
             outcome,
-            FailOutcome::Retried {
+            Outcome::Retried {
                 delay: Duration::ZERO
             }
         );
@@ -291,7 +291,7 @@ async fn fail_retries_through_the_policy_and_dead_letters_when_exhausted() -> Re
     let d = backend.fetch(&FetchParams::new(["q"], 1)).await?.remove(0);
     let outcome = backend.fail(&d, &error, &policy).await?;
     assert!(
-        matches!(&outcome, FailOutcome::DeadLettered { reason } if reason.contains("exhausted after 3")),
+        matches!(&outcome, Outcome::DeadLettered { reason } if reason.contains("exhausted after 3")),
         "{outcome:?}"
     );
     assert_eq!(count(db.pool(), "postbox", "true").await, 0);
@@ -305,10 +305,7 @@ async fn fail_retries_through_the_policy_and_dead_letters_when_exhausted() -> Re
         1
     );
     // Settling again with the old lease: lost, nothing changes.
-    assert_eq!(
-        backend.fail(&d, &error, &policy).await?,
-        FailOutcome::LeaseLost
-    );
+    assert_eq!(backend.fail(&d, &error, &policy).await?, Outcome::LeaseLost);
     db.close().await?;
     Ok(())
 }
@@ -327,7 +324,7 @@ async fn a_rejection_dead_letters_at_once() -> Result<()> {
         .await?;
     assert_eq!(
         outcome,
-        FailOutcome::DeadLettered {
+        Outcome::DeadLettered {
             reason: "rejected: bad input".into()
         }
     );

@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use postbox::fake::FakeBroker;
 use postbox::testkit::{
-    AssertError, DrainOptions, DrainReport, Expect, RunOutcome, TimeControl, assert_published,
+    AssertError, DrainOptions, DrainReport, Expect, TimeControl, assert_published,
     assert_published_many, drain, published, run_one, try_assert_not_published,
     try_assert_published,
 };
-use postbox::{Backend, Delivery, HandlerError, Message, MessageState, RetryPolicy};
+use postbox::{Backend, Delivery, HandlerError, Message, MessageState, Outcome, RetryPolicy};
 
 async fn publish<B: Backend>(b: &B, messages: Vec<Message>) {
     let mut tx = b.begin().await.expect("begin");
@@ -215,13 +215,13 @@ async fn run_one_runs_exactly_one_delivery() {
     publish(&b, ["flaky", "ok"].map(|p| Message::new("q", p)).to_vec()).await;
     assert_eq!(
         run_one(&b, "q", &handler, &policy()).await.expect("run"),
-        Some(RunOutcome::Retried {
+        Some(Outcome::Retried {
             delay: Duration::from_secs(10)
         })
     );
     assert_eq!(
         run_one(&b, "q", &handler, &policy()).await.expect("run"),
-        Some(RunOutcome::Acked)
+        Some(Outcome::Acked)
     );
     assert_eq!(
         run_one(&b, "q", &handler, &policy()).await.expect("run"),
@@ -231,7 +231,7 @@ async fn run_one_runs_exactly_one_delivery() {
     b.advance(Duration::from_secs(10));
     assert_eq!(
         run_one(&b, "q", &handler, &policy()).await.expect("run"),
-        Some(RunOutcome::Retried {
+        Some(Outcome::Retried {
             delay: Duration::from_secs(10)
         })
     );
@@ -246,7 +246,7 @@ async fn a_panicking_handler_counts_as_a_failure_in_run_one() {
         .await
         .expect("run");
     assert!(
-        matches!(&outcome, Some(RunOutcome::DeadLettered { reason }) if reason.contains("panicked")),
+        matches!(&outcome, Some(Outcome::DeadLettered { reason }) if reason.contains("panicked")),
         "{outcome:?}"
     );
 }

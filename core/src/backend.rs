@@ -12,6 +12,7 @@ use crate::fetch::FetchParams;
 use crate::inspect::{DeadLetter, StoredMessage};
 use crate::journal::{JournalEvent, LiveEvents};
 use crate::message::{Delivery, Lease, Message, MessageId};
+use crate::outcome::Outcome;
 use crate::retry::{HandlerError, RetryDecision, RetryPolicy};
 use crate::table::TableName;
 
@@ -421,7 +422,7 @@ pub trait Backend: Send + Sync + 'static {
         delivery: &Delivery,
         error: &HandlerError,
         policy: &RetryPolicy,
-    ) -> Result<FailOutcome> {
+    ) -> Result<Outcome> {
         let elapsed = (delivery.acquired_at - delivery.first_attempt_at)
             .to_std()
             .unwrap_or_default();
@@ -432,38 +433,21 @@ pub trait Backend: Send + Sync + 'static {
                 let params = RetryParams::new(delay.min(crate::MAX_DELAY))
                     .error(crate::validate::storable(error.message()));
                 Ok(if self.retry(delivery.lease(), params).await? {
-                    FailOutcome::Retried { delay }
+                    Outcome::Retried { delay }
                 } else {
-                    FailOutcome::LeaseLost
+                    Outcome::LeaseLost
                 })
             }
             RetryDecision::DeadLetter { reason } => {
                 let reason = crate::validate::storable(&reason).into_owned();
                 Ok(if self.dead_letter(delivery.lease(), &reason).await? {
-                    FailOutcome::DeadLettered { reason }
+                    Outcome::DeadLettered { reason }
                 } else {
-                    FailOutcome::LeaseLost
+                    Outcome::LeaseLost
                 })
             }
         }
     }
-}
-
-/// What [`Backend::fail`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FailOutcome {
-    /// Scheduled for another attempt after `delay`.
-    Retried {
-        /// The delay applied.
-        delay: Duration,
-    },
-    /// Moved to the dead-letter table.
-    DeadLettered {
-        /// The recorded reason.
-        reason: String,
-    },
-    /// The lease was lost; nothing changed.
-    LeaseLost,
 }
 
 /// Parameters of [`Backend::retry`].

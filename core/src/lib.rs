@@ -40,6 +40,7 @@ mod inspect;
 mod journal;
 mod message;
 pub mod metrics;
+mod outcome;
 mod pg;
 mod redrive;
 mod retry;
@@ -49,7 +50,7 @@ pub mod topic;
 pub mod trace;
 mod validate;
 
-pub use backend::{Backend, FailOutcome, RetryParams, validate_reason};
+pub use backend::{Backend, RetryParams, validate_reason};
 pub use coop::{
     CoopReceive, HEARTBEAT_REFRESH, MAX_MEMBER_NAME_LEN, Member, MemberInfo, Registration,
     Unregister,
@@ -69,6 +70,7 @@ pub use journal::{
 pub use message::{
     Availability, Delivery, Headers, Lease, MAX_QUEUE_LEN, Message, MessageId, validate_queue,
 };
+pub use outcome::Outcome;
 pub use pg::{
     Access, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME, PgBackend, PgEngine, Rotation,
     RotationReport, SCHEMA_VERSION, ddl, ddl_of_version,
@@ -78,8 +80,8 @@ pub use retry::{
     Backoff, HandlerError, HandlerErrorKind, RetryDecision, RetryPolicy, RetryPredicate,
 };
 pub use runtime::{
-    Handler, HandlerFuture, Outcome, ShutdownReport, Stats, Subscriber, SubscriberEvent,
-    SubscriberHandle, SubscriberOptions, shutdown_signal,
+    Handler, HandlerFuture, ShutdownReport, Stats, Subscriber, SubscriberEvent, SubscriberHandle,
+    SubscriberOptions, shutdown_signal,
 };
 pub use table::{GENERATIONS, MAX_IDENTIFIER_LEN, TableName};
 pub use topic::{

@@ -41,11 +41,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::backend::{Backend, FailOutcome, RetryParams};
+use crate::backend::{Backend, RetryParams};
 use crate::error::{Error, Result};
 use crate::fetch::{DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT};
 use crate::inspect::DeadLetter;
 use crate::message::{Delivery, Lease, Message, MessageId, validate_queue};
+use crate::outcome::Outcome;
 use crate::retry::{HandlerError, RetryDecision, RetryPolicy};
 
 /// What [`Topics::subscribe`] found.
@@ -419,7 +420,7 @@ pub trait Topics: Backend {
         delivery: &Delivery,
         error: &HandlerError,
         policy: &RetryPolicy,
-    ) -> Result<FailOutcome> {
+    ) -> Result<Outcome> {
         let elapsed = (delivery.acquired_at - delivery.first_attempt_at)
             .to_std()
             .unwrap_or_default();
@@ -430,9 +431,9 @@ pub trait Topics: Backend {
                     .error(crate::validate::storable(error.message()));
                 let done = self.settle(&lease, Settlement::Retry(params)).await?;
                 Ok(if done.is_empty() {
-                    FailOutcome::LeaseLost
+                    Outcome::LeaseLost
                 } else {
-                    FailOutcome::Retried { delay }
+                    Outcome::Retried { delay }
                 })
             }
             RetryDecision::DeadLetter { reason } => {
@@ -441,9 +442,9 @@ pub trait Topics: Backend {
                     .settle(&lease, Settlement::DeadLetter(reason.clone()))
                     .await?;
                 Ok(if done.is_empty() {
-                    FailOutcome::LeaseLost
+                    Outcome::LeaseLost
                 } else {
-                    FailOutcome::DeadLettered { reason }
+                    Outcome::DeadLettered { reason }
                 })
             }
         }

@@ -53,7 +53,7 @@ pub use assert::{
     wait_published_within,
 };
 pub use context::{TestBackend, TestContext};
-pub use drain::{DrainOptions, DrainReport, RunOutcome, drain, run_one};
+pub use drain::{DrainOptions, DrainReport, drain, run_one};
 pub use error::TestkitError;
 pub use live::JournalLiveControl;
 pub use postgres::{PgFixture, Provider, postgres};

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::message::MessageId;
+use crate::outcome::Outcome;
 
 /// Something that happened in a subscriber, in order. Receive them with
 /// [`SubscriberHandle::events`](crate::SubscriberHandle::events): tests wait on them instead of
@@ -69,27 +70,6 @@ pub enum SubscriberEvent {
     },
     /// The loop stopped.
     Stopped,
-}
-
-/// The outcome of one handled message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Outcome {
-    /// Acked (deleted).
-    Acked,
-    /// Scheduled for another attempt.
-    Retried {
-        /// After this delay.
-        delay: Duration,
-    },
-    /// Moved to the dead-letter table.
-    DeadLettered {
-        /// Why.
-        reason: String,
-    },
-    /// The lease was lost before the outcome was written: nothing changed, and the message
-    /// is (or will be) delivered again.
-    LeaseLost,
 }
 
 /// Counters of a subscriber, read with [`SubscriberHandle::stats`](crate::SubscriberHandle::stats).

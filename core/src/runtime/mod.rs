@@ -23,7 +23,7 @@ mod supervisor;
 mod window;
 mod workers;
 
-pub use events::{Outcome, Stats, SubscriberEvent};
+pub use events::{Stats, SubscriberEvent};
 pub use handler::{Handler, HandlerFuture};
 pub use options::SubscriberOptions;
 pub use signal::shutdown_signal;

@@ -12,7 +12,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
 
 use super::escalation::Escalation;
-use super::events::{Counters, Outcome, SubscriberEvent};
+use super::events::{Counters, SubscriberEvent};
 use super::handler::Handler;
 use super::listener::ListenTask;
 use super::metrics::{Counted, QueueMetrics, SubscriberMetrics};
@@ -20,12 +20,12 @@ use super::options::SubscriberOptions;
 use super::subscriber::{Shared, ShutdownReport};
 use super::window::PrefetchWindow;
 use super::workers::{Finished, Workers};
-use crate::backend::FailOutcome;
 use crate::coop::CoopReceive;
 use crate::engine::{FetchSession, PermitWait};
 use crate::error::{Error, Result};
 use crate::fetch::FetchParams;
 use crate::message::{Delivery, Lease, MessageId};
+use crate::outcome::Outcome;
 use crate::retry::HandlerError;
 use crate::topic::{Receive, Settlement, Topics};
 
@@ -451,23 +451,21 @@ impl<B: Topics> Supervisor<B> {
                 Ok(outcome) => {
                     self.held.remove(&delivery.id);
                     let metrics = self.workers.metrics.queue(&delivery.queue);
-                    let outcome = match outcome {
-                        FailOutcome::Retried { delay } => {
-                            Counters::add(&self.shared.counters.retried, 1);
-                            metrics.count(Counted::Retried);
-                            Outcome::Retried { delay }
+                    let (counter, counted) = match &outcome {
+                        Outcome::Retried { .. } => {
+                            (&self.shared.counters.retried, Counted::Retried)
                         }
-                        FailOutcome::DeadLettered { reason } => {
-                            Counters::add(&self.shared.counters.dead_lettered, 1);
-                            metrics.count(Counted::DeadLettered);
-                            Outcome::DeadLettered { reason }
+                        Outcome::DeadLettered { .. } => {
+                            (&self.shared.counters.dead_lettered, Counted::DeadLettered)
                         }
-                        FailOutcome::LeaseLost => {
-                            Counters::add(&self.shared.counters.lease_lost, 1);
-                            metrics.count(Counted::LeaseLost);
-                            Outcome::LeaseLost
+                        Outcome::LeaseLost => {
+                            (&self.shared.counters.lease_lost, Counted::LeaseLost)
                         }
+                        // Not from `fail`, which never acks; counted as what it says.
+                        Outcome::Acked => (&self.shared.counters.acked, Counted::Acked),
                     };
+                    Counters::add(counter, 1);
+                    metrics.count(counted);
                     tracing::debug!(target: "postbox", message_id = delivery.id, ?outcome, "postbox.outcome");
                     self.shared.emit(SubscriberEvent::Handled {
                         id: delivery.id,

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use postbox_core::{
-    Backend, Delivery, FailOutcome, FetchParams, Handler, HandlerError, Message, MessageId,
-    MessageState, RetryParams, RetryPolicy,
+    Backend, Delivery, FetchParams, Handler, HandlerError, Message, MessageId, MessageState,
+    Outcome, RetryParams, RetryPolicy,
 };
 
 use super::AdversaryError;
@@ -219,9 +219,10 @@ where
             Ok(()) if backend.ack(delivery.lease()).await? => "acked".to_owned(),
             Ok(()) => "its ack refused (lease lost)".to_owned(),
             Err(error) => match backend.fail(delivery, error, &self.policy).await? {
-                FailOutcome::Retried { delay } => format!("retried in {delay:?}"),
-                FailOutcome::DeadLettered { reason } => format!("dead-lettered ({reason})"),
-                FailOutcome::LeaseLost => "its failure refused (lease lost)".to_owned(),
+                Outcome::Retried { delay } => format!("retried in {delay:?}"),
+                Outcome::DeadLettered { reason } => format!("dead-lettered ({reason})"),
+                Outcome::LeaseLost => "its failure refused (lease lost)".to_owned(),
+                other => format!("{other:?}"),
             },
         })
     }

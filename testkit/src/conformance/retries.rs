@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use postbox_core::{Backend, FailOutcome, HandlerError, Message, RetryParams, RetryPolicy};
+use postbox_core::{Backend, HandlerError, Message, Outcome, RetryParams, RetryPolicy};
 
 use super::{Harness, fetch, publish};
 use crate::time::TimeControl;
@@ -61,7 +61,7 @@ pub async fn retry_policy_exhaustion_dead_letters<H: Harness>(h: &H) {
         let d = fetch(b, "q", 1).await.remove(0);
         assert_eq!(
             b.fail(&d, &error, &policy).await.expect("fail"),
-            FailOutcome::Retried {
+            Outcome::Retried {
                 delay: Duration::ZERO
             }
         );
@@ -69,7 +69,7 @@ pub async fn retry_policy_exhaustion_dead_letters<H: Harness>(h: &H) {
     let d = fetch(b, "q", 1).await.remove(0);
     let outcome = b.fail(&d, &error, &policy).await.expect("fail");
     assert!(
-        matches!(&outcome, FailOutcome::DeadLettered { reason } if reason.contains("exhausted after 3")),
+        matches!(&outcome, Outcome::DeadLettered { reason } if reason.contains("exhausted after 3")),
         "{outcome:?}"
     );
     let dead = b.dead_letters(None).await.expect("dead");
@@ -95,7 +95,7 @@ pub async fn retry_rejection_dead_letters_at_once<H: Harness>(h: &H) {
         .expect("fail");
     assert_eq!(
         outcome,
-        FailOutcome::DeadLettered {
+        Outcome::DeadLettered {
             reason: "rejected: bad payload".into()
         }
     );
@@ -118,14 +118,14 @@ pub async fn retry_budget_measured_on_the_backend_clock<H: Harness>(h: &H) {
         let d = fetch(b, "q", 1).await.remove(0);
         assert!(matches!(
             b.fail(&d, &error, &policy).await.expect("fail"),
-            FailOutcome::Retried { .. }
+            Outcome::Retried { .. }
         ));
         b.advance(Duration::from_secs(10)).await.expect("advance");
     }
     let d = fetch(b, "q", 1).await.remove(0);
     let outcome = b.fail(&d, &error, &policy).await.expect("fail");
     assert!(
-        matches!(&outcome, FailOutcome::DeadLettered { reason } if reason.contains("budget")),
+        matches!(&outcome, Outcome::DeadLettered { reason } if reason.contains("budget")),
         "{outcome:?}"
     );
 }
@@ -142,7 +142,7 @@ pub async fn retry_after_overrides_the_backoff<H: Harness>(h: &H) {
         .expect("fail");
     assert_eq!(
         outcome,
-        FailOutcome::Retried {
+        Outcome::Retried {
             delay: Duration::from_secs(120)
         }
     );

@@ -128,7 +128,7 @@ pub async fn validation_a_handler_error_with_nul_is_stored_replaced<H: Harness>(
         .await
         .expect("fail");
     assert!(
-        matches!(retried, postbox_core::FailOutcome::Retried { .. }),
+        matches!(retried, postbox_core::Outcome::Retried { .. }),
         "{retried:?}"
     );
     b.fail(
