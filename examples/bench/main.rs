@@ -39,6 +39,8 @@
 //! - `fixture`: a fresh test database from the migrated template against create + migrate;
 //!   ms p50/p95 over `--rounds` of each.
 //! - `fake`: `FakeBroker` publish (batches of 1,000) + fetch + `ack_batch`, 1,000,000 messages.
+//! - `dispatch`: ns per call of an `#[async_trait]` method (generic and `dyn`) against a
+//!   native `async fn` in a trait, beside one `FakeBroker::fetch`.
 //!
 //! Without `--database-url` the server is the testkit's (`POSTBOX_TEST_DATABASE_URL`, Docker,
 //! or the local Postgres binaries, started and stopped by the bench). With it, every workload
@@ -50,6 +52,7 @@
 mod backlog;
 mod charts;
 mod coop;
+mod dispatch;
 mod drain;
 mod fake;
 mod fanout;
@@ -68,7 +71,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
-const WORKLOADS: [&str; 11] = [
+const WORKLOADS: [&str; 12] = [
     "publish_batch",
     "publish_single",
     "drain",
@@ -77,6 +80,7 @@ const WORKLOADS: [&str; 11] = [
     "journal",
     "fixture",
     "fake",
+    "dispatch",
     "xmin_hold",
     "backlog",
     "fanout",
@@ -99,7 +103,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: bench [publish_batch] [publish_single] [drain] [wakeup] [coop] \
-[journal] [fixture] [fake] [xmin_hold] [backlog] [fanout] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
+[journal] [fixture] [fake] [dispatch] [xmin_hold] [backlog] [fanout] [--database-url URL] [--json FILE] [--charts DIR] [--rounds N] \
 [--reps N] [--coop-reps N] [--clean-s S] [--hold-s S] [--after-s S] [--rate N] \
 [--storage queue|topic|both] [--variants A,B] [--metrics] [--smoke] \
 [--quiet]\n   or: bench --render FILE --charts DIR";
@@ -296,6 +300,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "journal" => journal::journal(&ctx).await,
             "fixture" => fixture::fixture(&ctx).await,
             "fake" => fake::fake(&ctx).await,
+            "dispatch" => dispatch::dispatch(&ctx).await,
             other => unreachable!("parse_args accepts only known workloads, not {other}"),
         }
         .with_context(|| format!("workload {workload}"))?;
