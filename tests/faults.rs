@@ -1027,7 +1027,7 @@ async fn rotation_under_a_held_horizon_with_kills() {
     // Rotations run from the test's own loop rather than in the background, so that every
     // truncation is counted.
     let backend = db.backend().rotation(
-        postbox::Rotation::new()
+        postbox::pg::Rotation::new()
             .automatic(false)
             .rotate_bytes(8 * 1024)
             .max_age(Duration::from_millis(50))

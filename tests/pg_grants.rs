@@ -5,12 +5,13 @@
 mod support;
 
 use anyhow::Result;
+use postbox::pg::{Access, Rotation};
 use postbox::sqlx::{self, AssertSqlSafe, PgPool};
 use postbox::testkit::{PgFixture, within};
 use postbox::{
-    Access, Backend, BatchedJournalWriter, CoopReceive, DeadFilter, Delivery, Depth, FetchParams,
-    HandlerError, JournalEvent, Member, Message, PgBackend, Redrive, Rotation, Subscriber,
-    SubscriberOptions, TailOptions, WriterOptions, snapshot_and_tail,
+    Backend, BatchedJournalWriter, CoopReceive, DeadFilter, Delivery, Depth, FetchParams,
+    HandlerError, JournalEvent, Member, Message, PgBackend, Redrive, Subscriber, SubscriberOptions,
+    TailOptions, WriterOptions, snapshot_and_tail,
 };
 
 /// A login role holding exactly `access` on the fixture's outbox, and a pool connected as it.
@@ -289,7 +290,7 @@ async fn each_access_does_its_work_and_nothing_else() -> Result<()> {
     let second = PgBackend::with_table(admin.pool.clone(), postbox::TableName::new("admin_box")?);
     assert_eq!(
         second.migrate().await?.len(),
-        postbox::SCHEMA_VERSION as usize
+        postbox::pg::SCHEMA_VERSION as usize
     );
 
     for role in [

@@ -7,10 +7,9 @@ mod support;
 use std::time::Duration;
 
 use anyhow::Result;
+use postbox::pg::Rotation;
 use postbox::sqlx::{self, Connection, PgConnection, PgPool};
-use postbox::{
-    Backend, FetchParams, Message, MessageState, PgBackend, RetryParams, Rotation, TableName,
-};
+use postbox::{Backend, FetchParams, Message, MessageState, PgBackend, RetryParams, TableName};
 use support::{count, exec};
 
 /// A backend whose generations rotate only when the test says so, at the first byte.
@@ -256,7 +255,7 @@ async fn the_v3_schema_upgrades_in_place_without_losing_a_message() -> Result<()
     let before = backend.messages(Some("q")).await?;
     assert_eq!(
         backend.migrate().await?,
-        (4..=postbox::SCHEMA_VERSION).collect::<Vec<_>>()
+        (4..=postbox::pg::SCHEMA_VERSION).collect::<Vec<_>>()
     );
     backend.validate_schema().await?;
     let after = backend.messages(Some("q")).await?;
@@ -326,7 +325,7 @@ async fn leases_taken_under_v4_settle_after_the_v5_upgrade() -> Result<()> {
 
     assert_eq!(
         backend.migrate().await?,
-        (5..=postbox::SCHEMA_VERSION).collect::<Vec<_>>()
+        (5..=postbox::pg::SCHEMA_VERSION).collect::<Vec<_>>()
     );
     backend.validate_schema().await?;
 

@@ -3,7 +3,8 @@
 mod support;
 
 use anyhow::Result;
-use postbox::{Backend, Error, FetchParams, Message, PgBackend, SCHEMA_VERSION, TableName};
+use postbox::pg::SCHEMA_VERSION;
+use postbox::{Backend, Error, FetchParams, Message, PgBackend, TableName};
 use support::{count, exec};
 
 #[tokio::test]
@@ -183,7 +184,7 @@ async fn migrate_refuses_a_table_postbox_did_not_create() -> Result<()> {
 async fn the_ddl_run_by_hand_is_a_migrated_schema() -> Result<()> {
     let db = postbox::testkit::postgres().await?;
     let table = TableName::new("by_hand")?;
-    postbox::sqlx::raw_sql(postbox::sqlx::AssertSqlSafe(postbox::ddl(&table)))
+    postbox::sqlx::raw_sql(postbox::sqlx::AssertSqlSafe(postbox::pg::ddl(&table)))
         .execute(db.pool())
         .await?;
     let backend = PgBackend::with_table(db.pool().clone(), table);
@@ -200,8 +201,8 @@ async fn the_ddl_run_by_hand_is_a_migrated_schema() -> Result<()> {
 async fn the_ddl_of_each_version_run_in_order_is_a_migrated_schema() -> Result<()> {
     let db = postbox::testkit::postgres().await?;
     let table = TableName::new("by_version")?;
-    for version in 1..=postbox::SCHEMA_VERSION {
-        let sql = postbox::ddl_of_version(&table, version)
+    for version in 1..=postbox::pg::SCHEMA_VERSION {
+        let sql = postbox::pg::ddl_of_version(&table, version)
             .unwrap_or_else(|| panic!("no DDL for version {version}"));
         assert!(sql.starts_with("CREATE") == (version == 1), "{sql}");
         postbox::sqlx::raw_sql(postbox::sqlx::AssertSqlSafe(sql))
@@ -211,8 +212,8 @@ async fn the_ddl_of_each_version_run_in_order_is_a_migrated_schema() -> Result<(
     let backend = PgBackend::with_table(db.pool().clone(), table.clone());
     backend.validate_schema().await?;
     assert_eq!(backend.migrate().await?, Vec::<i32>::new());
-    assert!(postbox::ddl_of_version(&table, 0).is_none());
-    assert!(postbox::ddl_of_version(&table, postbox::SCHEMA_VERSION + 1).is_none());
+    assert!(postbox::pg::ddl_of_version(&table, 0).is_none());
+    assert!(postbox::pg::ddl_of_version(&table, postbox::pg::SCHEMA_VERSION + 1).is_none());
     db.close().await?;
     Ok(())
 }
@@ -222,9 +223,10 @@ async fn the_ddl_of_each_version_run_in_order_is_a_migrated_schema() -> Result<(
 /// inspection and the grants all work on each, apart.
 #[tokio::test]
 async fn outboxes_in_their_own_schemas_work_on_every_path_and_stay_apart() -> Result<()> {
+    use postbox::pg::{Access, Rotation};
     use postbox::{
-        Access, BatchedJournalWriter, CoopReceive, JournalEvent, Member, RetryParams, Rotation,
-        TailOptions, Unregister, WriterOptions, snapshot_and_tail,
+        BatchedJournalWriter, CoopReceive, JournalEvent, Member, RetryParams, TailOptions,
+        Unregister, WriterOptions, snapshot_and_tail,
     };
 
     let db = postbox::testkit::postgres().await?;

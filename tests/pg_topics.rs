@@ -115,7 +115,7 @@ async fn log_bytes(db: &postbox::testkit::PgFixture) -> Result<Vec<i64>> {
 /// A backend that rotates the log at every call (no size or age threshold), by hand.
 fn rotating(db: &postbox::testkit::PgFixture) -> PgBackend {
     db.backend().rotation(
-        postbox::Rotation::new()
+        postbox::pg::Rotation::new()
             .automatic(false)
             .rotate_bytes(0)
             .max_age(std::time::Duration::ZERO),
@@ -224,7 +224,7 @@ async fn batches_received_under_v7_settle_after_the_v8_upgrade_postgres() -> Res
     let db = postbox::testkit::postgres().await?;
     let table = postbox::TableName::new("v7_outbox")?;
     let backend = PgBackend::with_table(db.pool().clone(), table)
-        .rotation(postbox::Rotation::new().automatic(false));
+        .rotation(postbox::pg::Rotation::new().automatic(false));
     assert_eq!(backend.migrate_to(7).await?, (1..=7).collect::<Vec<_>>());
     backend.advance(Duration::ZERO).await?;
     backend.subscribe("t", "s").await?;
@@ -249,7 +249,7 @@ async fn batches_received_under_v7_settle_after_the_v8_upgrade_postgres() -> Res
 
     assert_eq!(
         backend.migrate().await?,
-        (8..=postbox::SCHEMA_VERSION).collect::<Vec<_>>()
+        (8..=postbox::pg::SCHEMA_VERSION).collect::<Vec<_>>()
     );
     backend.validate_schema().await?;
 
@@ -369,7 +369,7 @@ async fn rotation_racing_receivers_loses_and_repeats_nothing_postgres() -> Resul
     // of each in 100,000 messages). A longer wait lets the rotation through; the receivers
     // queue behind it, which is the race this test is about.
     let backend = db.backend().rotation(
-        postbox::Rotation::new()
+        postbox::pg::Rotation::new()
             .automatic(false)
             .rotate_bytes(0)
             .max_age(std::time::Duration::ZERO)

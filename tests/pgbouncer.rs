@@ -13,12 +13,13 @@ mod support;
 use std::collections::HashSet;
 
 use anyhow::Result;
+use postbox::pg::Rotation;
 use postbox::sqlx::postgres::PgPoolOptions;
 use postbox::testkit::{PgFixture, within};
 use postbox::{
     Backend, BatchedJournalWriter, CoopReceive, Delivery, FetchParams, HandlerError, Member,
-    Message, PgBackend, RetryParams, Rotation, Subscriber, SubscriberOptions, TailOptions,
-    Unregister, WriterOptions, snapshot_and_tail,
+    Message, PgBackend, RetryParams, Subscriber, SubscriberOptions, TailOptions, Unregister,
+    WriterOptions, snapshot_and_tail,
 };
 
 /// The base URL of the PgBouncer for `variable`, or `None` (and a note) when it is unset.

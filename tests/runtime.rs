@@ -6,10 +6,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::Result;
+use postbox::pg::{FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME};
 use postbox::testkit::within;
 use postbox::{
-    Backend, Delivery, FETCH_APPLICATION_NAME, FetchParams, HandlerError, LISTEN_APPLICATION_NAME,
-    Outcome, PgBackend, RetryPolicy, Subscriber, SubscriberEvent, SubscriberOptions,
+    Backend, Delivery, FetchParams, HandlerError, Outcome, PgBackend, RetryPolicy, Subscriber,
+    SubscriberEvent, SubscriberOptions,
 };
 use support::no_engine::NoEngine;
 use support::{count, kill, pids_of, publish_n, recv_n, until};

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use postbox_core::{PgBackend, Rotation, TableName};
+use postbox_core::pg::Rotation;
+use postbox_core::{PgBackend, TableName};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 

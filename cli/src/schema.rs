@@ -3,9 +3,8 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use postbox_core::{
-    Access, Backend, PgBackend, SCHEMA_VERSION, TableName, ddl as full_ddl, ddl_of_version,
-};
+use postbox_core::pg::{Access, SCHEMA_VERSION, ddl as full_ddl, ddl_of_version};
+use postbox_core::{Backend, PgBackend, TableName};
 
 /// `postbox ddl` options.
 #[derive(Debug, clap::Args)]

@@ -49,7 +49,7 @@ impl QueueDepth {
 /// on Postgres from the partial indexes (`T_pending_idx`, `T_lease_idx`, `T_dead_idx`) in one
 /// function call planned without sequential scans, so its cost is a walk of index entries,
 /// not of the table. A role needs `SELECT` on the outbox and its dead letters
-/// ([`Access::Inspector`](crate::Access::Inspector) has it).
+/// ([`Access::Inspector`](crate::pg::Access::Inspector) has it).
 #[async_trait]
 pub trait Depth: Backend {
     /// The depth of `queue`, or of every queue holding a message in any state, ordered by

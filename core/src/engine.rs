@@ -5,7 +5,7 @@
 //! and should hear about commits instead of polling for them. A backend that can do better
 //! than polling returns an [`Engine`] from [`Backend::engine`](crate::Backend::engine): a
 //! [`FetchSession`] the runtime keeps across fetches, and [`WakeUps`] telling it which queues
-//! got commits. Postgres does ([`PgEngine`](crate::PgEngine): a dedicated connection, and
+//! got commits. Postgres does ([`PgEngine`](crate::pg::PgEngine): a dedicated connection, and
 //! `LISTEN`); the in-memory fake does not, and the runtime polls it.
 //!
 //! To give a new backend an engine, implement the three traits; the runtime drives them

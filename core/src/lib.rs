@@ -6,7 +6,7 @@
 //! - [`Message`]: what you publish (queue, payload, headers, correlation id, delay).
 //! - [`Delivery`] and [`Lease`]: what a fetch hands out, and the proof of holding it.
 //! - [`Backend`]: publish, fetch, and fenced outcomes (ack, retry, dead-letter, renew, release).
-//! - [`PgBackend`]: the Postgres implementation; [`PgEngine`]: its dedicated connections, the
+//! - [`PgBackend`]: the Postgres implementation; [`pg::PgEngine`]: its dedicated connections, the
 //!   [`Engine`] the subscriber runtime drives.
 //! - [`RetryPolicy`] and [`HandlerError`]: how failures become delays or dead letters.
 //! - [`Redrive`] and [`DeadFilter`]: dead letters requeued or purged, by ids or by a filter.
@@ -41,7 +41,7 @@ mod journal;
 mod message;
 pub mod metrics;
 mod outcome;
-mod pg;
+pub mod pg;
 mod redrive;
 mod retry;
 mod runtime;
@@ -71,10 +71,9 @@ pub use message::{
     Availability, Delivery, Headers, Lease, MAX_QUEUE_LEN, Message, MessageId, validate_queue,
 };
 pub use outcome::Outcome;
-pub use pg::{
-    Access, FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME, PgBackend, PgEngine, Rotation,
-    RotationReport, SCHEMA_VERSION, ddl, ddl_of_version,
-};
+/// The everyday name of [`pg`]; the rest of the Postgres-only API (roles and their grants,
+/// rotation, DDL, the engine's connections) is under [`pg`].
+pub use pg::PgBackend;
 pub use redrive::{DeadFilter, Redrive};
 pub use retry::{
     Backoff, HandlerError, HandlerErrorKind, RetryDecision, RetryPolicy, RetryPredicate,

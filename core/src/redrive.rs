@@ -142,8 +142,8 @@ impl DeadFilter {
 ///
 /// On Postgres a queue's redrive needs `SELECT, DELETE` on `T_dead` and, to requeue, what a
 /// publisher has: of the roles [`PgBackend::grants`](crate::PgBackend::grants) knows, only
-/// [`Access::Admin`](crate::Access::Admin). A subscription's needs what settling needs, so
-/// [`Access::Consumer`](crate::Access::Consumer) has it.
+/// [`Access::Admin`](crate::pg::Access::Admin). A subscription's needs what settling needs, so
+/// [`Access::Consumer`](crate::pg::Access::Consumer) has it.
 ///
 /// ```no_run
 /// # async fn run(backend: postbox_core::PgBackend) -> postbox_core::Result<()> {

@@ -287,7 +287,7 @@ impl PgBackend {
     ///
     /// ```no_run
     /// # async fn f(backend: postbox_core::PgBackend) -> postbox_core::Result<()> {
-    /// use postbox_core::Access;
+    /// use postbox_core::pg::Access;
     ///
     /// // Printed for a DBA, or run by a deployment job connected as the owner.
     /// println!("{}", backend.grants(Access::Publisher, "orders_api").await?);

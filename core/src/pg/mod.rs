@@ -1,4 +1,6 @@
-//! The Postgres backend.
+//! The Postgres backend: [`PgBackend`] (also at the crate root), its [`PgEngine`], the roles
+//! an outbox needs ([`Access`], [`PgBackend::grants`]), storage rotation ([`Rotation`]), and
+//! its DDL ([`ddl`], [`SCHEMA_VERSION`]).
 //!
 //! | capability | |
 //! |---|---|

@@ -7,7 +7,8 @@
 
 use std::str::FromStr;
 
-use postbox_core::{PgBackend, TableName, ddl};
+use postbox_core::pg::ddl;
+use postbox_core::{PgBackend, TableName};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
