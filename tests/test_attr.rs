@@ -134,6 +134,14 @@ async fn passes(ctx: TestContext<impl TestBackend>) {
     note_database(&ctx);
 }
 
+#[postbox::test(postgres)]
+#[should_panic(expected = "on purpose")]
+#[ignore = "called by a_failed_tests_database_is_kept"]
+async fn panics_as_expected(ctx: TestContext<impl TestBackend>) {
+    note_database(&ctx);
+    panic!("on purpose");
+}
+
 /// Whether each database exists, read on a fresh fixture of the same server.
 fn exists(databases: &[String]) -> Vec<bool> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -171,11 +179,13 @@ fn a_failed_tests_database_is_kept() {
     assert!(returns_an_error::postgres().is_err());
     assert!(std::panic::catch_unwind(panics::postgres).is_err());
     passes::postgres();
+    // Under `#[should_panic]` the panic is the pass.
+    assert!(std::panic::catch_unwind(panics_as_expected::postgres).is_err());
     let databases = std::mem::take(&mut *RAN_ON.lock());
-    assert_eq!(databases.len(), 3, "each run recorded its database");
+    assert_eq!(databases.len(), 4, "each run recorded its database");
     assert_eq!(
         exists(&databases),
-        [true, true, false],
-        "kept after an Err and a panic, dropped after a pass: {databases:?}"
+        [true, true, false, false],
+        "kept after an Err and a panic, dropped after a pass and an expected panic: {databases:?}"
     );
 }

@@ -182,6 +182,8 @@ fn expand(options: Options, mut item: ItemFn) -> syn::Result<TokenStream2> {
         .drain(..)
         .partition(|a| a.path().is_ident("ignore") || a.path().is_ident("should_panic"));
     item.attrs = kept;
+    // Under `#[should_panic]` a panic is the test passing: its database is not kept.
+    let expect_panic = test_attrs.iter().any(|a| a.path().is_ident("should_panic"));
 
     let fake_test = fake.then(|| {
         quote! {
@@ -221,7 +223,11 @@ fn expand(options: Options, mut item: ItemFn) -> syn::Result<TokenStream2> {
             pub(super) fn postgres() #output {
                 #private::run_postgres(
                     ::core::module_path!(),
-                    #private::PgSetup { table: #table, sql: &[#(#sql),*] },
+                    #private::PgSetup {
+                        table: #table,
+                        sql: &[#(#sql),*],
+                        expect_panic: #expect_panic,
+                    },
                     |__ctx| async move {
                         #setup
                         super::#name(#argument).await
@@ -307,5 +313,8 @@ mod tests {
             expand_str("", "#[ignore] #[should_panic] /// doc\nasync fn t() {}").expect("expands");
         assert_eq!(out.matches("# [ignore]").count(), 2, "{out}");
         assert_eq!(out.matches("# [should_panic]").count(), 2, "{out}");
+        assert!(out.contains("expect_panic : true"), "{out}");
+        let plain = expand_str("postgres", "async fn t() {}").expect("expands");
+        assert!(plain.contains("expect_panic : false"), "{plain}");
     }
 }

@@ -65,6 +65,8 @@ pub struct PgSetup {
     pub table: Option<&'static str>,
     /// SQL files (path, contents) run in order before the outbox table is migrated.
     pub sql: &'static [(&'static str, &'static str)],
+    /// The test is `#[should_panic]`: a panic passes it, so its database is dropped.
+    pub expect_panic: bool,
 }
 
 /// Runs `body` on a new [`FakeBroker`], on a current-thread runtime with paused time (delays
@@ -141,6 +143,12 @@ where
                 eprintln!("postbox::test {test}: could not drop its database: {e}");
             }
             outcome
+        }
+        Err(panic) if setup.expect_panic => {
+            if let Err(e) = runtime.block_on(fixture.close()) {
+                eprintln!("postbox::test {test}: could not drop its database: {e}");
+            }
+            resume_unwind(panic)
         }
         Err(panic) => {
             keep(test, fixture, "it panicked");
