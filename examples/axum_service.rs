@@ -302,6 +302,7 @@ async fn post_json(
 mod tests {
     use axum::body::Body;
     use axum::http::Request;
+    use postbox::Inspect;
     use postbox::testkit::adversary::{Adversary, World};
     use postbox::testkit::{
         Expect, TestBackend, TestContext, assert_not_published, assert_published_as, until_within,

@@ -10,9 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use postbox::{
-    Backend, Delivery, HandlerError, Member, Message, PgBackend, Subscriber, SubscriberOptions,
-};
+use postbox::prelude::*;
+use postbox::{Delivery, HandlerError, Member, Message, PgBackend, Subscriber, SubscriberOptions};
 
 const MESSAGES: usize = 1_000;
 

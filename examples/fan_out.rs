@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
+use postbox::prelude::*;
 use postbox::{
-    Backend, Delivery, HandlerError, Message, MessageId, PgBackend, Published, Subscriber,
+    Delivery, HandlerError, Message, MessageId, PgBackend, Published, Subscriber,
     SubscriberOptions, Topics,
 };
 

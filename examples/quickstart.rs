@@ -6,8 +6,9 @@
 //! or `DATABASE_URL` if set, else Docker if an engine answers, else a throwaway cluster from the
 //! local Postgres binaries) and a fresh database that is dropped at the end.
 
+use postbox::prelude::*;
 use postbox::sqlx;
-use postbox::{Backend, FetchParams, Message};
+use postbox::{FetchParams, Message};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use postbox::fake::FakeBroker;
+use postbox::prelude::*;
 use postbox::testkit::{DrainOptions, drain};
 use postbox::{Backend, Delivery, HandlerError, Message, RetryPolicy};
 use serde::{Deserialize, Serialize};

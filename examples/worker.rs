@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use postbox::prelude::*;
 use postbox::{
-    Backend, Delivery, HandlerError, Message, RetryPolicy, Subscriber, SubscriberEvent,
-    SubscriberOptions,
+    Delivery, HandlerError, Message, RetryPolicy, Subscriber, SubscriberEvent, SubscriberOptions,
 };
 use tracing_subscriber::EnvFilter;
 

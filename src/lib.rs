@@ -15,7 +15,8 @@
 //! # #[cfg(feature = "fake")]
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), postbox::Error> {
-//! use postbox::{Backend, FetchParams, Message};
+//! use postbox::prelude::*;
+//! use postbox::{FetchParams, Message};
 //! use postbox::fake::FakeBroker;
 //!
 //! let outbox = FakeBroker::new();
@@ -34,7 +35,8 @@
 //! With Postgres, publish inside your own transaction:
 //!
 //! ```no_run
-//! use postbox::{Backend, FetchParams, Message, PgBackend};
+//! use postbox::prelude::*;
+//! use postbox::{FetchParams, Message, PgBackend};
 //!
 //! # async fn run() -> Result<(), postbox::Error> {
 //! let pool = postbox::sqlx::PgPool::connect("postgres://localhost/app").await?;
@@ -65,11 +67,11 @@
 //!
 //! # Consuming
 //!
-//! [`Backend::fetch`] leases up to `limit` eligible rows under one fresh token, in
+//! [`Consume::fetch`] leases up to `limit` eligible rows under one fresh token, in
 //! `(next_attempt_at, id)` order, reclaiming leases older than `lease_ttl`. Settle each
-//! delivery with [`ack`](Backend::ack) / [`ack_batch`](Backend::ack_batch),
-//! [`retry`](Backend::retry), [`dead_letter`](Backend::dead_letter), or let
-//! [`fail`](Backend::fail) apply a [`RetryPolicy`].
+//! delivery with [`ack`](Consume::ack) / [`ack_batch`](Consume::ack_batch),
+//! [`retry`](Consume::retry), [`dead_letter`](Consume::dead_letter), or let
+//! [`fail`](Consume::fail) apply a [`RetryPolicy`].
 //!
 //! # Delivery guarantees
 //!
@@ -142,7 +144,8 @@ pub mod testkit {
 ///
 /// ```
 /// use postbox::testkit::{Expect, TestBackend, assert_published};
-/// use postbox::{Backend, Message};
+/// use postbox::prelude::*;
+/// use postbox::Message;
 ///
 /// #[postbox::test]
 /// async fn order_is_published(outbox: impl TestBackend) -> Result<(), postbox::Error> {

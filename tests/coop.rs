@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use postbox::fake::FakeBroker;
+use postbox::prelude::*;
 use postbox::testkit::{wait_for_event, within};
 use postbox::{
     CoopReceive, Delivery, HandlerError, Member, Outcome, Subscriber, SubscriberEvent,
@@ -25,7 +26,7 @@ fn member(name: &str) -> Member {
 /// nothing twice, nothing missing, every member worked.
 async fn four_members_split<B, W, F>(backend: &B, n: usize, options: SubscriberOptions, work: W)
 where
-    B: Topics + Clone,
+    B: Backend + Topics + Clone,
     W: Fn() -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -62,7 +63,7 @@ where
 
 /// Four members with 50 ms handlers and one worker each: the handlers must overlap (no shared
 /// lock serialises siblings), and every message is handled once.
-async fn siblings_run_in_parallel<B: Topics + Clone>(backend: B) {
+async fn siblings_run_in_parallel<B: Backend + Topics + Clone>(backend: B) {
     let running = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let work = {
@@ -103,7 +104,7 @@ async fn siblings_run_in_parallel_on_postgres() {
 }
 
 /// A member whose handler runs past the dead interval keeps its rows: the runtime touches it.
-async fn the_runtime_heartbeat_keeps_a_slow_member<B: Topics + Clone>(backend: B) {
+async fn the_runtime_heartbeat_keeps_a_slow_member<B: Backend + Topics + Clone>(backend: B) {
     publish_n(&backend, "q", 1).await;
     let (open, gate) = watch::channel(false);
     let (tx, mut started) = mpsc::unbounded_channel();

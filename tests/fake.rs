@@ -5,10 +5,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use postbox::fake::{FakeBroker, Fault};
+use postbox::prelude::*;
 use postbox::testkit::{until_within, wait_for_event_within, within};
 use postbox::{
-    Backend, Delivery, Error, FetchParams, HandlerError, Message, MessageState, Outcome,
-    Subscriber, SubscriberEvent, SubscriberOptions,
+    Delivery, Error, FetchParams, HandlerError, Message, MessageState, Outcome, Subscriber,
+    SubscriberEvent, SubscriberOptions,
 };
 
 /// Virtual time to wait for an event under paused time (the clock jumps over idle waits).

@@ -14,13 +14,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use postbox::prelude::*;
 use postbox::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use postbox::sqlx::{self, PgPool};
 use postbox::testkit::postgres::LocalServer;
 use postbox::testkit::{TimeControl, within};
 use postbox::{
-    Backend, Delivery, Error, FetchParams, HandlerError, Message, PgBackend, RetryPolicy, Stats,
-    Subscriber, SubscriberEvent, SubscriberHandle, SubscriberOptions, TableName,
+    Delivery, Error, FetchParams, HandlerError, Message, PgBackend, RetryPolicy, Stats, Subscriber,
+    SubscriberEvent, SubscriberHandle, SubscriberOptions, TableName,
 };
 
 const N: usize = 2_000;

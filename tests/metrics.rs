@@ -14,6 +14,7 @@ use anyhow::Result;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::{CompositeKey, MetricKind};
 use postbox::fake::FakeBroker;
+use postbox::prelude::*;
 use postbox::testkit::TimeControl;
 use postbox::testkit::{until_within, within};
 use postbox::{

@@ -3,8 +3,9 @@
 mod support;
 
 use anyhow::Result;
+use postbox::prelude::*;
 use postbox::sqlx::{self, PgConnection};
-use postbox::{Backend, Depth, FetchParams, Message};
+use postbox::{Depth, FetchParams, Message};
 use support::exec;
 
 /// Sequential scans of `relation` counted by this session's current transaction.

@@ -6,7 +6,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::Result;
-use postbox::{Backend, Error, FetchParams, Message, PgBackend, RetryParams};
+use postbox::prelude::*;
+use postbox::{Error, FetchParams, Message, PgBackend, RetryParams};
 use support::{count, db_now, eventually, exec};
 
 async fn publish(backend: &PgBackend, messages: Vec<Message>) -> Result<Vec<i64>> {

@@ -6,12 +6,13 @@ mod support;
 
 use anyhow::Result;
 use postbox::pg::{Access, Rotation};
+use postbox::prelude::*;
 use postbox::sqlx::{self, AssertSqlSafe, PgPool};
 use postbox::testkit::{PgFixture, within};
 use postbox::{
-    Backend, BatchedJournalWriter, CoopReceive, DeadFilter, Delivery, Depth, FetchParams,
-    HandlerError, JournalEvent, Member, Message, PgBackend, Redrive, Subscriber, SubscriberOptions,
-    TailOptions, WriterOptions, snapshot_and_tail,
+    BatchedJournalWriter, CoopReceive, DeadFilter, Delivery, Depth, FetchParams, HandlerError,
+    JournalEvent, Member, Message, PgBackend, Redrive, Subscriber, SubscriberOptions, TailOptions,
+    WriterOptions, snapshot_and_tail,
 };
 
 /// A login role holding exactly `access` on the fixture's outbox, and a pool connected as it.

@@ -5,9 +5,10 @@ mod support;
 use std::time::Duration;
 
 use anyhow::Result;
+use postbox::prelude::*;
 use postbox::sqlx::PgPool;
 use postbox::{
-    Backend, Delivery, FetchParams, HandlerError, Lease, Message, Outcome, PgBackend, RetryParams,
+    Delivery, FetchParams, HandlerError, Lease, Message, Outcome, PgBackend, RetryParams,
     RetryPolicy,
 };
 use support::{count, db_now, exec};

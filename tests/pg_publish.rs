@@ -5,8 +5,9 @@ mod support;
 use std::time::Duration;
 
 use anyhow::Result;
+use postbox::prelude::*;
 use postbox::sqlx::postgres::PgListener;
-use postbox::{Backend, Error, Message, PgBackend};
+use postbox::{Error, Message, PgBackend};
 use support::{count, db_now, wait};
 
 /// Receives notifications on `listener` until one with payload `until`; returns the payloads

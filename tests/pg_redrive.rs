@@ -4,10 +4,11 @@
 mod support;
 
 use anyhow::Result;
+use postbox::prelude::*;
 use postbox::sqlx::postgres::PgListener;
 use postbox::{
-    Backend, DeadFilter, Delivery, FetchParams, HandlerError, Message, MessageId, PgBackend,
-    Redrive, Subscriber, SubscriberEvent, SubscriberOptions,
+    DeadFilter, Delivery, FetchParams, HandlerError, Message, MessageId, PgBackend, Redrive,
+    Subscriber, SubscriberEvent, SubscriberOptions,
 };
 use support::{recv_n, until, wait};
 

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use postbox::pg::Rotation;
+use postbox::prelude::*;
 use postbox::sqlx::{self, Connection, PgConnection, PgPool};
-use postbox::{Backend, FetchParams, Message, MessageState, PgBackend, RetryParams, TableName};
+use postbox::{FetchParams, Message, MessageState, PgBackend, RetryParams, TableName};
 use support::{count, exec};
 
 /// A backend whose generations rotate only when the test says so, at the first byte.

@@ -4,7 +4,8 @@ mod support;
 
 use anyhow::Result;
 use postbox::pg::SCHEMA_VERSION;
-use postbox::{Backend, Error, FetchParams, Message, PgBackend, TableName};
+use postbox::prelude::*;
+use postbox::{Error, FetchParams, Message, PgBackend, TableName};
 use support::{count, exec};
 
 #[tokio::test]

@@ -7,9 +7,9 @@ mod support;
 use std::collections::BTreeSet;
 
 use anyhow::Result;
+use postbox::prelude::*;
 use postbox::{
-    Backend, Message, MessageId, PgBackend, Published, Receive, Settlement, Subscribed, Topics,
-    Unsubscribe,
+    Message, MessageId, PgBackend, Published, Receive, Settlement, Subscribed, Topics, Unsubscribe,
 };
 
 async fn publish(backend: &PgBackend, topic: &str, n: usize) -> Result<Vec<MessageId>> {

@@ -14,12 +14,13 @@ use std::collections::HashSet;
 
 use anyhow::Result;
 use postbox::pg::Rotation;
+use postbox::prelude::*;
 use postbox::sqlx::postgres::PgPoolOptions;
 use postbox::testkit::{PgFixture, within};
 use postbox::{
-    Backend, BatchedJournalWriter, CoopReceive, Delivery, FetchParams, HandlerError, Member,
-    Message, PgBackend, RetryParams, Subscriber, SubscriberOptions, TailOptions, Unregister,
-    WriterOptions, snapshot_and_tail,
+    BatchedJournalWriter, CoopReceive, Delivery, FetchParams, HandlerError, Member, Message,
+    PgBackend, RetryParams, Subscriber, SubscriberOptions, TailOptions, Unregister, WriterOptions,
+    snapshot_and_tail,
 };
 
 /// The base URL of the PgBouncer for `variable`, or `None` (and a note) when it is unset.

@@ -13,10 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use postbox::prelude::*;
 use postbox::sqlx::postgres::PgPoolOptions;
-use postbox::{
-    Backend, Delivery, HandlerError, Member, Message, PgBackend, Subscriber, SubscriberOptions,
-};
+use postbox::{Delivery, HandlerError, Member, Message, PgBackend, Subscriber, SubscriberOptions};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use anyhow::Result;
 use postbox::pg::{FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME};
+use postbox::prelude::*;
 use postbox::testkit::within;
 use postbox::{
-    Backend, Delivery, FetchParams, HandlerError, Outcome, PgBackend, RetryPolicy, Subscriber,
+    Delivery, FetchParams, HandlerError, Outcome, PgBackend, RetryPolicy, Subscriber,
     SubscriberEvent, SubscriberOptions,
 };
 use support::no_engine::NoEngine;

@@ -11,6 +11,7 @@ use anyhow::Result;
 use futures_util::FutureExt;
 use parking_lot::Mutex;
 use postbox::fake::FakeBroker;
+use postbox::prelude::*;
 use postbox::testkit::{until_within, wait_for_event_within, within};
 use postbox::{
     Backend, Delivery, FetchParams, HandlerError, Message, PgBackend, Subscriber, SubscriberEvent,

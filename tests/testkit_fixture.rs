@@ -3,8 +3,9 @@
 mod support;
 
 use anyhow::Result;
+use postbox::prelude::*;
 use postbox::sqlx::{self, PgPool};
-use postbox::{Backend, FetchParams, Message};
+use postbox::{FetchParams, Message};
 
 async fn database_exists(pool: &PgPool, name: &str) -> Result<bool> {
     Ok(

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use postbox::fake::FakeBroker;
+use postbox::prelude::*;
 use postbox::testkit::{
     AssertError, DrainOptions, DrainReport, Expect, TimeControl, assert_published,
     assert_published_many, drain, published, run_one, try_assert_not_published,

@@ -49,7 +49,7 @@ type Seen = std::sync::Arc<Mutex<Vec<(String, i32, Option<postbox::Headers>)>>>;
 
 /// Runs a subscriber on `queue` whose handler fails each message's first attempt, until both
 /// messages are acked.
-async fn consume<B: Topics>(backend: B, queue: &str) -> Seen {
+async fn consume<B: Backend + Topics>(backend: B, queue: &str) -> Seen {
     let seen: Seen = Default::default();
     let log = seen.clone();
     let handler = move |d: Delivery| {

@@ -6,10 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use postbox_core::{Backend, DeadFilter, DeadLetter, MessageId, PgBackend, Redrive, Topics};
+use postbox_core::{DeadFilter, DeadLetter, MessageId, PgBackend, Redrive, Topics};
 use serde_json::{Value, json};
 
 use crate::output;
+use postbox_core::prelude::*;
 
 /// `postbox dead` commands.
 #[derive(Debug, clap::Subcommand)]

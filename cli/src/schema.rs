@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use postbox_core::pg::{Access, SCHEMA_VERSION, ddl as full_ddl, ddl_of_version};
-use postbox_core::{Backend, PgBackend, TableName};
+use postbox_core::prelude::*;
+use postbox_core::{PgBackend, TableName};
 
 /// `postbox ddl` options.
 #[derive(Debug, clap::Args)]

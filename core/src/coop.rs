@@ -1,20 +1,93 @@
 //! Cooperative subconsumers: named members of a group share queues with no duplicate delivery.
 //!
 //! A group is a consumer name; its members register by name and receive batches leased to
-//! them ([`Backend::coop_receive`](crate::Backend::coop_receive)). A row is held by at most one
+//! them ([`Coop::coop_receive`]). A row is held by at most one
 //! live member. A member that stays silent longer than the `dead_interval` a sibling passes
 //! loses its rows to that sibling, under a fresh batch token, so its late outcomes report
-//! `false`. [`Backend::coop_touch`](crate::Backend::coop_touch) is the heartbeat that keeps a
+//! `false`. [`Coop::coop_touch`] is the heartbeat that keeps a
 //! slow member alive. No lock outlives a call, and each allocation writes only the receiving
 //! member's own registry row, so siblings never queue behind one hot row.
 
 use std::fmt;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
-use crate::message::validate_queue;
+use crate::message::{Delivery, validate_queue};
+use crate::store::Store;
+
+/// Cooperative subconsumers: members of a group that share queues with no duplicate delivery.
+///
+/// See the module documentation of `coop` for the model. The subscriber runtime drives it when
+/// its options name a member ([`SubscriberOptions::subconsumer`](crate::SubscriberOptions::subconsumer)).
+#[async_trait]
+pub trait Coop: Store {
+    /// Registers `member` for `queues`; idempotent and race-free: of concurrent first
+    /// registrations exactly one reports [`Registration::New`]. Refreshes the heartbeat.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: registration is idempotent; call again.
+    async fn coop_register(&self, member: &Member, queues: &[String]) -> Result<Registration>;
+
+    /// Leases up to `max_messages` rows to the member under a fresh token, registering it on
+    /// first use and stamping its heartbeat. Takes ready rows and, with a `dead_interval`,
+    /// rows held by siblings silent for longer than that (their outcomes then report
+    /// `false`). Rows held by live siblings are never taken, whatever their lease age.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument), [`Error::InvalidQueue`](crate::Error::InvalidQueue), [`Error::Database`](crate::Error::Database).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe in the at-least-once sense: dropped after the database leased the rows to
+    /// the member, they are not returned and are delivered again once `lease_ttl` has passed.
+    /// Nothing is lost.
+    async fn coop_receive(&self, params: &CoopReceive) -> Result<Vec<Delivery>>;
+
+    /// The heartbeat: marks `member` alive now. `Ok(false)` if it is not registered.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a heartbeat; touching again is harmless.
+    async fn coop_touch(&self, member: &Member) -> Result<bool>;
+
+    /// Removes `member` from its group; see [`Unregister`] for the rows it holds. `Ok(false)`
+    /// if it was not registered (a second unregister).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MemberHoldsMessages`](crate::Error::MemberHoldsMessages) with [`Unregister::Fail`] while it holds rows;
+    /// [`Error::Database`](crate::Error::Database).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: one transaction, so a dropped call unregisters the member (with its rows
+    /// handled) or changes nothing; call again.
+    async fn coop_unregister(&self, member: &Member, handling: Unregister) -> Result<bool>;
+
+    /// The members of `group`, by name, with what each holds.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
+    async fn coop_members(&self, group: &str) -> Result<Vec<MemberInfo>>;
+}
 
 /// The longest group or member name, in bytes.
 pub const MAX_MEMBER_NAME_LEN: usize = 100;
@@ -73,7 +146,7 @@ impl fmt::Display for Member {
     }
 }
 
-/// What [`coop_register`](crate::Backend::coop_register) found.
+/// What [`coop_register`](crate::Coop::coop_register) found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Registration {
     /// This call registered the member.
@@ -99,7 +172,7 @@ pub enum Unregister {
 /// [`CoopReceive::heartbeat_refresh`]).
 pub const HEARTBEAT_REFRESH: Duration = Duration::from_millis(500);
 
-/// Parameters of [`coop_receive`](crate::Backend::coop_receive).
+/// Parameters of [`coop_receive`](Coop::coop_receive).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoopReceive {
     member: Member,

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::backend::Backend;
 use crate::error::Result;
+use crate::store::Store;
 
 /// One queue's messages by state, as [`Depth::queue_depths`] counts them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,13 +45,13 @@ impl QueueDepth {
 
 /// Counting each queue's messages by state: for dashboards, alerts and the ops CLI.
 ///
-/// Unlike [`Backend::messages`], which reads every message with its payload, this counts:
+/// Unlike [`Inspect::messages`](crate::Inspect::messages), which reads every message with its payload, this counts:
 /// on Postgres from the partial indexes (`T_pending_idx`, `T_lease_idx`, `T_dead_idx`) in one
 /// function call planned without sequential scans, so its cost is a walk of index entries,
 /// not of the table. A role needs `SELECT` on the outbox and its dead letters
 /// ([`Access::Inspector`](crate::pg::Access::Inspector) has it).
 #[async_trait]
-pub trait Depth: Backend {
+pub trait Depth: Store {
     /// The depth of `queue`, or of every queue holding a message in any state, ordered by
     /// queue name; a queue with nothing in it is not listed. States are judged by the
     /// backend's clock.

@@ -3,7 +3,7 @@
 //!
 //! A long-running consumer should not check a connection out of the pool for every fetch,
 //! and should hear about commits instead of polling for them. A backend that can do better
-//! than polling returns an [`Engine`] from [`Backend::engine`](crate::Backend::engine): a
+//! than polling returns an [`Engine`] from [`Consume::engine`](crate::Consume::engine): a
 //! [`FetchSession`] the runtime keeps across fetches, and [`WakeUps`] telling it which queues
 //! got commits. Postgres does ([`PgEngine`](crate::pg::PgEngine): a dedicated connection, and
 //! `LISTEN`); the in-memory fake does not, and the runtime polls it.
@@ -70,26 +70,26 @@ pub trait FetchSession: Send {
     /// The server's id of this session, for events and logs (on Postgres, the backend pid).
     fn id(&self) -> i64;
 
-    /// As [`Backend::fetch`](crate::Backend::fetch), on this session.
+    /// As [`Consume::fetch`](crate::Consume::fetch), on this session.
     ///
     /// # Errors
     ///
-    /// As [`Backend::fetch`](crate::Backend::fetch); the runtime then drops the session.
+    /// As [`Consume::fetch`](crate::Consume::fetch); the runtime then drops the session.
     ///
     /// # Cancel safety
     ///
-    /// As [`Backend::fetch`](crate::Backend::fetch).
+    /// As [`Consume::fetch`](crate::Consume::fetch).
     async fn fetch(&mut self, params: &FetchParams) -> Result<Vec<Delivery>>;
 
-    /// As [`Backend::coop_receive`](crate::Backend::coop_receive), on this session.
+    /// As [`Coop::coop_receive`](crate::Coop::coop_receive), on this session.
     ///
     /// # Errors
     ///
-    /// As [`Backend::coop_receive`](crate::Backend::coop_receive).
+    /// As [`Coop::coop_receive`](crate::Coop::coop_receive).
     ///
     /// # Cancel safety
     ///
-    /// As [`Backend::coop_receive`](crate::Backend::coop_receive).
+    /// As [`Coop::coop_receive`](crate::Coop::coop_receive).
     async fn coop_receive(&mut self, params: &CoopReceive) -> Result<Vec<Delivery>>;
 
     /// Closes the session politely (dropping it closes it too, abruptly).

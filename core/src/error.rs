@@ -7,7 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in postbox.
 ///
-/// A lost lease is **not** an error: fenced outcomes ([`Backend::ack`](crate::Backend::ack) and
+/// A lost lease is **not** an error: fenced outcomes ([`Consume::ack`](crate::Consume::ack) and
 /// friends) return `Ok(false)` when the lease was lost and nothing changed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

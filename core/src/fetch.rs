@@ -11,7 +11,7 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 /// The largest `limit` a single fetch accepts.
 pub const MAX_FETCH_LIMIT: u32 = 10_000;
 
-/// Parameters of [`Backend::fetch`](crate::Backend::fetch).
+/// Parameters of [`Consume::fetch`](crate::Consume::fetch).
 ///
 /// ```
 /// use std::time::Duration;

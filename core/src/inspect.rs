@@ -1,13 +1,43 @@
-//! What tests and operators see of stored messages: [`Backend::messages`] and
-//! [`Backend::dead_letters`].
-//!
-//! [`Backend::messages`]: crate::Backend::messages
-//! [`Backend::dead_letters`]: crate::Backend::dead_letters
+//! What tests and operators see of stored messages: [`Inspect::messages`] and
+//! [`Inspect::dead_letters`].
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::error::Result;
 use crate::message::{Headers, MessageId};
+use crate::store::Store;
+
+/// Reads what a store holds: the live messages and the dead letters.
+///
+/// For tests, operators and the CLI; each call reads the whole table (or one queue of it).
+#[async_trait]
+pub trait Inspect: Store {
+    /// The messages still stored (committed, not acked, not dead-lettered), of `queue` or of
+    /// every queue, in id order, each with its [`MessageState`](crate::MessageState) by the
+    /// backend's clock. For tests and operators; it reads the whole table.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
+    async fn messages(&self, queue: Option<&str>) -> Result<Vec<StoredMessage>>;
+
+    /// The dead-lettered messages, of `queue` or of every queue, in id order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: read-only; drop the call and make it again.
+    async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>>;
+}
 
 /// Where a stored message stands, by the backend's clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -5,7 +5,9 @@
 //!
 //! - [`Message`]: what you publish (queue, payload, headers, correlation id, delay).
 //! - [`Delivery`] and [`Lease`]: what a fetch hands out, and the proof of holding it.
-//! - [`Backend`]: publish, fetch, and fenced outcomes (ack, retry, dead-letter, renew, release).
+//! - [`Backend`]: every capability of a store, one trait each: [`Publish`] (in the caller's
+//!   transaction), [`Consume`] (fetch, and fenced outcomes: ack, retry, dead-letter, renew,
+//!   release), [`Inspect`], [`Coop`], [`JournalStore`]; [`prelude`] imports them all.
 //! - [`PgBackend`]: the Postgres implementation; [`pg::PgEngine`]: its dedicated connections, the
 //!   [`Engine`] the subscriber runtime drives.
 //! - [`RetryPolicy`] and [`HandlerError`]: how failures become delays or dead letters.
@@ -29,6 +31,7 @@
 
 mod backend;
 mod cancel;
+mod consume;
 mod coop;
 #[cfg(feature = "test-util")]
 mod delivery_builder;
@@ -42,17 +45,21 @@ mod message;
 pub mod metrics;
 mod outcome;
 pub mod pg;
+pub mod prelude;
+mod publish;
 mod redrive;
 mod retry;
 mod runtime;
+mod store;
 mod table;
 pub mod topic;
 pub mod trace;
 mod validate;
 
-pub use backend::{Backend, RetryParams, validate_reason};
+pub use backend::Backend;
+pub use consume::{Consume, RetryParams, validate_reason};
 pub use coop::{
-    CoopReceive, HEARTBEAT_REFRESH, MAX_MEMBER_NAME_LEN, Member, MemberInfo, Registration,
+    Coop, CoopReceive, HEARTBEAT_REFRESH, MAX_MEMBER_NAME_LEN, Member, MemberInfo, Registration,
     Unregister,
 };
 #[cfg(feature = "test-util")]
@@ -61,11 +68,11 @@ pub use depth::{Depth, QueueDepth};
 pub use engine::{Engine, FetchSession, PermitWait, WakeUps};
 pub use error::{Error, Result, SchemaProblems};
 pub use fetch::{DEFAULT_LEASE_TTL, FetchParams, MAX_FETCH_LIMIT};
-pub use inspect::{DeadLetter, MessageState, StoredMessage};
+pub use inspect::{DeadLetter, Inspect, MessageState, StoredMessage};
 pub use journal::{
-    BatchedJournalWriter, EventPayload, JournalEvent, JournalLive, JournalTail, LiveEvent,
-    LiveEvents, MAX_REWRITES_KEPT, Rewrite, TailOptions, WriterOptions, WriterStats, record_event,
-    snapshot_and_tail,
+    BatchedJournalWriter, EventPayload, JournalEvent, JournalLive, JournalStore, JournalTail,
+    LiveEvent, LiveEvents, MAX_REWRITES_KEPT, Rewrite, TailOptions, WriterOptions, WriterStats,
+    record_event, snapshot_and_tail,
 };
 pub use message::{
     Availability, Delivery, Headers, Lease, MAX_QUEUE_LEN, Message, MessageId, validate_queue,
@@ -74,6 +81,7 @@ pub use outcome::Outcome;
 /// The everyday name of [`pg`]; the rest of the Postgres-only API (roles and their grants,
 /// rotation, DDL, the engine's connections) is under [`pg`].
 pub use pg::PgBackend;
+pub use publish::Publish;
 pub use redrive::{DeadFilter, Redrive};
 pub use retry::{
     Backoff, HandlerError, HandlerErrorKind, RetryDecision, RetryPolicy, RetryPredicate,
@@ -82,6 +90,7 @@ pub use runtime::{
     Handler, HandlerFuture, ShutdownReport, Stats, Subscriber, SubscriberEvent, SubscriberHandle,
     SubscriberOptions, shutdown_signal,
 };
+pub use store::Store;
 pub use table::{GENERATIONS, MAX_IDENTIFIER_LEN, TableName};
 pub use topic::{
     EXPIRED_BATCH_CHECK, Published, Receive, Settlement, Subscribed, SubscriptionInfo, Topics,

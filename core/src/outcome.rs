@@ -4,7 +4,7 @@ use std::time::Duration;
 
 /// What became of a handled message: in the subscriber's
 /// [`SubscriberEvent::Handled`](crate::SubscriberEvent::Handled), from
-/// [`Backend::fail`](crate::Backend::fail) (never `Acked` there) and from the testkit's
+/// [`Consume::fail`](crate::Consume::fail) (never `Acked` there) and from the testkit's
 /// `run_one`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

@@ -147,7 +147,8 @@ impl DeadFilter {
 ///
 /// ```no_run
 /// # async fn run(backend: postbox_core::PgBackend) -> postbox_core::Result<()> {
-/// use postbox_core::{Backend, DeadFilter, Redrive};
+/// use postbox_core::prelude::*;
+/// use postbox_core::DeadFilter;
 ///
 /// let filter = DeadFilter::all().queue("payments").reason_contains("connection refused");
 /// // A dry run: what the filter selects now, by the database's clock.

@@ -1,7 +1,7 @@
 //! Topics and subscriptions: a message published once to a topic is received by every
 //! subscription of that topic, each with its own progress, leases, retries and dead letters.
 //!
-//! A queue ([`Backend::fetch`]) hands each message to one consumer; a topic hands each
+//! A queue ([`Consume::fetch`](crate::Consume::fetch)) hands each message to one consumer; a topic hands each
 //! message to every subscription, and within one subscription to one of its receivers, which
 //! may be many cooperating processes. Queues stay as they are: a queue is the right tool when
 //! every message has exactly one consumer; a topic when several services each need all of
@@ -41,12 +41,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::backend::{Backend, RetryParams};
+use crate::consume::RetryParams;
 use crate::error::{Error, Result};
 use crate::fetch::{DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT};
 use crate::inspect::DeadLetter;
 use crate::message::{Delivery, Lease, Message, MessageId, validate_queue};
 use crate::outcome::Outcome;
+use crate::publish::Publish;
 use crate::retry::{HandlerError, RetryDecision, RetryPolicy};
 
 /// What [`Topics::subscribe`] found.
@@ -256,7 +257,7 @@ impl Settlement {
     pub fn validate(&self) -> Result<()> {
         match self {
             Settlement::Retry(params) => params.validate(),
-            Settlement::DeadLetter(reason) => crate::backend::validate_reason(reason),
+            Settlement::DeadLetter(reason) => crate::consume::validate_reason(reason),
             _ => Ok(()),
         }
     }
@@ -294,7 +295,7 @@ pub fn validate_topic_message(message: &Message) -> Result<()> {
 /// the previous look for expired leases) then takes its unsettled messages back and delivers
 /// them again, and the late holder can no longer settle them.
 #[async_trait]
-pub trait Topics: Backend {
+pub trait Topics: Publish {
     /// Creates `subscription` on `topic`, or finds it. Idempotent and race-free: concurrent
     /// first calls create it once.
     ///
@@ -402,7 +403,7 @@ pub trait Topics: Backend {
     /// Cancel safe: read-only; drop the call and make it again.
     async fn subscription_dead_letters(&self, subscription: &str) -> Result<Vec<DeadLetter>>;
 
-    /// Settles a failed received message through `policy`, as [`Backend::fail`] does for a
+    /// Settles a failed received message through `policy`, as [`Consume::fail`](crate::Consume::fail) does for a
     /// fetched one: retry after the policy's delay, or dead-letter when the error is a
     /// rejection or retries are exhausted.
     ///

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use postbox::{
-    Backend, Delivery, HandlerError, Member, Message, Subscriber, SubscriberEvent,
-    SubscriberOptions,
+    Delivery, HandlerError, Member, Message, Subscriber, SubscriberEvent, SubscriberOptions,
 };
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::Ctx;
 use crate::stats::{compare, median, median_of, rate, round, spread};
+use postbox::prelude::*;
 
 /// Member counts measured.
 pub(crate) const MEMBERS: [usize; 4] = [1, 2, 4, 8];

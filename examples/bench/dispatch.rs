@@ -9,11 +9,12 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use postbox::{Backend, FetchParams, Message};
+use postbox::{FetchParams, Message};
 use serde_json::{Value, json};
 
 use crate::Ctx;
 use crate::stats::spread;
+use postbox::prelude::*;
 
 #[async_trait]
 trait Boxed: Send + Sync {

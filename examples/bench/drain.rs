@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use postbox::{
-    Backend, Delivery, FetchParams, HandlerError, PgBackend, Receive, Settlement, Subscriber,
+    Delivery, FetchParams, HandlerError, PgBackend, Receive, Settlement, Subscriber,
     SubscriberOptions, Topics,
 };
 use serde_json::{Value, json};
@@ -14,6 +14,7 @@ use crate::Ctx;
 use crate::publish::{batches, median_of, topic_batches};
 use crate::server::{Wal, table_bytes};
 use crate::stats::{rate, round, spread};
+use postbox::prelude::*;
 
 /// Drains `n` pre-published messages with default settings, with the tuned settings the
 /// storage issue measured (batched acks), with the same but one ack statement per message,

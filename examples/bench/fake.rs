@@ -2,11 +2,12 @@
 
 use std::time::Instant;
 
-use postbox::{Backend, Delivery, FetchParams, Message};
+use postbox::{Delivery, FetchParams, Message};
 use serde_json::{Value, json};
 
 use crate::Ctx;
 use crate::stats::{rate, spread};
+use postbox::prelude::*;
 
 /// `n` messages in batches of 1,000; publish, fetch and ack each count once per message.
 pub(crate) async fn fake(ctx: &Ctx) -> anyhow::Result<Value> {

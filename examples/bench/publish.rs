@@ -3,12 +3,13 @@
 
 use std::time::Instant;
 
-use postbox::{Backend, Message, PgBackend, Topics};
+use postbox::{Message, PgBackend, Topics};
 use serde_json::{Value, json};
 
 use crate::Ctx;
 use crate::server::Wal;
 use crate::stats::{rate, round, spread};
+use postbox::prelude::*;
 
 /// Publishes `n` messages to `queue`, `per_tx` per transaction (one `publish_batch` each).
 pub(crate) async fn batches(

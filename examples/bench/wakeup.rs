@@ -4,13 +4,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use postbox::{
-    Backend, Delivery, HandlerError, Message, Subscriber, SubscriberEvent, SubscriberOptions,
-};
+use postbox::{Delivery, HandlerError, Message, Subscriber, SubscriberEvent, SubscriberOptions};
 use serde_json::{Value, json};
 
 use crate::Ctx;
 use crate::stats::latency;
+use postbox::prelude::*;
 
 /// Per round: the subscriber idles (2 s, long enough for polling to back off as on a quiet
 /// production queue), then one message is published and committed.

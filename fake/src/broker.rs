@@ -8,9 +8,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use postbox_core::{
-    Availability, Backend, CoopReceive, DeadLetter, Delivery, Engine, FetchParams, JournalEvent,
-    JournalLive, Lease, LiveEvents, Member, MemberInfo, Message, MessageId, Registration, Result,
-    RetryParams, StoredMessage, TableName, Unregister, validate_reason,
+    Availability, Consume, Coop, CoopReceive, DeadLetter, Delivery, Engine, FetchParams, Inspect,
+    JournalEvent, JournalLive, JournalStore, Lease, LiveEvents, Member, MemberInfo, Message,
+    MessageId, Publish, Registration, Result, RetryParams, Store, StoredMessage, TableName,
+    Unregister, validate_reason,
 };
 use uuid::Uuid;
 
@@ -19,7 +20,7 @@ use crate::faults::{self, Fault};
 use crate::state::{FakeCounters, Row, State};
 use crate::tx::{FakeConn, FakeTransaction};
 
-/// An in-memory [`Backend`] with the semantics of the Postgres one.
+/// An in-memory [`Backend`](postbox_core::Backend) with the semantics of the Postgres one.
 ///
 /// Same eligibility (ready, or leased longer ago than the TTL), same `(next_attempt_at, id)`
 /// order, one token per fetched batch, outcomes fenced by id and token, retry accounting,
@@ -28,14 +29,15 @@ use crate::tx::{FakeConn, FakeTransaction};
 ///
 /// | capability | |
 /// |---|---|
-/// | engine (LISTEN, persistent connections) | none: [`engine`](Backend::engine) returns `None`, so subscribers poll and open nothing |
-/// | transactions | [`begin`](Backend::begin) / [`commit`](Backend::commit) / [`rollback`](Backend::rollback); dropping rolls back |
+/// | engine (LISTEN, persistent connections) | none: [`engine`](Consume::engine) returns `None`, so subscribers poll and open nothing |
+/// | transactions | [`begin`](Publish::begin) / [`commit`](Publish::commit) / [`rollback`](Publish::rollback); dropping rolls back |
 /// | time control | tokio's clock (pause it with `start_paused`), plus [`advance`](Self::advance) |
 /// | fault injection | [`fail_next_fetches`](Self::fail_next_fetches), [`fail_next_outcomes`](Self::fail_next_outcomes), [`fail_next_publishes`](Self::fail_next_publishes) |
 /// | inspection | [`snapshot`](Self::snapshot), [`dead`](Self::dead), [`counters`](Self::counters) |
 ///
 /// ```
-/// use postbox_core::{Backend, FetchParams, Message};
+/// use postbox_core::prelude::*;
+/// use postbox_core::{FetchParams, Message};
 /// use postbox_fake::FakeBroker;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> postbox_core::Result<()> {
@@ -295,18 +297,16 @@ impl fmt::Debug for FakeBroker {
     }
 }
 
-#[async_trait]
-impl Backend for FakeBroker {
-    type Conn = FakeConn;
-    type Tx = FakeTransaction;
-
+impl Store for FakeBroker {
     fn table(&self) -> &TableName {
         &self.shared.table
     }
+}
 
-    fn engine(&self) -> Option<&dyn Engine> {
-        None
-    }
+#[async_trait]
+impl Publish for FakeBroker {
+    type Conn = FakeConn;
+    type Tx = FakeTransaction;
 
     async fn begin(&self) -> Result<FakeTransaction> {
         Ok(FakeTransaction::new(self.clone(), self.now()))
@@ -359,6 +359,13 @@ impl Backend for FakeBroker {
         let published = &conn.pending[conn.pending.len() - ids.len()..];
         postbox_core::metrics::published(published.iter().map(|row| row.queue.as_str()));
         Ok(ids)
+    }
+}
+
+#[async_trait]
+impl Consume for FakeBroker {
+    fn engine(&self) -> Option<&dyn Engine> {
+        None
     }
 
     async fn fetch(&self, params: &FetchParams) -> Result<Vec<Delivery>> {
@@ -491,11 +498,21 @@ impl Backend for FakeBroker {
         state.counters.released += 1;
         Ok(true)
     }
+}
 
+#[async_trait]
+impl Inspect for FakeBroker {
     async fn messages(&self, queue: Option<&str>) -> Result<Vec<StoredMessage>> {
         Ok(self.snapshot(queue))
     }
 
+    async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>> {
+        Ok(self.dead(queue))
+    }
+}
+
+#[async_trait]
+impl Coop for FakeBroker {
     async fn coop_register(&self, member: &Member, queues: &[String]) -> Result<Registration> {
         Ok(self.coop_register_now(member, queues))
     }
@@ -516,7 +533,10 @@ impl Backend for FakeBroker {
     async fn coop_members(&self, group: &str) -> Result<Vec<MemberInfo>> {
         Ok(self.coop_members_now(group))
     }
+}
 
+#[async_trait]
+impl JournalStore for FakeBroker {
     async fn journal_append(&self, events: &[JournalEvent]) -> Result<()> {
         events.iter().try_for_each(JournalEvent::validate)?;
         self.journal_append_now(events)
@@ -546,9 +566,5 @@ impl Backend for FakeBroker {
     async fn journal_subscribe(&self, stream: &str) -> Result<LiveEvents> {
         JournalEvent::validate_stream(stream)?;
         Ok(self.journal_subscribe_now(stream))
-    }
-
-    async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>> {
-        Ok(self.dead(queue))
     }
 }

@@ -3,11 +3,11 @@
 //! [`FakeBroker`] implements [`postbox_core::Backend`] in memory: the same eligibility,
 //! `(next_attempt_at, id)` order, leases and fenced outcomes, retry accounting, dead letters
 //! and `max_deliveries` as the Postgres backend, checked by the same conformance suite
-//! (`postbox_testkit::conformance`). Its [`engine`](postbox_core::Backend::engine) is `None`,
+//! (`postbox_testkit::conformance`). Its [`engine`](postbox_core::Consume::engine) is `None`,
 //! so a subscriber on it polls and opens no connection.
 //!
-//! - Transactions: [`begin`](postbox_core::Backend::begin) → publish →
-//!   [`commit`](postbox_core::Backend::commit); dropping a [`FakeTransaction`] rolls back.
+//! - Transactions: [`begin`](postbox_core::Publish::begin) → publish →
+//!   [`commit`](postbox_core::Publish::commit); dropping a [`FakeTransaction`] rolls back.
 //! - Time: tokio's clock (use `#[tokio::test(start_paused = true)]` and
 //!   `tokio::time::advance`), plus [`FakeBroker::advance`].
 //! - Faults: [`FakeBroker::fail_next_fetches`] and friends, with a [`Fault`].

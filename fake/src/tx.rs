@@ -9,7 +9,7 @@ use crate::broker::FakeBroker;
 use crate::state::Row;
 use crate::topics::LogRow;
 
-/// What the fake publishes on (its [`Backend::Conn`](postbox_core::Backend::Conn)): the
+/// What the fake publishes on (its [`Publish::Conn`](postbox_core::Publish::Conn)): the
 /// messages of one open transaction.
 ///
 /// Like Postgres, every message of a transaction is stamped with the transaction's start time
@@ -40,7 +40,7 @@ impl fmt::Debug for FakeConn {
 }
 
 /// An open transaction of a [`FakeBroker`]. Commit it with
-/// [`Backend::commit`](postbox_core::Backend::commit); dropping it rolls back.
+/// [`Publish::commit`](postbox_core::Publish::commit); dropping it rolls back.
 pub struct FakeTransaction {
     broker: FakeBroker,
     conn: FakeConn,

@@ -373,7 +373,8 @@ pub async fn try_assert_published_in<B: TestBackend>(
 ///
 /// ```no_run
 /// # async fn t(outbox: impl postbox_testkit::TestBackend) -> postbox_core::Result<()> {
-/// use postbox_core::{Backend, Message};
+/// use postbox_core::prelude::*;
+/// use postbox_core::Message;
 /// use postbox_testkit::{Expect, assert_not_published, assert_published_in};
 ///
 /// let mut tx = outbox.begin().await?;

@@ -5,6 +5,7 @@ pub mod no_engine;
 
 use std::time::Duration;
 
+use postbox::prelude::*;
 use postbox::sqlx::{self, PgPool};
 
 /// The one deadline for waiting on an observable condition (longer under CI).
@@ -95,7 +96,6 @@ pub async fn stuck_receive(
     queue: &str,
     limit: u32,
 ) -> StuckReceive {
-    use postbox::Backend;
     let stuck = postbox::Member::new("g", "stuck").expect("member name");
     backend
         .coop_register(&stuck, &[queue.to_owned()])
@@ -127,7 +127,7 @@ pub async fn recv_n<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, n: usiz
 }
 
 /// Publishes `n` messages with payloads "0".."n-1" on `queue`, committed, in one batch.
-pub async fn publish_n<B: postbox::Backend + ?Sized>(
+pub async fn publish_n<B: postbox::Publish + ?Sized>(
     backend: &B,
     queue: &str,
     n: usize,

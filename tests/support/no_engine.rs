@@ -1,26 +1,27 @@
 //! A backend wrapper that hides the engine: the runtime must take its polling-only path.
 
+use postbox::prelude::*;
 use postbox::sqlx::{PgConnection, Postgres, Transaction};
 use postbox::{
-    Backend, CoopReceive, DeadLetter, Delivery, Engine, FetchParams, JournalEvent, Lease,
-    LiveEvents, Member, MemberInfo, Message, MessageId, PgBackend, Registration, RetryParams,
-    StoredMessage, TableName, Unregister,
+    CoopReceive, Delivery, Engine, FetchParams, Lease, Member, MemberInfo, Message, MessageId,
+    PgBackend, Registration, RetryParams, TableName, Unregister,
 };
 
-/// `PgBackend` without an engine.
+/// `PgBackend` without an engine: the capabilities the subscriber runtime bounds on
+/// (`Consume`, `Coop`, `Topics`, and `Publish` under `Topics`), each call passed through but
+/// [`Consume::engine`], which answers `None`.
 pub struct NoEngine(pub PgBackend);
 
-#[async_trait::async_trait]
-impl Backend for NoEngine {
-    type Conn = PgConnection;
-    type Tx = Transaction<'static, Postgres>;
-
+impl Store for NoEngine {
     fn table(&self) -> &TableName {
         self.0.table()
     }
-    fn engine(&self) -> Option<&dyn Engine> {
-        None
-    }
+}
+
+#[async_trait::async_trait]
+impl Publish for NoEngine {
+    type Conn = PgConnection;
+    type Tx = Transaction<'static, Postgres>;
     async fn begin(&self) -> postbox::Result<Self::Tx> {
         self.0.begin().await
     }
@@ -40,8 +41,15 @@ impl Backend for NoEngine {
     ) -> postbox::Result<Vec<MessageId>> {
         self.0.publish_batch(conn, m).await
     }
+}
+
+#[async_trait::async_trait]
+impl Consume for NoEngine {
+    fn engine(&self) -> Option<&dyn Engine> {
+        None
+    }
     async fn fetch(&self, p: &FetchParams) -> postbox::Result<Vec<Delivery>> {
-        Backend::fetch(&self.0, p).await
+        Consume::fetch(&self.0, p).await
     }
     async fn ack(&self, l: Lease) -> postbox::Result<bool> {
         self.0.ack(l).await
@@ -61,12 +69,10 @@ impl Backend for NoEngine {
     async fn release(&self, l: Lease) -> postbox::Result<bool> {
         self.0.release(l).await
     }
-    async fn messages(&self, q: Option<&str>) -> postbox::Result<Vec<StoredMessage>> {
-        self.0.messages(q).await
-    }
-    async fn dead_letters(&self, q: Option<&str>) -> postbox::Result<Vec<DeadLetter>> {
-        self.0.dead_letters(q).await
-    }
+}
+
+#[async_trait::async_trait]
+impl Coop for NoEngine {
     async fn coop_register(&self, m: &Member, q: &[String]) -> postbox::Result<Registration> {
         self.0.coop_register(m, q).await
     }
@@ -81,26 +87,6 @@ impl Backend for NoEngine {
     }
     async fn coop_members(&self, g: &str) -> postbox::Result<Vec<MemberInfo>> {
         self.0.coop_members(g).await
-    }
-    async fn journal_append(&self, e: &[JournalEvent]) -> postbox::Result<()> {
-        self.0.journal_append(e).await
-    }
-    async fn journal_latest_seq(&self, s: &str) -> postbox::Result<Option<i64>> {
-        self.0.journal_latest_seq(s).await
-    }
-    async fn journal_read_after(
-        &self,
-        s: &str,
-        a: i64,
-        l: u32,
-    ) -> postbox::Result<Vec<JournalEvent>> {
-        self.0.journal_read_after(s, a, l).await
-    }
-    async fn journal_publish(&self, e: &JournalEvent) -> postbox::Result<()> {
-        self.0.journal_publish(e).await
-    }
-    async fn journal_subscribe(&self, s: &str) -> postbox::Result<LiveEvents> {
-        self.0.journal_subscribe(s).await
     }
 }
 
@@ -139,7 +125,10 @@ impl postbox::Topics for NoEngine {
     ) -> postbox::Result<Vec<MessageId>> {
         self.0.settle(leases, settlement).await
     }
-    async fn subscription_dead_letters(&self, name: &str) -> postbox::Result<Vec<DeadLetter>> {
+    async fn subscription_dead_letters(
+        &self,
+        name: &str,
+    ) -> postbox::Result<Vec<postbox::DeadLetter>> {
         self.0.subscription_dead_letters(name).await
     }
 }

@@ -22,7 +22,7 @@ pub enum JournalLive {
     /// commits ([`LiveEvent::Stored`]), so a reader sees an event when it is durable (with the
     /// [`BatchedJournalWriter`](super::BatchedJournalWriter), within its `max_delay`) and
     /// never an event that was not stored.
-    /// [`journal_publish`](crate::Backend::journal_publish) sends nothing. The default.
+    /// [`journal_publish`](crate::JournalStore::journal_publish) sends nothing. The default.
     #[default]
     Stored,
     /// Opt-in, for databases whose every role is trusted: each event travels whole over the

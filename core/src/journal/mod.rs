@@ -12,16 +12,17 @@
 //! table, because anyone who can connect can `NOTIFY`: see [`JournalLive`].
 
 mod live;
+mod store;
 mod tail;
 mod writer;
 
 use chrono::{DateTime, Utc};
 
 pub use live::{JournalLive, LiveEvent, LiveEvents};
+pub use store::JournalStore;
 pub use tail::{JournalTail, TailOptions, snapshot_and_tail};
 pub use writer::{BatchedJournalWriter, MAX_REWRITES_KEPT, Rewrite, WriterOptions, WriterStats};
 
-use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::message::Headers;
 
@@ -139,8 +140,8 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 /// Not cancel safe: dropped, the event may be stored (its insert is one statement) without its
 /// live announcement (readers still find it in the journal), or not stored. Calling again
 /// with the same seq after it was stored writes it a second time at `latest_seq + 1`: read
-/// [`Backend::journal_latest_seq`] first when a call was dropped.
-pub async fn record_event<B: Backend + ?Sized>(
+/// [`JournalStore::journal_latest_seq`] first when a call was dropped.
+pub async fn record_event<B: JournalStore + ?Sized>(
     backend: &B,
     stream: &str,
     seq: i64,
@@ -155,7 +156,7 @@ pub async fn record_event<B: Backend + ?Sized>(
 }
 
 /// Inserts `event`; on a seq collision, moves it to `latest + 1` and tries once more.
-pub(crate) async fn append_one_with_retry<B: Backend + ?Sized>(
+pub(crate) async fn append_one_with_retry<B: JournalStore + ?Sized>(
     backend: &B,
     event: &mut JournalEvent,
 ) -> Result<i64> {

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::JournalStore;
 use super::{JournalEvent, LiveEvent, LiveEvents};
-use crate::backend::Backend;
 use crate::error::Result;
 
 /// Settings of [`snapshot_and_tail`].
@@ -46,7 +46,7 @@ impl TailOptions {
 
 /// A reader of one stream: the committed events after a seq, then the live ones. See
 /// [`snapshot_and_tail`].
-pub struct JournalTail<B: Backend> {
+pub struct JournalTail<B: JournalStore> {
     backend: B,
     stream: String,
     options: TailOptions,
@@ -74,7 +74,7 @@ pub struct JournalTail<B: Backend> {
 /// # Cancel safety
 ///
 /// Cancel safe: a dropped call leaves no subscription behind.
-pub async fn snapshot_and_tail<B: Backend>(
+pub async fn snapshot_and_tail<B: JournalStore>(
     backend: B,
     stream: impl Into<String>,
     after_seq: i64,
@@ -96,7 +96,7 @@ pub async fn snapshot_and_tail<B: Backend>(
     })
 }
 
-impl<B: Backend> JournalTail<B> {
+impl<B: JournalStore> JournalTail<B> {
     /// The tail as a [`Stream`](futures_util::Stream) of events, for `StreamExt` combinators
     /// or an SSE response body.
     pub fn into_stream(self) -> impl futures_util::Stream<Item = Result<JournalEvent>> {
@@ -239,7 +239,7 @@ impl<B: Backend> JournalTail<B> {
     }
 }
 
-impl<B: Backend> std::fmt::Debug for JournalTail<B> {
+impl<B: JournalStore> std::fmt::Debug for JournalTail<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JournalTail")
             .field("stream", &self.stream)

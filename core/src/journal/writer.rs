@@ -8,8 +8,8 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::JournalStore;
 use super::{EventPayload, JournalEvent};
-use crate::backend::Backend;
 use crate::error::{Error, Result};
 
 /// Settings of a [`BatchedJournalWriter`].
@@ -85,7 +85,7 @@ struct State {
     rewrites: std::collections::VecDeque<Rewrite>,
 }
 
-struct Inner<B: Backend> {
+struct Inner<B: JournalStore> {
     backend: B,
     stream: String,
     options: WriterOptions,
@@ -125,7 +125,7 @@ struct Inner<B: Backend> {
 /// assert_eq!(stats.written, 3);
 /// # Ok(()) }
 /// ```
-pub struct BatchedJournalWriter<B: Backend> {
+pub struct BatchedJournalWriter<B: JournalStore> {
     inner: Arc<Inner<B>>,
     timer: JoinHandle<()>,
     /// Events for the live channel, sent in order by the notifier task without making
@@ -134,7 +134,7 @@ pub struct BatchedJournalWriter<B: Backend> {
     notifier: parking_lot::Mutex<Option<JoinHandle<()>>>,
 }
 
-impl<B: Backend> BatchedJournalWriter<B> {
+impl<B: JournalStore> BatchedJournalWriter<B> {
     /// A writer for `stream`, with its flush timer spawned on the current tokio runtime.
     ///
     /// # Panics
@@ -282,7 +282,7 @@ impl<B: Backend> BatchedJournalWriter<B> {
     }
 }
 
-impl<B: Backend> Drop for BatchedJournalWriter<B> {
+impl<B: JournalStore> Drop for BatchedJournalWriter<B> {
     fn drop(&mut self) {
         self.timer.abort();
         // The notifier ends by itself once the sender is gone and its queue is sent.
@@ -296,7 +296,7 @@ impl<B: Backend> Drop for BatchedJournalWriter<B> {
     }
 }
 
-impl<B: Backend> std::fmt::Debug for BatchedJournalWriter<B> {
+impl<B: JournalStore> std::fmt::Debug for BatchedJournalWriter<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BatchedJournalWriter")
             .field("stream", &self.inner.stream)
@@ -307,7 +307,7 @@ impl<B: Backend> std::fmt::Debug for BatchedJournalWriter<B> {
 
 /// Flushes quiet streams: wakes every quarter of `max_delay` and flushes a buffer whose last
 /// flush is older than `max_delay`. Ends when the writer is closed or dropped.
-async fn flush_timer<B: Backend>(inner: Weak<Inner<B>>) {
+async fn flush_timer<B: JournalStore>(inner: Weak<Inner<B>>) {
     let period = match inner.upgrade() {
         Some(i) => (i.options.max_delay / 4).max(Duration::from_millis(1)),
         None => return,
@@ -330,7 +330,7 @@ async fn flush_timer<B: Backend>(inner: Weak<Inner<B>>) {
 }
 
 /// Sends live events in order; whatever queued up while a statement ran goes out together.
-async fn notify_live<B: Backend>(
+async fn notify_live<B: JournalStore>(
     inner: Arc<Inner<B>>,
     mut events: mpsc::UnboundedReceiver<JournalEvent>,
 ) {
@@ -360,7 +360,7 @@ enum Due {
     AfterMaxDelay,
 }
 
-impl<B: Backend> Inner<B> {
+impl<B: JournalStore> Inner<B> {
     /// Flushes on a task of its own, which the caller awaits. The flush takes the buffer
     /// before it writes, so running it inside the caller's future would lose that batch
     /// (uncounted) when the caller is cancelled mid-write; on its own task the write always

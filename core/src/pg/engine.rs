@@ -33,7 +33,7 @@ pub const FETCH_APPLICATION_NAME: &str = "postbox.fetch";
 pub const LISTEN_APPLICATION_NAME: &str = "postbox.listen";
 
 /// The Postgres [`Engine`] of a [`PgBackend`](crate::PgBackend), returned by
-/// [`Backend::engine`](crate::Backend::engine) (as a trait object) and
+/// [`Consume::engine`](crate::Consume::engine) (as a trait object) and
 /// [`PgBackend::pg_engine`](crate::PgBackend::pg_engine).
 ///
 /// A long-running consumer should not check a connection out of the pool for every fetch, and
@@ -117,14 +117,14 @@ impl PgEngine {
     }
 
     /// Runs the fetch statement on `conn`, typically the connection from
-    /// [`connect`](Self::connect). Same semantics as [`Backend::fetch`](crate::Backend::fetch).
+    /// [`connect`](Self::connect). Same semantics as [`Consume::fetch`](crate::Consume::fetch).
     ///
     /// Waits for a permit first when the backend caps concurrent fetches
     /// ([`PgBackend::max_concurrent_fetches`](crate::PgBackend::max_concurrent_fetches)).
     ///
     /// # Errors
     ///
-    /// As [`Backend::fetch`](crate::Backend::fetch).
+    /// As [`Consume::fetch`](crate::Consume::fetch).
     pub async fn fetch(
         &self,
         conn: &mut PgConnection,
@@ -135,13 +135,13 @@ impl PgEngine {
     }
 
     /// Runs the cooperative receive on `conn`. Same semantics as
-    /// [`Backend::coop_receive`](crate::Backend::coop_receive).
+    /// [`Coop::coop_receive`](crate::Coop::coop_receive).
     ///
     /// Waits for a permit first, like [`fetch`](Self::fetch).
     ///
     /// # Errors
     ///
-    /// As [`Backend::coop_receive`](crate::Backend::coop_receive).
+    /// As [`Coop::coop_receive`](crate::Coop::coop_receive).
     pub async fn coop_receive(
         &self,
         conn: &mut PgConnection,

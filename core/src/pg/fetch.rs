@@ -193,7 +193,7 @@ impl super::PgBackend {
     ///
     /// # Errors
     ///
-    /// As [`Backend::fetch`](crate::Backend::fetch).
+    /// As [`Consume::fetch`](crate::Consume::fetch).
     ///
     /// # Cancel safety
     ///

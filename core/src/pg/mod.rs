@@ -43,13 +43,15 @@ pub use rotate::{Rotation, RotationReport};
 pub use schema::{SCHEMA_VERSION, ddl, ddl_of_version};
 use statements::Statements;
 
-use crate::backend::{Backend, RetryParams};
-use crate::coop::{CoopReceive, Member, MemberInfo, Registration, Unregister};
+use crate::consume::{Consume, RetryParams};
+use crate::coop::{Coop, CoopReceive, Member, MemberInfo, Registration, Unregister};
 use crate::error::Result;
 use crate::fetch::FetchParams;
-use crate::inspect::{DeadLetter, StoredMessage};
-use crate::journal::{JournalEvent, JournalLive, LiveEvents};
+use crate::inspect::{DeadLetter, Inspect, StoredMessage};
+use crate::journal::{JournalEvent, JournalLive, JournalStore, LiveEvents};
 use crate::message::{Delivery, Lease, Message, MessageId};
+use crate::publish::Publish;
+use crate::store::Store;
 use crate::table::TableName;
 
 /// The Postgres backend: one outbox table in the database behind a [`PgPool`].
@@ -70,7 +72,8 @@ use crate::table::TableName;
 ///
 /// ```no_run
 /// # async fn f() -> Result<(), postbox_core::Error> {
-/// use postbox_core::{Backend, FetchParams, Message, PgBackend, TableName};
+/// use postbox_core::prelude::*;
+/// use postbox_core::{FetchParams, Message, PgBackend, TableName};
 ///
 /// let pool = sqlx::PgPool::connect("postgres://localhost/app").await?;
 /// let backend = PgBackend::with_table(pool.clone(), TableName::new("orders_outbox")?);
@@ -175,8 +178,8 @@ impl PgBackend {
     /// - every statement outside the caller's transaction runs in a transaction of its own:
     ///   sqlx parses and binds a statement in two exchanges, and between them the pooler may
     ///   hand the server session to another client, whose unnamed statement the bind would
-    ///   then meet. Publish in a transaction ([`begin`](Backend::begin)) for the same reason;
-    /// - [`engine`](Backend::engine) returns `None`, so a `Subscriber` keeps no dedicated
+    ///   then meet. Publish in a transaction ([`begin`](Publish::begin)) for the same reason;
+    /// - [`engine`](Consume::engine) returns `None`, so a `Subscriber` keeps no dedicated
     ///   connection and no `LISTEN` (it polls, fetching through the pool in transactions that
     ///   set their plan settings with `SET LOCAL`);
     /// - a journal tail cannot `LISTEN` either: it reads the journal every 100 ms.
@@ -208,8 +211,8 @@ impl PgBackend {
     }
 
     /// Caps the fetch statements that run at once: those of every subscriber built from this
-    /// backend or its later clones, and direct [`fetch`](Backend::fetch) and
-    /// [`coop_receive`](Backend::coop_receive) calls. The rest wait in the process, in FIFO
+    /// backend or its later clones, and direct [`fetch`](Consume::fetch) and
+    /// [`coop_receive`](Coop::coop_receive) calls. The rest wait in the process, in FIFO
     /// order, and then run on their own connections. Unlimited by default.
     ///
     /// Every subscriber sends its fetches on its own connection, outside the pool, so without
@@ -272,7 +275,7 @@ impl PgBackend {
     }
 
     /// The Postgres engine itself, for its connections ([`PgEngine::connect`],
-    /// [`PgEngine::listener`]); [`Backend::engine`] gives the runtime's view of it, and `None`
+    /// [`PgEngine::listener`]); [`Consume::engine`] gives the runtime's view of it, and `None`
     /// behind a transaction pooler.
     pub fn pg_engine(&self) -> &PgEngine {
         &self.engine
@@ -403,25 +406,20 @@ impl fmt::Debug for PgBackend {
     }
 }
 
-#[async_trait]
-impl Backend for PgBackend {
-    type Conn = PgConnection;
-    type Tx = Transaction<'static, Postgres>;
-
+impl Store for PgBackend {
     fn table(&self) -> &TableName {
         &self.shared().table
-    }
-
-    fn engine(&self) -> Option<&dyn crate::engine::Engine> {
-        // Behind a transaction pooler (unnamed statements) there is no session to keep.
-        self.shared()
-            .persistent()
-            .then_some(&self.engine as &dyn crate::engine::Engine)
     }
 
     fn is_closed(&self) -> bool {
         self.shared().pool.is_closed()
     }
+}
+
+#[async_trait]
+impl Publish for PgBackend {
+    type Conn = PgConnection;
+    type Tx = Transaction<'static, Postgres>;
 
     async fn begin(&self) -> Result<Self::Tx> {
         Ok(self.shared().pool.begin().await?)
@@ -445,6 +443,16 @@ impl Backend for PgBackend {
         messages: Vec<Message>,
     ) -> Result<Vec<MessageId>> {
         PgBackend::publish_batch(self, conn, messages).await
+    }
+}
+
+#[async_trait]
+impl Consume for PgBackend {
+    fn engine(&self) -> Option<&dyn crate::engine::Engine> {
+        // Behind a transaction pooler (unnamed statements) there is no session to keep.
+        self.shared()
+            .persistent()
+            .then_some(&self.engine as &dyn crate::engine::Engine)
     }
 
     async fn fetch(&self, params: &FetchParams) -> Result<Vec<Delivery>> {
@@ -480,11 +488,21 @@ impl Backend for PgBackend {
     async fn release(&self, lease: Lease) -> Result<bool> {
         self.release_one(lease).await
     }
+}
 
+#[async_trait]
+impl Inspect for PgBackend {
     async fn messages(&self, queue: Option<&str>) -> Result<Vec<StoredMessage>> {
         self.list_messages(queue).await
     }
 
+    async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>> {
+        self.list_dead_letters(queue).await
+    }
+}
+
+#[async_trait]
+impl Coop for PgBackend {
     async fn coop_register(&self, member: &Member, queues: &[String]) -> Result<Registration> {
         self.coop_register_one(member, queues).await
     }
@@ -509,7 +527,10 @@ impl Backend for PgBackend {
     async fn coop_members(&self, group: &str) -> Result<Vec<MemberInfo>> {
         self.coop_members_of(group).await
     }
+}
 
+#[async_trait]
+impl JournalStore for PgBackend {
     async fn journal_append(&self, events: &[JournalEvent]) -> Result<()> {
         events.iter().try_for_each(JournalEvent::validate)?;
         self.journal_append_rows(events).await
@@ -543,9 +564,5 @@ impl Backend for PgBackend {
     async fn journal_subscribe(&self, stream: &str) -> Result<LiveEvents> {
         JournalEvent::validate_stream(stream)?;
         self.journal_listen(stream).await
-    }
-
-    async fn dead_letters(&self, queue: Option<&str>) -> Result<Vec<DeadLetter>> {
-        self.list_dead_letters(queue).await
     }
 }

@@ -17,7 +17,7 @@
 use uuid::Uuid;
 
 use super::PgBackend;
-use crate::backend::RetryParams;
+use crate::consume::RetryParams;
 use crate::error::Result;
 use crate::message::{Lease, MessageId};
 
@@ -106,7 +106,7 @@ impl PgBackend {
     }
 
     pub(crate) async fn dead_letter_one(&self, lease: Lease, reason: &str) -> Result<bool> {
-        crate::backend::validate_reason(reason)?;
+        crate::consume::validate_reason(reason)?;
         let mut session = self.shared().session().await?;
         let done = sqlx::query_scalar::<_, bool>(self.shared().sql.dead_letter.clone())
             .persistent(self.shared().persistent())

@@ -16,7 +16,7 @@ use tokio::time::MissedTickBehavior;
 
 use super::events::SubscriberEvent;
 use super::subscriber::Shared;
-use crate::backend::Backend;
+use crate::consume::Consume;
 use crate::engine::WakeUps;
 
 /// How long the health query may take before the connection is declared dead.
@@ -40,7 +40,7 @@ enum Lost {
     Error(String),
 }
 
-impl<B: Backend> ListenTask<B> {
+impl<B: Consume> ListenTask<B> {
     pub(crate) async fn run(mut self) {
         let Some(engine) = self.backend.engine() else {
             return;

@@ -235,7 +235,7 @@ impl SubscriberOptions {
     }
 
     /// Consumes as `member` of a cooperative group: fetches with
-    /// [`coop_receive`](crate::Backend::coop_receive), so siblings in this or other processes
+    /// [`coop_receive`](crate::Coop::coop_receive), so siblings in this or other processes
     /// split the work with no duplicate delivery, and touches the member (its heartbeat) while
     /// it runs. Defaults to none (plain fetch).
     #[must_use]

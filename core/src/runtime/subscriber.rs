@@ -12,6 +12,8 @@ use super::events::{Counters, Stats, SubscriberEvent};
 use super::handler::Handler;
 use super::options::SubscriberOptions;
 use super::supervisor::Supervisor;
+use crate::consume::Consume;
+use crate::coop::Coop;
 use crate::error::{Error, Result};
 use crate::topic::Topics;
 
@@ -42,7 +44,7 @@ impl Shared {
 /// A consumer of one or more queues: fetches, runs a [`Handler`] per message on up to
 /// `max_workers` tasks, and records each outcome.
 ///
-/// Generic over the [`Backend`](crate::Backend). With an [engine](crate::Backend::engine) (Postgres), it keeps one
+/// Generic over the [`Backend`](crate::Backend). With an [engine](crate::Consume::engine) (Postgres), it keeps one
 /// dedicated fetch connection and one dedicated LISTEN connection, both outside your pool, and
 /// a notification for one of its queues wakes it at once. Without one (the in-memory fake), it
 /// polls and opens nothing.
@@ -92,13 +94,13 @@ impl Shared {
 /// println!("{report:?}");
 /// # Ok(()) }
 /// ```
-pub struct Subscriber<B: Topics> {
+pub struct Subscriber<B: Consume + Coop + Topics> {
     backend: Arc<B>,
     options: SubscriberOptions,
     handler: Arc<dyn Handler>,
 }
 
-impl<B: Topics> Subscriber<B> {
+impl<B: Consume + Coop + Topics> Subscriber<B> {
     /// A subscriber of `backend` running `handler`.
     ///
     /// # Errors
@@ -146,7 +148,7 @@ impl<B: Topics> Subscriber<B> {
     }
 }
 
-impl<B: Topics> fmt::Debug for Subscriber<B> {
+impl<B: Consume + Coop + Topics> fmt::Debug for Subscriber<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscriber")
             .field("options", &self.options)

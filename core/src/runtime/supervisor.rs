@@ -20,6 +20,8 @@ use super::options::SubscriberOptions;
 use super::subscriber::{Shared, ShutdownReport};
 use super::window::PrefetchWindow;
 use super::workers::{Finished, Workers};
+use crate::consume::Consume;
+use crate::coop::Coop;
 use crate::coop::CoopReceive;
 use crate::engine::{FetchSession, PermitWait};
 use crate::error::{Error, Result};
@@ -29,7 +31,7 @@ use crate::outcome::Outcome;
 use crate::retry::HandlerError;
 use crate::topic::{Receive, Settlement, Topics};
 
-pub(crate) struct Supervisor<B: Topics> {
+pub(crate) struct Supervisor<B: Consume + Coop + Topics> {
     backend: Arc<B>,
     options: SubscriberOptions,
     shared: Arc<Shared>,
@@ -62,7 +64,7 @@ pub(crate) struct Supervisor<B: Topics> {
     backoff_until: Instant,
 }
 
-impl<B: Topics> Supervisor<B> {
+impl<B: Consume + Coop + Topics> Supervisor<B> {
     pub(crate) fn new(
         backend: Arc<B>,
         options: SubscriberOptions,

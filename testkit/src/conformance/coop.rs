@@ -10,6 +10,7 @@ use postbox_core::{
 
 use super::{Harness, ids, publish};
 use crate::time::TimeControl;
+use postbox_core::prelude::*;
 
 const DEAD: Duration = Duration::from_secs(60);
 

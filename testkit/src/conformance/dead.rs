@@ -1,8 +1,9 @@
 //! Dead letters.
 
-use postbox_core::{Backend, Message};
+use postbox_core::Message;
 
 use super::{Harness, fetch, publish};
+use postbox_core::prelude::*;
 
 /// Dead-lettering moves the message, payload and headers included, with its reason.
 pub async fn dead_letter_moves_the_message_with_its_reason<H: Harness>(h: &H) {

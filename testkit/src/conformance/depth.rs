@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use postbox_core::{Backend, Depth, Error, Message, QueueDepth};
+use postbox_core::{Depth, Error, Message, QueueDepth};
 
 use super::{Harness, fetch, publish};
 use crate::time::TimeControl;
+use postbox_core::prelude::*;
 
 fn counts(d: &QueueDepth) -> (&str, i64, i64, i64, i64) {
     (d.queue.as_str(), d.ready, d.scheduled, d.leased, d.dead)

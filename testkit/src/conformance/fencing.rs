@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use postbox_core::{Backend, Lease, Message, RetryParams};
+use postbox_core::{Lease, Message, RetryParams};
 
 use super::{Harness, fetch, publish};
 use crate::time::TimeControl;
+use postbox_core::prelude::*;
 
 fn forged(lease: Lease) -> Lease {
     Lease {

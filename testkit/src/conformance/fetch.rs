@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use postbox_core::{Backend, FetchParams, Message};
+use postbox_core::{FetchParams, Message};
 
 use super::{Harness, fetch, ids, publish};
 use crate::time::TimeControl;
+use postbox_core::prelude::*;
 
 /// At most `limit` messages per fetch.
 pub async fn fetch_respects_the_limit<H: Harness>(h: &H) {

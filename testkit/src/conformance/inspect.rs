@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use postbox_core::{Backend, Message, MessageState};
+use postbox_core::{Message, MessageState};
 
 use super::{Harness, fetch, publish};
+use postbox_core::prelude::*;
 
 /// Stored messages report ready, scheduled and leased by the backend's clock.
 pub async fn inspect_reports_ready_scheduled_and_leased<H: Harness>(h: &H) {

@@ -10,6 +10,7 @@ use postbox_core::{
 use super::Harness;
 use crate::live::JournalLiveControl;
 use crate::wait::deadline;
+use postbox_core::prelude::*;
 
 fn payload(n: i64) -> EventPayload {
     let mut map = serde_json::Map::new();

@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use postbox_core::{Backend, FetchParams, Message};
+use postbox_core::{FetchParams, Message};
 
 use super::{Harness, fetch, ids, publish};
 use crate::time::TimeControl;
+use postbox_core::prelude::*;
 
 /// An expired lease is taken again under a new token.
 pub async fn lease_expired_is_reclaimed_with_a_new_token<H: Harness>(h: &H) {

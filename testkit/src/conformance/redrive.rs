@@ -11,6 +11,7 @@ use postbox_core::{
 use super::topics::{leases, publish_to, receive};
 use super::{Harness, fetch, ids, publish};
 use crate::time::TimeControl;
+use postbox_core::prelude::*;
 
 /// Publishes one message per `(queue, reason)` and dead-letters it with that reason; returns
 /// the ids in the same order.

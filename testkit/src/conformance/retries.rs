@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use postbox_core::{Backend, HandlerError, Message, Outcome, RetryParams, RetryPolicy};
+use postbox_core::{HandlerError, Message, Outcome, RetryParams, RetryPolicy};
 
 use super::{Harness, fetch, publish};
 use crate::time::TimeControl;
+use postbox_core::prelude::*;
 
 /// A retry counts an attempt, records the error and clears the lease.
 pub async fn retry_counts_an_attempt_and_records_the_error<H: Harness>(h: &H) {

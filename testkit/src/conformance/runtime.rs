@@ -3,13 +3,14 @@
 use std::time::Duration;
 
 use postbox_core::{
-    Backend, Delivery, HandlerError, HandlerFuture, Message, MessageState, Outcome, RetryPolicy,
-    Subscriber, SubscriberEvent, SubscriberOptions,
+    Delivery, HandlerError, HandlerFuture, Message, MessageState, Outcome, RetryPolicy, Subscriber,
+    SubscriberEvent, SubscriberOptions,
 };
 use tokio::sync::{mpsc, watch};
 
 use super::{Harness, publish};
 use crate::wait::{deadline, wait_for_event, within};
+use postbox_core::prelude::*;
 
 fn fast(queue: &str) -> SubscriberOptions {
     SubscriberOptions::new([queue])

@@ -5,12 +5,13 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use postbox_core::{
-    Backend, Delivery, EXPIRED_BATCH_CHECK, Error, FetchParams, Lease, Message, MessageId,
-    Published, Receive, RetryParams, Settlement, Subscribed, Topics, Unsubscribe,
+    Delivery, EXPIRED_BATCH_CHECK, Error, FetchParams, Lease, Message, MessageId, Published,
+    Receive, RetryParams, Settlement, Subscribed, Topics, Unsubscribe,
 };
 
 use super::{Harness, ids};
 use crate::time::TimeControl;
+use postbox_core::prelude::*;
 
 /// Publishes `messages` to their topics in one committed transaction; returns their ids.
 pub(super) async fn publish_to<B: Topics>(b: &B, messages: Vec<Message>) -> Vec<MessageId> {

@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use postbox_core::{Backend, Error, Message, MessageState};
+use postbox_core::{Error, Message, MessageState};
 
 use super::{Harness, fetch, ids, publish};
 use crate::time::TimeControl;
+use postbox_core::prelude::*;
 
 /// A committed publish is fetchable.
 pub async fn tx_committed_publish_is_fetchable<H: Harness>(h: &H) {

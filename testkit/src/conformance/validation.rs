@@ -4,13 +4,14 @@
 use std::time::Duration;
 
 use postbox_core::{
-    Backend, BatchedJournalWriter, Error, EventPayload, HandlerError, JournalEvent, JournalLive,
-    LiveEvent, MAX_DELAY, Message, MessageState, RetryParams, RetryPolicy, WriterOptions,
+    BatchedJournalWriter, Error, EventPayload, HandlerError, JournalEvent, JournalLive, LiveEvent,
+    MAX_DELAY, Message, MessageState, RetryParams, RetryPolicy, WriterOptions,
 };
 
 use super::{Harness, fetch, publish};
 use crate::live::JournalLiveControl;
 use crate::wait::deadline;
+use postbox_core::prelude::*;
 
 fn invalid(result: Result<impl std::fmt::Debug, Error>, field: &str) {
     match result {

@@ -92,7 +92,8 @@ static OWNED: parking_lot::Mutex<Vec<Owned>> = parking_lot::Mutex::new(Vec::new(
 ///
 /// ```no_run
 /// # async fn t() -> Result<(), Box<dyn std::error::Error>> {
-/// use postbox_core::{Backend, FetchParams, Message};
+/// use postbox_core::prelude::*;
+/// use postbox_core::{FetchParams, Message};
 ///
 /// let db = postbox_testkit::postgres().await?;
 /// let backend = db.backend();
