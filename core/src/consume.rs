@@ -203,12 +203,12 @@ impl RetryParams {
     }
 
     /// The delay.
-    pub fn delay(&self) -> Duration {
+    pub fn get_delay(&self) -> Duration {
         self.delay
     }
 
     /// The error to record.
-    pub fn error_message(&self) -> Option<&str> {
+    pub fn get_error(&self) -> Option<&str> {
         self.error.as_deref()
     }
 

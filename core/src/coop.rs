@@ -169,7 +169,7 @@ pub enum Unregister {
 }
 
 /// The longest a receive leaves a member's `last_active` unrefreshed (see
-/// [`CoopReceive::heartbeat_refresh`]).
+/// [`CoopReceive::get_heartbeat_refresh`]).
 pub const HEARTBEAT_REFRESH: Duration = Duration::from_millis(500);
 
 /// Parameters of [`coop_receive`](Coop::coop_receive).
@@ -214,27 +214,27 @@ impl CoopReceive {
     }
 
     /// The receiving member.
-    pub fn member(&self) -> &Member {
+    pub fn get_member(&self) -> &Member {
         &self.member
     }
 
     /// The queues.
-    pub fn queues(&self) -> &[String] {
+    pub fn get_queues(&self) -> &[String] {
         &self.queues
     }
 
     /// The batch limit.
-    pub fn max_messages(&self) -> u32 {
+    pub fn get_max_messages(&self) -> u32 {
         self.max_messages
     }
 
     /// The takeover threshold, if any.
-    pub fn dead_after(&self) -> Option<Duration> {
+    pub fn get_dead_interval(&self) -> Option<Duration> {
         self.dead_interval
     }
 
     /// The delivery limit, if any.
-    pub fn delivery_limit(&self) -> Option<u32> {
+    pub fn get_max_deliveries(&self) -> Option<u32> {
         self.max_deliveries
     }
 
@@ -246,7 +246,7 @@ impl CoopReceive {
     /// the xmin horizon those versions pile up in the one row every receive reads. Refreshing
     /// only a stale heartbeat bounds that to a few versions a second, and a member that
     /// receives is still never seen silent for longer than a quarter of the dead interval.
-    pub fn heartbeat_refresh(&self) -> Duration {
+    pub fn get_heartbeat_refresh(&self) -> Duration {
         self.dead_interval
             .map_or(HEARTBEAT_REFRESH, |d| d / 4)
             .min(HEARTBEAT_REFRESH)
@@ -280,7 +280,7 @@ pub struct MemberInfo {
     /// When it registered.
     pub registered_at: DateTime<Utc>,
     /// Its last heartbeat: a touch, or a receive that found the previous heartbeat older than
-    /// [`CoopReceive::heartbeat_refresh`].
+    /// [`CoopReceive::get_heartbeat_refresh`].
     pub last_active: DateTime<Utc>,
     /// How many rows it holds now.
     pub held: i64,

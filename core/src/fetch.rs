@@ -18,7 +18,8 @@ pub const MAX_FETCH_LIMIT: u32 = 10_000;
 /// use postbox_core::FetchParams;
 ///
 /// let p = FetchParams::new(["emails"], 10).lease_ttl(Duration::from_secs(60)).max_deliveries(5);
-/// assert_eq!(p.limit(), 10);
+/// assert_eq!(p.get_limit(), 10);
+/// assert_eq!(p.get_lease_ttl(), Duration::from_secs(60));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchParams {
@@ -64,27 +65,27 @@ impl FetchParams {
     }
 
     /// The queues to fetch from.
-    pub fn queues(&self) -> &[String] {
+    pub fn get_queues(&self) -> &[String] {
         &self.queues
     }
 
     /// The maximum number of messages.
-    pub fn limit(&self) -> u32 {
+    pub fn get_limit(&self) -> u32 {
         self.limit
     }
 
     /// The lease time-to-live.
-    pub fn ttl(&self) -> Duration {
+    pub fn get_lease_ttl(&self) -> Duration {
         self.lease_ttl
     }
 
     /// The delivery limit, if any.
-    pub fn delivery_limit(&self) -> Option<u32> {
+    pub fn get_max_deliveries(&self) -> Option<u32> {
         self.max_deliveries
     }
 
     /// The holder name, if any.
-    pub fn holder(&self) -> Option<&str> {
+    pub fn get_acquired_by(&self) -> Option<&str> {
         self.acquired_by.as_deref()
     }
 

@@ -30,7 +30,7 @@ pub const MAX_QUEUE_LEN: usize = 255;
 /// let m = Message::json("emails", &serde_json::json!({"to": "ada@example.com"}))?
 ///     .header("tenant", "acme")
 ///     .delay(Duration::from_secs(30));
-/// assert_eq!(m.queue(), "emails");
+/// assert_eq!(m.get_queue(), "emails");
 /// # Ok::<(), postbox_core::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
@@ -118,7 +118,7 @@ impl Message {
     }
 
     /// The idempotency key, if any.
-    pub fn key(&self) -> Option<&str> {
+    pub fn get_idempotency_key(&self) -> Option<&str> {
         self.key.as_deref()
     }
 
@@ -137,27 +137,27 @@ impl Message {
     }
 
     /// The queue this message is routed to.
-    pub fn queue(&self) -> &str {
+    pub fn get_queue(&self) -> &str {
         &self.queue
     }
 
     /// The payload bytes.
-    pub fn payload(&self) -> &[u8] {
+    pub fn get_payload(&self) -> &[u8] {
         &self.payload
     }
 
     /// The headers, if any were set.
-    pub fn headers_ref(&self) -> Option<&Headers> {
+    pub fn get_headers(&self) -> Option<&Headers> {
         self.headers.as_ref()
     }
 
     /// The explicit correlation id, if one was set.
-    pub fn correlation_id_ref(&self) -> Option<Uuid> {
+    pub fn get_correlation_id(&self) -> Option<Uuid> {
         self.correlation_id
     }
 
     /// When the message becomes eligible.
-    pub fn availability(&self) -> Availability {
+    pub fn get_availability(&self) -> Availability {
         self.available
     }
 
@@ -375,10 +375,10 @@ mod tests {
             .header("b", "two")
             .correlation_id(id)
             .delay(Duration::from_secs(3));
-        assert_eq!(m.headers_ref().map(|h| h.len()), Some(2));
-        assert_eq!(m.correlation_id_ref(), Some(id));
+        assert_eq!(m.get_headers().map(|h| h.len()), Some(2));
+        assert_eq!(m.get_correlation_id(), Some(id));
         assert_eq!(
-            m.availability(),
+            m.get_availability(),
             Availability::After(Duration::from_secs(3))
         );
     }

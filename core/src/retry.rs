@@ -280,12 +280,12 @@ impl RetryPolicy {
     }
 
     /// The backoff shape.
-    pub fn backoff(&self) -> Backoff {
+    pub fn get_backoff(&self) -> Backoff {
         self.backoff
     }
 
     /// The attempt limit.
-    pub fn attempts_limit(&self) -> u32 {
+    pub fn get_max_attempts(&self) -> u32 {
         self.max_attempts
     }
 
@@ -452,14 +452,14 @@ mod tests {
     fn default_is_exponential_1s_x2_cap_300s_10_attempts() {
         let p = RetryPolicy::default();
         assert_eq!(
-            p.backoff(),
+            p.get_backoff(),
             Backoff::Exponential {
                 initial: S,
                 multiplier: 2.0,
                 cap: 300 * S
             }
         );
-        assert_eq!(p.attempts_limit(), 10);
+        assert_eq!(p.get_max_attempts(), 10);
         assert!(matches!(
             p.decide(9, Duration::ZERO, &err()),
             RetryDecision::DeadLetter { .. }
@@ -478,7 +478,7 @@ mod tests {
             .max_attempts(100);
         for attempts in 0..40 {
             let base = p
-                .backoff()
+                .get_backoff()
                 .base_delay(u32::try_from(attempts).expect("small") + 1);
             for draw in [0.0, 0.25, 0.5, 0.999_999] {
                 let d = delay(p.decide_with(attempts, Duration::ZERO, &err(), draw));

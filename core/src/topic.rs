@@ -179,27 +179,27 @@ impl Receive {
     }
 
     /// The subscription.
-    pub fn subscription(&self) -> &str {
+    pub fn get_subscription(&self) -> &str {
         &self.subscription
     }
 
     /// The most messages one receive hands out.
-    pub fn limit(&self) -> u32 {
+    pub fn get_limit(&self) -> u32 {
         self.limit
     }
 
     /// The lease time-to-live.
-    pub fn ttl(&self) -> Duration {
+    pub fn get_lease_ttl(&self) -> Duration {
         self.lease_ttl
     }
 
     /// The holder, if set.
-    pub fn holder_name(&self) -> Option<&str> {
+    pub fn get_holder(&self) -> Option<&str> {
         self.holder.as_deref()
     }
 
     /// The delivery limit, if set.
-    pub fn delivery_limit(&self) -> Option<u32> {
+    pub fn get_max_deliveries(&self) -> Option<u32> {
         self.max_deliveries
     }
 

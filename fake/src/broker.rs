@@ -186,17 +186,17 @@ impl FakeBroker {
 
     fn row(&self, conn: &FakeConn, state: &mut State, message: Message) -> Row {
         let at = conn.started_at;
-        let next_attempt_at = match message.availability() {
+        let next_attempt_at = match message.get_availability() {
             Availability::After(d) => plus(at, d),
             Availability::At(t) => micros(t),
             _ => at,
         };
         Row {
             id: state.allocate_id(),
-            queue: message.queue().to_owned(),
-            payload: message.payload().to_vec(),
-            headers: message.headers_ref().cloned(),
-            correlation_id: message.correlation_id_ref().unwrap_or_else(Uuid::new_v4),
+            queue: message.get_queue().to_owned(),
+            payload: message.get_payload().to_vec(),
+            headers: message.get_headers().cloned(),
+            correlation_id: message.get_correlation_id().unwrap_or_else(Uuid::new_v4),
             attempts: 0,
             deliveries: 0,
             created_at: at,
@@ -376,12 +376,12 @@ impl Consume for FakeBroker {
         if let Some(error) = faults::take(&mut state.faults.fetch) {
             return Err(error);
         }
-        let limit = params.limit() as usize;
-        let expired_before =
-            now - chrono::Duration::from_std(params.ttl()).unwrap_or(chrono::Duration::MAX);
+        let limit = params.get_limit() as usize;
+        let expired_before = now
+            - chrono::Duration::from_std(params.get_lease_ttl()).unwrap_or(chrono::Duration::MAX);
         // Candidates: per queue, the first `limit` ready rows and every expired lease.
         let mut picked: Vec<(DateTime<Utc>, MessageId)> = Vec::new();
-        for queue in params.queues() {
+        for queue in params.get_queues() {
             if let Some(set) = state.unleased.get(queue) {
                 picked.extend(set.iter().take_while(|(at, _)| *at <= now).take(limit));
             }
@@ -402,8 +402,8 @@ impl Consume for FakeBroker {
             &mut state,
             picked,
             now,
-            params.holder(),
-            params.delivery_limit(),
+            params.get_acquired_by(),
+            params.get_max_deliveries(),
         ))
     }
 
@@ -443,10 +443,10 @@ impl Consume for FakeBroker {
         if !state.held(lease.id, lease.token) {
             return Ok(false);
         }
-        let error = params.error_message().map(str::to_owned);
+        let error = params.get_error().map(str::to_owned);
         state.update(lease.id, |row| {
             row.attempts += 1;
-            row.next_attempt_at = plus(now, params.delay());
+            row.next_attempt_at = plus(now, params.get_delay());
             row.lease = None;
             row.acquired_by = None;
             row.last_error = error;

@@ -42,20 +42,20 @@ impl FakeBroker {
         if let Some(error) = faults::take(&mut state.faults.fetch) {
             return Err(error);
         }
-        let member = params.member();
+        let member = params.get_member();
         let me = (member.group().to_owned(), member.name().to_owned());
         let entry = state.members.entry(me).or_insert_with(|| MemberRow {
-            queues: params.queues().to_vec(),
+            queues: params.get_queues().to_vec(),
             registered_at: now,
             last_active: now,
         });
-        let refresh =
-            chrono::Duration::from_std(params.heartbeat_refresh()).unwrap_or(chrono::Duration::MAX);
+        let refresh = chrono::Duration::from_std(params.get_heartbeat_refresh())
+            .unwrap_or(chrono::Duration::MAX);
         if entry.last_active <= now - refresh {
             entry.last_active = now;
         }
 
-        let dead: HashSet<String> = match params.dead_after() {
+        let dead: HashSet<String> = match params.get_dead_interval() {
             Some(interval) => {
                 let before =
                     now - chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::MAX);
@@ -70,14 +70,14 @@ impl FakeBroker {
             }
             None => HashSet::new(),
         };
-        let limit = params.max_messages() as usize;
-        let picked = candidates(&state, params.queues(), &dead, now, limit);
+        let limit = params.get_max_messages() as usize;
+        let picked = candidates(&state, params.get_queues(), &dead, now, limit);
         Ok(lease_picked(
             &mut state,
             picked,
             now,
             Some(&member.key()),
-            params.delivery_limit(),
+            params.get_max_deliveries(),
         ))
     }
 

@@ -375,8 +375,8 @@ impl Sub {
             match settlement {
                 Settlement::Retry(params) => {
                     h.attempts += 1;
-                    h.next_attempt_at = plus(now, params.delay());
-                    h.last_error = params.error_message().map(str::to_owned);
+                    h.next_attempt_at = plus(now, params.get_delay());
+                    h.last_error = params.get_error().map(str::to_owned);
                     h.lease = None;
                 }
                 Settlement::DeadLetter(reason) => {
@@ -433,8 +433,8 @@ impl Sub {
             held.attempts = 1;
             match settlement {
                 Settlement::Retry(params) => {
-                    held.next_attempt_at = plus(now, params.delay());
-                    held.last_error = params.error_message().map(str::to_owned);
+                    held.next_attempt_at = plus(now, params.get_delay());
+                    held.last_error = params.get_error().map(str::to_owned);
                 }
                 Settlement::DeadLetter(reason) => held.dead = Some((now, reason.clone())),
                 Settlement::Release => {
@@ -532,8 +532,8 @@ impl Topics for FakeBroker {
             let wait = {
                 let state = self.shared.state.lock();
                 messages.iter().find_map(|m| {
-                    let key = m.key()?;
-                    match state.topics.check_key(m.queue(), key, conn.tx_id, now) {
+                    let key = m.get_idempotency_key()?;
+                    match state.topics.check_key(m.get_queue(), key, conn.tx_id, now) {
                         KeyCheck::Wait(ended) => Some(ended),
                         _ => None,
                     }
@@ -549,22 +549,22 @@ impl Topics for FakeBroker {
         let mut published = Vec::with_capacity(messages.len());
         for mut m in messages {
             postbox_core::trace::inject_current(&mut m);
-            if let Some(key) = m.key()
+            if let Some(key) = m.get_idempotency_key()
                 && let KeyCheck::Duplicate(id) =
-                    state.topics.check_key(m.queue(), key, conn.tx_id, now)
+                    state.topics.check_key(m.get_queue(), key, conn.tx_id, now)
             {
                 published.push(Published::Duplicate(id));
                 continue;
             }
             state.topics.next_id += 1;
             let id = state.topics.next_id;
-            if let Some(key) = m.key() {
+            if let Some(key) = m.get_idempotency_key() {
                 let guard = conn
                     .key_guard
                     .get_or_insert_with(|| tokio::sync::watch::channel(()).0);
                 let ended = guard.subscribe();
                 state.topics.keys.insert(
-                    (m.queue().to_owned(), key.to_owned()),
+                    (m.get_queue().to_owned(), key.to_owned()),
                     Key::Reserved {
                         id,
                         tx: conn.tx_id,
@@ -573,13 +573,13 @@ impl Topics for FakeBroker {
                 );
             }
             published.push(Published::New(id));
-            postbox_core::metrics::published([m.queue()]);
+            postbox_core::metrics::published([m.get_queue()]);
             conn.pending_topic.push(LogRow {
                 id,
-                topic: m.queue().to_owned(),
-                payload: m.payload().to_vec(),
-                headers: m.headers_ref().cloned(),
-                correlation_id: m.correlation_id_ref().unwrap_or_else(Uuid::new_v4),
+                topic: m.get_queue().to_owned(),
+                payload: m.get_payload().to_vec(),
+                headers: m.get_headers().cloned(),
+                correlation_id: m.get_correlation_id().unwrap_or_else(Uuid::new_v4),
                 created_at: conn.started_at,
             });
         }
@@ -594,16 +594,16 @@ impl Topics for FakeBroker {
         }
         let now = self.now();
         let token = Uuid::new_v4();
-        let holder = params.holder_name();
+        let holder = params.get_holder();
         let max_deliveries = params
-            .delivery_limit()
+            .get_max_deliveries()
             .map(|n| i32::try_from(n).unwrap_or(i32::MAX));
         let mut state = self.shared.state.lock();
         if let Some(error) = faults::take(&mut state.faults.fetch) {
             return Err(error);
         }
         let topics = &mut state.topics;
-        let sub = topics.sub(params.subscription())?;
+        let sub = topics.sub(params.get_subscription())?;
         // Expired batches are looked for once per `EXPIRED_BATCH_CHECK`.
         let checked = match sub.checked_at {
             Some(at) if plus(at, EXPIRED_BATCH_CHECK) > now => Some(at),
@@ -624,7 +624,7 @@ impl Topics for FakeBroker {
                 }
             }
         }
-        let limit = params.limit() as usize;
+        let limit = params.get_limit() as usize;
         let mut due: Vec<(DateTime<Utc>, MessageId)> = sub
             .held
             .values()
@@ -637,8 +637,8 @@ impl Topics for FakeBroker {
         for (_, id) in due {
             if let Some(h) = sub.held.get_mut(&id) {
                 h.lease = Some(token);
-                h.ttl = params.ttl();
-                h.next_attempt_at = plus(now, params.ttl());
+                h.ttl = params.get_lease_ttl();
+                h.next_attempt_at = plus(now, params.get_lease_ttl());
                 h.deliveries += 1;
                 let first = *h.first_attempt_at.get_or_insert(now);
                 out.push(delivery(
@@ -665,7 +665,7 @@ impl Topics for FakeBroker {
                     .collect()
             });
             if !fresh.is_empty() {
-                let sub = topics.sub(params.subscription())?;
+                let sub = topics.sub(params.get_subscription())?;
                 sub.cursor = cursor + fresh.len();
                 sub.checked_at = checked;
                 out.extend(
@@ -679,8 +679,8 @@ impl Topics for FakeBroker {
                         rows: fresh,
                         settled: BTreeSet::new(),
                         leased_at: now,
-                        ttl: params.ttl(),
-                        expires_at: plus(now, params.ttl()),
+                        ttl: params.get_lease_ttl(),
+                        expires_at: plus(now, params.get_lease_ttl()),
                     },
                 );
                 topics.trim();

@@ -2,7 +2,7 @@
 //!
 //! `COOP_RECEIVE` is the fetch statement with two changes: it upserts the receiving member's
 //! own registry row (its heartbeat, rewritten only once it is older than
-//! [`CoopReceive::heartbeat_refresh`]; no shared row is written), and its second branch takes
+//! [`CoopReceive::get_heartbeat_refresh`]; no shared row is written), and its second branch takes
 //! rows held by *dead* siblings (silent longer than the dead interval) instead of rows whose
 //! lease merely aged: a live member's rows are never taken. Both branches lock with
 //! `FOR UPDATE SKIP LOCKED`; nothing stays locked after the statement.
@@ -125,23 +125,23 @@ impl Inner {
         params: &CoopReceive,
     ) -> Result<Vec<Delivery>> {
         params.validate()?;
-        let member = params.member();
+        let member = params.get_member();
         let rows = sqlx::query(self.sql.coop_receive.clone())
             .persistent(self.persistent())
-            .bind(params.queues())
-            .bind(i64::from(params.max_messages()))
-            .bind(params.dead_after().map(|d| d.as_secs_f64() * 1000.0))
+            .bind(params.get_queues())
+            .bind(i64::from(params.get_max_messages()))
+            .bind(params.get_dead_interval().map(|d| d.as_secs_f64() * 1000.0))
             .bind(Uuid::new_v4())
             .bind(member.key())
             .bind(
                 params
-                    .delivery_limit()
+                    .get_max_deliveries()
                     .map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
             )
             .bind(self.now())
             .bind(member.group())
             .bind(member.name())
-            .bind(params.heartbeat_refresh().as_secs_f64() * 1000.0)
+            .bind(params.get_heartbeat_refresh().as_secs_f64() * 1000.0)
             .fetch_all(conn)
             .await?;
         self.rotator.tick();

@@ -149,14 +149,14 @@ fn bind_fetch<'q>(
     now: Option<chrono::DateTime<chrono::Utc>>,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     sqlx::query(sql)
-        .bind(params.queues())
-        .bind(i64::from(params.limit()))
-        .bind(params.ttl().as_secs_f64() * 1000.0)
+        .bind(params.get_queues())
+        .bind(i64::from(params.get_limit()))
+        .bind(params.get_lease_ttl().as_secs_f64() * 1000.0)
         .bind(token)
-        .bind(params.holder())
+        .bind(params.get_acquired_by())
         .bind(
             params
-                .delivery_limit()
+                .get_max_deliveries()
                 .map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
         )
         .bind(now)

@@ -95,8 +95,8 @@ impl PgBackend {
             .persistent(self.shared().persistent())
             .bind(lease.id)
             .bind(lease.token)
-            .bind(params.delay().as_secs_f64() * 1000.0)
-            .bind(params.error_message())
+            .bind(params.get_delay().as_secs_f64() * 1000.0)
+            .bind(params.get_error())
             .bind(self.shared().now())
             .fetch_one(&mut *session)
             .await?;

@@ -860,14 +860,14 @@ impl Topics for PgBackend {
         let mut session = self.shared().session().await?;
         let rows = sqlx::query(self.shared().sql.receive.clone())
             .persistent(self.shared().persistent())
-            .bind(params.subscription())
-            .bind(i32::try_from(params.limit()).unwrap_or(i32::MAX))
-            .bind(params.ttl().as_secs_f64() * 1000.0)
+            .bind(params.get_subscription())
+            .bind(i32::try_from(params.get_limit()).unwrap_or(i32::MAX))
+            .bind(params.get_lease_ttl().as_secs_f64() * 1000.0)
             .bind(token)
-            .bind(params.holder_name())
+            .bind(params.get_holder())
             .bind(
                 params
-                    .delivery_limit()
+                    .get_max_deliveries()
                     .map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
             )
             .bind(self.shared().now())
@@ -877,7 +877,7 @@ impl Topics for PgBackend {
             Ok(rows) => rows,
             Err(e) if unknown_subscription(&e) => {
                 return Err(Error::UnknownSubscription {
-                    subscription: params.subscription().to_owned(),
+                    subscription: params.get_subscription().to_owned(),
                 });
             }
             Err(e) => return Err(e.into()),
@@ -901,14 +901,14 @@ impl Topics for PgBackend {
                     first_attempt_at: r.try_get("first_attempt_at")?,
                     acquired_at,
                     token,
-                    acquired_by: params.holder_name().map(str::to_owned),
+                    acquired_by: params.get_holder().map(str::to_owned),
                     last_error: r.try_get("last_error")?,
                     cancel: Cancellation::default(),
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
         if !deliveries.is_empty() {
-            tracing::debug!(target: "postbox", table = %self.shared().table, subscription = params.subscription(), rows = deliveries.len(), batch = %token, "postbox.receive");
+            tracing::debug!(target: "postbox", table = %self.shared().table, subscription = params.get_subscription(), rows = deliveries.len(), batch = %token, "postbox.receive");
         }
         Ok(deliveries)
     }
@@ -919,8 +919,8 @@ impl Topics for PgBackend {
             Settlement::Ack => ("ack", 0.0, None),
             Settlement::Retry(params) => (
                 "retry",
-                params.delay().as_secs_f64() * 1000.0,
-                params.error_message().map(str::to_owned),
+                params.get_delay().as_secs_f64() * 1000.0,
+                params.get_error().map(str::to_owned),
             ),
             Settlement::DeadLetter(reason) => ("bury", 0.0, Some(reason.clone())),
             Settlement::Release => ("release", 0.0, None),

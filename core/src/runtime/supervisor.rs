@@ -338,24 +338,27 @@ impl<B: Consume + Coop + Topics> Supervisor<B> {
         params: &FetchParams,
     ) -> Result<Vec<Delivery>> {
         let coop = options.subconsumer.clone().map(|member| {
-            let mut receive =
-                CoopReceive::new(member, params.queues().iter().cloned(), params.limit());
+            let mut receive = CoopReceive::new(
+                member,
+                params.get_queues().iter().cloned(),
+                params.get_limit(),
+            );
             if let Some(d) = options.dead_interval {
                 receive = receive.dead_interval(d);
             }
-            if let Some(n) = params.delivery_limit() {
+            if let Some(n) = params.get_max_deliveries() {
                 receive = receive.max_deliveries(n);
             }
             receive
         });
         if let Some(subscription) = &options.subscription {
             // Receives run on the pool: the statement is short and locks the subscription.
-            let mut receive =
-                Receive::new(subscription.clone(), params.limit()).lease_ttl(params.ttl());
-            if let Some(n) = params.delivery_limit() {
+            let mut receive = Receive::new(subscription.clone(), params.get_limit())
+                .lease_ttl(params.get_lease_ttl());
+            if let Some(n) = params.get_max_deliveries() {
                 receive = receive.max_deliveries(n);
             }
-            if let Some(holder) = params.holder() {
+            if let Some(holder) = params.get_acquired_by() {
                 receive = receive.holder(holder);
             }
             return backend.receive(&receive).await;

@@ -47,7 +47,7 @@ where
         let mut tx = backend.begin().await?;
         let ids = backend.publish_batch(&mut tx, messages.to_vec()).await?;
         backend.commit(tx).await?;
-        let mut queues: Vec<String> = messages.iter().map(|m| m.queue().to_owned()).collect();
+        let mut queues: Vec<String> = messages.iter().map(|m| m.get_queue().to_owned()).collect();
         queues.sort();
         queues.dedup();
         Ok(Run {

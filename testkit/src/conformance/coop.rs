@@ -121,12 +121,12 @@ pub async fn coop_touch_keeps_a_slow_member_alive<H: Harness>(h: &H) {
 }
 
 /// A receive rewrites the member's heartbeat only once it is older than
-/// [`CoopReceive::heartbeat_refresh`] (a quarter of the dead interval, at most 500 ms), so a
+/// [`CoopReceive::get_heartbeat_refresh`] (a quarter of the dead interval, at most 500 ms), so a
 /// busy member does not leave one dead registry row version per receive.
 pub async fn coop_a_receive_refreshes_only_a_stale_heartbeat<H: Harness>(h: &H) {
     let b = h.backend();
     let params = CoopReceive::new(member("a"), ["q"], 1).dead_interval(DEAD);
-    assert_eq!(params.heartbeat_refresh(), Duration::from_millis(500));
+    assert_eq!(params.get_heartbeat_refresh(), Duration::from_millis(500));
     let last_active = || async {
         let members = b.coop_members("billing").await.expect("members");
         assert_eq!(members.len(), 1, "one member: {members:?}");
