@@ -235,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
     println!("listening on http://{addr}");
 
     if serve {
-        let signal = postbox::shutdown_signal()?;
+        let signal = postbox::runtime::shutdown_signal()?;
         let stopper = stop.clone();
         tokio::spawn(async move {
             signal.await;

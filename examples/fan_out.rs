@@ -29,7 +29,7 @@ fn subscriber(
     subscription: &'static str,
     n: usize,
     handled: &Handled,
-) -> anyhow::Result<postbox::SubscriberHandle> {
+) -> anyhow::Result<postbox::runtime::SubscriberHandle> {
     let sink = Arc::clone(handled);
     let handler = move |d: Delivery| {
         let sink = Arc::clone(&sink);

@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use postbox::{BatchedJournalWriter, EventPayload, TailOptions, WriterOptions, snapshot_and_tail};
+use postbox::journal::{
+    BatchedJournalWriter, EventPayload, TailOptions, WriterOptions, snapshot_and_tail,
+};
 
 const EVENTS: i64 = 200;
 

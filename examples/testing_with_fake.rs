@@ -67,7 +67,7 @@ impl Mailer {
 /// The handler: a malformed payload is rejected (dead letter), a mailer error is retried.
 fn send_receipt(
     mailer: Mailer,
-) -> impl Fn(Delivery) -> postbox::HandlerFuture + Send + Sync + 'static {
+) -> impl Fn(Delivery) -> postbox::runtime::HandlerFuture + Send + Sync + 'static {
     move |delivery: Delivery| {
         let mailer = mailer.clone();
         Box::pin(async move {
@@ -132,8 +132,9 @@ fn main() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use postbox::runtime::SubscriberEvent;
     use postbox::testkit::{Expect, assert_not_published, assert_published, wait_for_event_within};
-    use postbox::{Outcome, Subscriber, SubscriberEvent, SubscriberOptions};
+    use postbox::{Outcome, Subscriber, SubscriberOptions};
 
     use super::*;
 

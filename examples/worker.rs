@@ -11,9 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use postbox::prelude::*;
-use postbox::{
-    Delivery, HandlerError, Message, RetryPolicy, Subscriber, SubscriberEvent, SubscriberOptions,
-};
+use postbox::runtime::SubscriberEvent;
+use postbox::{Delivery, HandlerError, Message, RetryPolicy, Subscriber, SubscriberOptions};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]

@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use postbox::coop::CoopReceive;
 use postbox::fake::FakeBroker;
 use postbox::prelude::*;
+use postbox::runtime::SubscriberEvent;
 use postbox::testkit::{wait_for_event, within};
-use postbox::{
-    CoopReceive, Delivery, HandlerError, Member, Outcome, Subscriber, SubscriberEvent,
-    SubscriberOptions, Topics,
-};
+use postbox::{Delivery, HandlerError, Member, Outcome, Subscriber, SubscriberOptions, Topics};
 use support::publish_n;
 use tokio::sync::{mpsc, watch};
 

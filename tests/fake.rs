@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use postbox::fake::{FakeBroker, Fault};
 use postbox::prelude::*;
+use postbox::runtime::SubscriberEvent;
 use postbox::testkit::{until_within, wait_for_event_within, within};
 use postbox::{
     Delivery, Error, FetchParams, HandlerError, Message, MessageState, Outcome, Subscriber,
-    SubscriberEvent, SubscriberOptions,
+    SubscriberOptions,
 };
 
 /// Virtual time to wait for an event under paused time (the clock jumps over idle waits).
@@ -74,7 +75,7 @@ async fn injected_faults_fail_exactly_the_next_n_calls_and_change_nothing() {
 async fn zero_faults_inject_nothing_and_clear_pending_ones() {
     let b = FakeBroker::new();
     let journal = |seq: i64| {
-        vec![postbox::JournalEvent::new(
+        vec![postbox::journal::JournalEvent::new(
             "s",
             seq,
             "delta",
@@ -185,7 +186,8 @@ async fn counters_count_each_outcome() {
 /// `max_deliveries` times, and a member's held row whose requeue exhausts its attempts.
 #[tokio::test]
 async fn counters_count_dead_letters_by_max_deliveries_and_by_an_exhausted_requeue() {
-    use postbox::{CoopReceive, Member, Unregister};
+    use postbox::Member;
+    use postbox::coop::{CoopReceive, Unregister};
 
     let b = FakeBroker::new();
     publish(&b, 2).await;

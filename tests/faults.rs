@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use postbox::prelude::*;
+use postbox::runtime::{Stats, SubscriberEvent, SubscriberHandle};
 use postbox::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use postbox::sqlx::{self, PgPool};
 use postbox::testkit::postgres::LocalServer;
 use postbox::testkit::{TimeControl, within};
 use postbox::{
-    Delivery, Error, FetchParams, HandlerError, Message, PgBackend, RetryPolicy, Stats, Subscriber,
-    SubscriberEvent, SubscriberHandle, SubscriberOptions, TableName,
+    Delivery, Error, FetchParams, HandlerError, Message, PgBackend, RetryPolicy, Subscriber,
+    SubscriberOptions, TableName,
 };
 
 const N: usize = 2_000;
@@ -762,12 +763,16 @@ async fn journal_writer_with_the_database_unreachable() {
         .await
         .expect("pool");
     let backend = PgBackend::new(pool);
-    let options = postbox::WriterOptions::default()
+    let options = postbox::journal::WriterOptions::default()
         .max_batch(16)
         .max_delay(Duration::from_millis(20));
     let writers: Vec<_> = (0..2)
         .map(|w| {
-            postbox::BatchedJournalWriter::new(backend.clone(), format!("stream-{w}"), options)
+            postbox::journal::BatchedJournalWriter::new(
+                backend.clone(),
+                format!("stream-{w}"),
+                options,
+            )
         })
         .collect();
     let per_writer = N as i64 / 2;
@@ -909,15 +914,16 @@ async fn bad_input_is_refused_and_writes_nothing() {
     assert_eq!(backend.ack_batch(&leases).await.expect("ack").len(), 2);
 
     // Headers are a JSON object by type (`Headers` is a map): a non-object cannot be built.
-    let err = postbox::JournalEvent::from_value("s", 1, "delta", serde_json::json!([1, 2]))
-        .expect_err("not an object");
+    let err =
+        postbox::journal::JournalEvent::from_value("s", 1, "delta", serde_json::json!([1, 2]))
+            .expect_err("not an object");
     assert!(
         err.to_string()
             .contains("must be a JSON object, got an array"),
         "{err}"
     );
     for (stream, kind) in [("", "delta"), ("s", "")] {
-        let err = postbox::record_event(&backend, stream, 1, kind, serde_json::Map::new())
+        let err = postbox::journal::record_event(&backend, stream, 1, kind, serde_json::Map::new())
             .await
             .expect_err("bad journal input");
         assert!(matches!(err, Error::InvalidArgument(_)), "{err}");

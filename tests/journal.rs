@@ -5,9 +5,10 @@ mod support;
 
 use std::time::Duration;
 
+use postbox::Backend;
 use postbox::fake::{FakeBroker, Fault};
-use postbox::{
-    Backend, BatchedJournalWriter, EventPayload, TailOptions, WriterOptions, snapshot_and_tail,
+use postbox::journal::{
+    BatchedJournalWriter, EventPayload, TailOptions, WriterOptions, snapshot_and_tail,
 };
 use proptest::prelude::*;
 
@@ -154,7 +155,7 @@ async fn attach_and_read<B: Backend + Clone>(
         .expect("join")
 }
 
-async fn collect<B: Backend>(tail: postbox::JournalTail<B>) -> Vec<i64> {
+async fn collect<B: Backend>(tail: postbox::journal::JournalTail<B>) -> Vec<i64> {
     use futures_util::StreamExt;
     tail.into_stream()
         .map(|event| event.expect("event").seq)
@@ -221,7 +222,7 @@ proptest! {
 #[tokio::test]
 async fn a_connect_only_role_can_neither_inject_into_nor_read_a_tail_on_postgres()
 -> anyhow::Result<()> {
-    use postbox::JournalLive;
+    use postbox::journal::JournalLive;
     use postbox::sqlx;
     use postbox::sqlx::postgres::PgListener;
 

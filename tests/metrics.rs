@@ -99,8 +99,8 @@ async fn publish<B: Backend>(backend: &B, queue: &str, payloads: &[&str]) {
 /// once `gate` opens, and `stuck` never.
 fn handler(
     gate: watch::Receiver<bool>,
-) -> impl Fn(Delivery) -> postbox::HandlerFuture + Send + Sync {
-    move |delivery: Delivery| -> postbox::HandlerFuture {
+) -> impl Fn(Delivery) -> postbox::runtime::HandlerFuture + Send + Sync {
+    move |delivery: Delivery| -> postbox::runtime::HandlerFuture {
         let mut gate = gate.clone();
         Box::pin(async move {
             match &delivery.payload[..] {

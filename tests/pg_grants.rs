@@ -5,14 +5,17 @@
 mod support;
 
 use anyhow::Result;
+use postbox::coop::CoopReceive;
+use postbox::journal::{
+    BatchedJournalWriter, JournalEvent, TailOptions, WriterOptions, snapshot_and_tail,
+};
 use postbox::pg::{Access, Rotation};
 use postbox::prelude::*;
 use postbox::sqlx::{self, AssertSqlSafe, PgPool};
 use postbox::testkit::{PgFixture, within};
 use postbox::{
-    BatchedJournalWriter, CoopReceive, DeadFilter, Delivery, Depth, FetchParams, HandlerError,
-    JournalEvent, Member, Message, PgBackend, Redrive, Subscriber, SubscriberOptions, TailOptions,
-    WriterOptions, snapshot_and_tail,
+    DeadFilter, Delivery, Depth, FetchParams, HandlerError, Member, Message, PgBackend, Redrive,
+    Subscriber, SubscriberOptions,
 };
 
 /// A login role holding exactly `access` on the fixture's outbox, and a pool connected as it.
@@ -50,7 +53,7 @@ fn denied<T: std::fmt::Debug>(what: &str, result: postbox::Result<T>) {
     }
 }
 
-fn payload(n: i64) -> postbox::EventPayload {
+fn payload(n: i64) -> postbox::journal::EventPayload {
     let mut map = serde_json::Map::new();
     map.insert("n".into(), n.into());
     map
@@ -191,7 +194,8 @@ async fn each_access_does_its_work_and_nothing_else() -> Result<()> {
         .await?;
     assert_eq!(got.len(), 1);
     assert!(m.ack(got[0].lease()).await?);
-    m.coop_unregister(&me, postbox::Unregister::Fail).await?;
+    m.coop_unregister(&me, postbox::coop::Unregister::Fail)
+        .await?;
 
     // Journal writer and reader.
     let writer = Role::new(&db, &[Access::JournalWriter]).await?;

@@ -5,10 +5,11 @@ mod support;
 
 use anyhow::Result;
 use postbox::prelude::*;
+use postbox::runtime::SubscriberEvent;
 use postbox::sqlx::postgres::PgListener;
 use postbox::{
     DeadFilter, Delivery, FetchParams, HandlerError, Message, MessageId, PgBackend, Redrive,
-    Subscriber, SubscriberEvent, SubscriberOptions,
+    Subscriber, SubscriberOptions,
 };
 use support::{recv_n, until, wait};
 

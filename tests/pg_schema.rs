@@ -224,11 +224,12 @@ async fn the_ddl_of_each_version_run_in_order_is_a_migrated_schema() -> Result<(
 /// inspection and the grants all work on each, apart.
 #[tokio::test]
 async fn outboxes_in_their_own_schemas_work_on_every_path_and_stay_apart() -> Result<()> {
-    use postbox::pg::{Access, Rotation};
-    use postbox::{
-        BatchedJournalWriter, CoopReceive, JournalEvent, Member, RetryParams, TailOptions,
-        Unregister, WriterOptions, snapshot_and_tail,
+    use postbox::coop::{CoopReceive, Unregister};
+    use postbox::journal::{
+        BatchedJournalWriter, JournalEvent, TailOptions, WriterOptions, snapshot_and_tail,
     };
+    use postbox::pg::{Access, Rotation};
+    use postbox::{Member, RetryParams};
 
     let db = postbox::testkit::postgres().await?;
     let billing = PgBackend::with_table(
@@ -352,11 +353,11 @@ async fn outboxes_in_their_own_schemas_work_on_every_path_and_stay_apart() -> Re
     let sub = postbox::Subscriber::new(billing.clone(), slow, handler)?.spawn();
     let mut events = sub.events();
     support::until(&mut events, "LISTEN", |e| {
-        *e == postbox::SubscriberEvent::ListenerConnected
+        *e == postbox::runtime::SubscriberEvent::ListenerConnected
     })
     .await;
     support::until(&mut events, "idle", |e| {
-        *e == postbox::SubscriberEvent::Idle
+        *e == postbox::runtime::SubscriberEvent::Idle
     })
     .await;
     let mut tx = db.pool().begin().await?;

@@ -13,14 +13,15 @@ mod support;
 use std::collections::HashSet;
 
 use anyhow::Result;
+use postbox::coop::{CoopReceive, Unregister};
+use postbox::journal::{BatchedJournalWriter, TailOptions, WriterOptions, snapshot_and_tail};
 use postbox::pg::Rotation;
 use postbox::prelude::*;
 use postbox::sqlx::postgres::PgPoolOptions;
 use postbox::testkit::{PgFixture, within};
 use postbox::{
-    BatchedJournalWriter, CoopReceive, Delivery, FetchParams, HandlerError, Member, Message,
-    PgBackend, RetryParams, Subscriber, SubscriberOptions, TailOptions, Unregister, WriterOptions,
-    snapshot_and_tail,
+    Delivery, FetchParams, HandlerError, Member, Message, PgBackend, RetryParams, Subscriber,
+    SubscriberOptions,
 };
 
 /// The base URL of the PgBouncer for `variable`, or `None` (and a note) when it is unset.
@@ -46,7 +47,7 @@ async fn through(base: &str, db: &PgFixture, transaction_mode: bool) -> Result<P
     })
 }
 
-fn payload(n: i64) -> postbox::EventPayload {
+fn payload(n: i64) -> postbox::journal::EventPayload {
     let mut map = serde_json::Map::new();
     map.insert("n".into(), n.into());
     map

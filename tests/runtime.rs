@@ -8,10 +8,11 @@ use std::time::Duration;
 use anyhow::Result;
 use postbox::pg::{FETCH_APPLICATION_NAME, LISTEN_APPLICATION_NAME};
 use postbox::prelude::*;
+use postbox::runtime::SubscriberEvent;
 use postbox::testkit::within;
 use postbox::{
     Delivery, FetchParams, HandlerError, Outcome, PgBackend, RetryPolicy, Subscriber,
-    SubscriberEvent, SubscriberOptions,
+    SubscriberOptions,
 };
 use support::no_engine::NoEngine;
 use support::{count, kill, pids_of, publish_n, recv_n, until};
@@ -36,12 +37,12 @@ fn reporting() -> (
 fn gated(
     gate: watch::Receiver<bool>,
 ) -> (
-    impl Fn(Delivery) -> postbox::HandlerFuture + Send + Sync + 'static,
+    impl Fn(Delivery) -> postbox::runtime::HandlerFuture + Send + Sync + 'static,
     mpsc::UnboundedReceiver<i64>,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     (
-        move |d: Delivery| -> postbox::HandlerFuture {
+        move |d: Delivery| -> postbox::runtime::HandlerFuture {
             let _ = tx.send(d.id);
             let mut gate = gate.clone();
             Box::pin(async move {

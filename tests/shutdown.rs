@@ -12,10 +12,10 @@ use futures_util::FutureExt;
 use parking_lot::Mutex;
 use postbox::fake::FakeBroker;
 use postbox::prelude::*;
+use postbox::runtime::{SubscriberEvent, shutdown_signal};
 use postbox::testkit::{until_within, wait_for_event_within, within};
 use postbox::{
-    Backend, Delivery, FetchParams, HandlerError, Message, PgBackend, Subscriber, SubscriberEvent,
-    SubscriberOptions, shutdown_signal,
+    Backend, Delivery, FetchParams, HandlerError, Message, PgBackend, Subscriber, SubscriberOptions,
 };
 use support::count;
 use tokio::time::Instant;
@@ -33,8 +33,10 @@ struct Seen {
 /// A handler for payloads `watch` (works until asked to stop, then ends with `Ok`),
 /// `give-back` (the same, ending with a retry due at once) and anything else (ignores the
 /// signal and never ends).
-fn handler(seen: Arc<Mutex<Seen>>) -> impl Fn(Delivery) -> postbox::HandlerFuture + Send + Sync {
-    move |delivery: Delivery| -> postbox::HandlerFuture {
+fn handler(
+    seen: Arc<Mutex<Seen>>,
+) -> impl Fn(Delivery) -> postbox::runtime::HandlerFuture + Send + Sync {
+    move |delivery: Delivery| -> postbox::runtime::HandlerFuture {
         let seen = Arc::clone(&seen);
         Box::pin(async move {
             let payload = String::from_utf8_lossy(&delivery.payload).into_owned();
@@ -142,7 +144,7 @@ async fn a_handler_that_ends_in_time_is_never_asked_to_stop() {
     let gate = Arc::new(Mutex::new(Some(gate)));
     let cancelled_seen = Arc::new(Mutex::new(None));
     let seen = Arc::clone(&cancelled_seen);
-    let handler = move |delivery: Delivery| -> postbox::HandlerFuture {
+    let handler = move |delivery: Delivery| -> postbox::runtime::HandlerFuture {
         let gate = gate.lock().take();
         let seen = Arc::clone(&seen);
         Box::pin(async move {

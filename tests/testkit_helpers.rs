@@ -242,7 +242,8 @@ async fn run_one_runs_exactly_one_delivery() {
 async fn a_panicking_handler_counts_as_a_failure_in_run_one() {
     let b = FakeBroker::new();
     publish(&b, vec![Message::new("q", "x")]).await;
-    let panicking = |_d: Delivery| -> postbox::HandlerFuture { Box::pin(async { panic!("oops") }) };
+    let panicking =
+        |_d: Delivery| -> postbox::runtime::HandlerFuture { Box::pin(async { panic!("oops") }) };
     let outcome = run_one(&b, "q", &panicking, &RetryPolicy::none())
         .await
         .expect("run");

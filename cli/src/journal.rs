@@ -3,7 +3,8 @@
 
 use std::process::ExitCode;
 
-use postbox_core::{JournalEvent, PgBackend, TailOptions, snapshot_and_tail};
+use postbox_core::PgBackend;
+use postbox_core::journal::{JournalEvent, TailOptions, snapshot_and_tail};
 use serde_json::json;
 
 /// `postbox journal` commands.

@@ -5,9 +5,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use assert_cmd::Command;
+use postbox_core::journal::JournalEvent;
 use postbox_core::pg::SCHEMA_VERSION;
 use postbox_core::prelude::*;
-use postbox_core::{FetchParams, JournalEvent, Message, MessageId, PgBackend};
+use postbox_core::{FetchParams, Message, MessageId, PgBackend};
 use postbox_testkit::{PgFixture, postgres, within};
 use predicates::prelude::*;
 use serde_json::Value;

@@ -29,7 +29,7 @@ pub trait Coop: Store {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`](crate::Error::Database).
+    /// [`Error::Database`].
     ///
     /// # Cancel safety
     ///
@@ -43,7 +43,7 @@ pub trait Coop: Store {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument), [`Error::InvalidQueue`](crate::Error::InvalidQueue), [`Error::Database`](crate::Error::Database).
+    /// [`Error::InvalidArgument`], [`Error::InvalidQueue`], [`Error::Database`].
     ///
     /// # Cancel safety
     ///
@@ -56,7 +56,7 @@ pub trait Coop: Store {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`](crate::Error::Database).
+    /// [`Error::Database`].
     ///
     /// # Cancel safety
     ///
@@ -68,8 +68,8 @@ pub trait Coop: Store {
     ///
     /// # Errors
     ///
-    /// [`Error::MemberHoldsMessages`](crate::Error::MemberHoldsMessages) with [`Unregister::Fail`] while it holds rows;
-    /// [`Error::Database`](crate::Error::Database).
+    /// [`Error::MemberHoldsMessages`] with [`Unregister::Fail`] while it holds rows;
+    /// [`Error::Database`].
     ///
     /// # Cancel safety
     ///
@@ -81,7 +81,7 @@ pub trait Coop: Store {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`](crate::Error::Database).
+    /// [`Error::Database`].
     ///
     /// # Cancel safety
     ///

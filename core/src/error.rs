@@ -102,7 +102,7 @@ pub enum Error {
     #[error("json error: {0}")]
     Json(#[from] serde_json::Error),
 
-    /// A member asked to unregister with [`Unregister::Fail`](crate::Unregister::Fail) while it
+    /// A member asked to unregister with [`Unregister::Fail`](crate::coop::Unregister::Fail) while it
     /// holds rows.
     #[error(
         "member {member} still holds {held} message(s); finish or requeue them (Unregister::Requeue) first"

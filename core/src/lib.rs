@@ -3,6 +3,9 @@
 //!
 //! Most users depend on the `postbox` facade crate, which re-exports everything here.
 //!
+//! The everyday names sit at the root; the rest are grouped by concern in [`coop`],
+//! [`journal`], [`runtime`], [`pg`] (Postgres-only), [`topic`], [`metrics`] and [`trace`].
+//!
 //! - [`Message`]: what you publish (queue, payload, headers, correlation id, delay).
 //! - [`Delivery`] and [`Lease`]: what a fetch hands out, and the proof of holding it.
 //! - [`Backend`]: every capability of a store, one trait each: [`Publish`] (in the caller's
@@ -13,9 +16,11 @@
 //! - [`RetryPolicy`] and [`HandlerError`]: how failures become delays or dead letters.
 //! - [`Redrive`] and [`DeadFilter`]: dead letters requeued or purged, by ids or by a filter.
 //! - [`Depth`]: each queue's messages counted by state, and its lag.
-//! - [`Member`] and [`CoopReceive`]: cooperative subconsumers sharing queues.
-//! - [`BatchedJournalWriter`], [`record_event`], [`snapshot_and_tail`]: journal streams.
-//! - [`Subscriber`]: the runtime that consumes queues with a [`Handler`].
+//! - [`coop`]: cooperative subconsumers sharing queues ([`Member`], [`coop::CoopReceive`]).
+//! - [`journal`]: journal streams ([`journal::BatchedJournalWriter`], [`journal::record_event`],
+//!   [`journal::snapshot_and_tail`]).
+//! - [`runtime`]: [`Subscriber`], the runtime that consumes queues with a [`Handler`], and its
+//!   events, statistics and shutdown report.
 //! - [`TableName`]: a validated outbox table name and every identifier derived from it.
 //! - [`Error`]: everything that can go wrong.
 //!
@@ -32,7 +37,7 @@
 mod backend;
 mod cancel;
 mod consume;
-mod coop;
+pub mod coop;
 #[cfg(feature = "test-util")]
 mod delivery_builder;
 mod depth;
@@ -40,7 +45,7 @@ mod engine;
 mod error;
 mod fetch;
 mod inspect;
-mod journal;
+pub mod journal;
 mod message;
 pub mod metrics;
 mod outcome;
@@ -49,7 +54,7 @@ pub mod prelude;
 mod publish;
 mod redrive;
 mod retry;
-mod runtime;
+pub mod runtime;
 mod store;
 mod table;
 pub mod topic;
@@ -58,10 +63,7 @@ mod validate;
 
 pub use backend::Backend;
 pub use consume::{Consume, RetryParams, validate_reason};
-pub use coop::{
-    Coop, CoopReceive, HEARTBEAT_REFRESH, MAX_MEMBER_NAME_LEN, Member, MemberInfo, Registration,
-    Unregister,
-};
+pub use coop::{Coop, Member};
 #[cfg(feature = "test-util")]
 pub use delivery_builder::DeliveryBuilder;
 pub use depth::{Depth, QueueDepth};
@@ -69,11 +71,7 @@ pub use engine::{Engine, FetchSession, PermitWait, WakeUps};
 pub use error::{Error, Result, SchemaProblems};
 pub use fetch::{DEFAULT_LEASE_TTL, FetchParams, MAX_FETCH_LIMIT};
 pub use inspect::{DeadLetter, Inspect, MessageState, StoredMessage};
-pub use journal::{
-    BatchedJournalWriter, EventPayload, JournalEvent, JournalLive, JournalStore, JournalTail,
-    LiveEvent, LiveEvents, MAX_REWRITES_KEPT, Rewrite, TailOptions, WriterOptions, WriterStats,
-    record_event, snapshot_and_tail,
-};
+pub use journal::JournalStore;
 pub use message::{
     Availability, Delivery, Headers, Lease, MAX_QUEUE_LEN, Message, MessageId, validate_queue,
 };
@@ -86,10 +84,7 @@ pub use redrive::{DeadFilter, Redrive};
 pub use retry::{
     Backoff, HandlerError, HandlerErrorKind, RetryDecision, RetryPolicy, RetryPredicate,
 };
-pub use runtime::{
-    Handler, HandlerFuture, ShutdownReport, Stats, Subscriber, SubscriberEvent, SubscriberHandle,
-    SubscriberOptions, shutdown_signal,
-};
+pub use runtime::{Handler, Subscriber, SubscriberOptions};
 pub use store::Store;
 pub use table::{GENERATIONS, MAX_IDENTIFIER_LEN, TableName};
 pub use topic::{

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 /// What became of a handled message: in the subscriber's
-/// [`SubscriberEvent::Handled`](crate::SubscriberEvent::Handled), from
+/// [`SubscriberEvent::Handled`](crate::runtime::SubscriberEvent::Handled), from
 /// [`Consume::fail`](crate::Consume::fail) (never `Acked` there) and from the testkit's
 /// `run_one`.
 #[derive(Debug, Clone, PartialEq, Eq)]

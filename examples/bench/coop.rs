@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use postbox::{
-    Delivery, HandlerError, Member, Message, Subscriber, SubscriberEvent, SubscriberOptions,
-};
+use postbox::runtime::SubscriberEvent;
+use postbox::{Delivery, HandlerError, Member, Message, Subscriber, SubscriberOptions};
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 

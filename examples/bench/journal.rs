@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use postbox::{BatchedJournalWriter, WriterOptions, record_event};
+use postbox::journal::{BatchedJournalWriter, WriterOptions, record_event};
 use serde_json::{Map, Value, json};
 
 use crate::Ctx;

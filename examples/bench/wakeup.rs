@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use postbox::{Delivery, HandlerError, Message, Subscriber, SubscriberEvent, SubscriberOptions};
+use postbox::runtime::SubscriberEvent;
+use postbox::{Delivery, HandlerError, Message, Subscriber, SubscriberOptions};
 use serde_json::{Value, json};
 
 use crate::Ctx;

@@ -7,11 +7,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
+use postbox_core::coop::{CoopReceive, MemberInfo, Registration, Unregister};
+use postbox_core::journal::{JournalEvent, JournalLive, LiveEvents};
 use postbox_core::{
-    Availability, Consume, Coop, CoopReceive, DeadLetter, Delivery, Engine, FetchParams, Inspect,
-    JournalEvent, JournalLive, JournalStore, Lease, LiveEvents, Member, MemberInfo, Message,
-    MessageId, Publish, Registration, Result, RetryParams, Store, StoredMessage, TableName,
-    Unregister, validate_reason,
+    Availability, Consume, Coop, DeadLetter, Delivery, Engine, FetchParams, Inspect, JournalStore,
+    Lease, Member, Message, MessageId, Publish, Result, RetryParams, Store, StoredMessage,
+    TableName, validate_reason,
 };
 use uuid::Uuid;
 

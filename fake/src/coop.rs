@@ -3,9 +3,8 @@
 use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
-use postbox_core::{
-    CoopReceive, Delivery, Error, Member, MemberInfo, MessageId, Registration, Result, Unregister,
-};
+use postbox_core::coop::{CoopReceive, MemberInfo, Registration, Unregister};
+use postbox_core::{Delivery, Error, Member, MessageId, Result};
 
 use crate::broker::{FakeBroker, lease_picked};
 use crate::faults;

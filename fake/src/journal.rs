@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use postbox_core::{Error, JournalEvent, JournalLive, LiveEvents, Result};
+use postbox_core::journal::{JournalEvent, JournalLive, LiveEvents};
+use postbox_core::{Error, Result};
 
 use crate::broker::FakeBroker;
 use crate::faults;

@@ -156,7 +156,7 @@ pub(crate) struct State {
     pub(crate) leased: HashMap<String, BTreeSet<(DateTime<Utc>, MessageId)>>,
     pub(crate) dead: BTreeMap<MessageId, DeadRow>,
     /// Journal events by (stream, seq).
-    pub(crate) journal: BTreeMap<(String, i64), postbox_core::JournalEvent>,
+    pub(crate) journal: BTreeMap<(String, i64), postbox_core::journal::JournalEvent>,
     pub(crate) faults: Faults,
     pub(crate) counters: FakeCounters,
     /// Topics, their logs and subscriptions.

@@ -1,7 +1,8 @@
 //! [`JournalLiveControl`]: the same backend with another [`JournalLive`] setting, so a
 //! conformance case can run the journal's live channel in either mode.
 
-use postbox_core::{JournalLive, PgBackend};
+use postbox_core::PgBackend;
+use postbox_core::journal::JournalLive;
 use postbox_fake::FakeBroker;
 
 /// A backend whose journal live channel can be switched (see [`JournalLive`]).

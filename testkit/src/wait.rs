@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use postbox_core::SubscriberEvent;
+use postbox_core::runtime::SubscriberEvent;
 use tokio::sync::broadcast::{Receiver, error::RecvError};
 
 /// The deadline for waiting on a condition in tests: 20 s, or 60 s when `CI` is set (shared

@@ -45,10 +45,10 @@ pub async fn db_now(pool: &PgPool) -> chrono::DateTime<chrono::Utc> {
 
 /// Waits for the first event matching `pred`, failing after [`wait()`] with what was seen.
 pub async fn until(
-    events: &mut tokio::sync::broadcast::Receiver<postbox::SubscriberEvent>,
+    events: &mut tokio::sync::broadcast::Receiver<postbox::runtime::SubscriberEvent>,
     what: &str,
-    pred: impl Fn(&postbox::SubscriberEvent) -> bool,
-) -> postbox::SubscriberEvent {
+    pred: impl Fn(&postbox::runtime::SubscriberEvent) -> bool,
+) -> postbox::runtime::SubscriberEvent {
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + wait();
     loop {
@@ -106,7 +106,7 @@ pub async fn stuck_receive(
         .execute(&mut *lock)
         .await
         .expect("lock the member row");
-    let receive = postbox::CoopReceive::new(stuck, [queue], limit);
+    let receive = postbox::coop::CoopReceive::new(stuck, [queue], limit);
     let backend = backend.clone();
     let task = tokio::spawn(async move { backend.coop_receive(&receive).await });
     StuckReceive { lock, task }

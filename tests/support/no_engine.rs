@@ -1,10 +1,11 @@
 //! A backend wrapper that hides the engine: the runtime must take its polling-only path.
 
+use postbox::coop::{CoopReceive, MemberInfo, Registration, Unregister};
 use postbox::prelude::*;
 use postbox::sqlx::{PgConnection, Postgres, Transaction};
 use postbox::{
-    CoopReceive, Delivery, Engine, FetchParams, Lease, Member, MemberInfo, Message, MessageId,
-    PgBackend, Registration, RetryParams, TableName, Unregister,
+    Delivery, Engine, FetchParams, Lease, Member, Message, MessageId, PgBackend, RetryParams,
+    TableName,
 };
 
 /// `PgBackend` without an engine: the capabilities the subscriber runtime bounds on

@@ -97,7 +97,7 @@ struct Inner<B: JournalStore> {
 /// one multi-row insert when it holds `max_batch` events, when `max_delay` has passed since the
 /// last flush (a background timer flushes quiet streams), and on [`close`](Self::close).
 ///
-/// When readers see an event depends on the backend's [`JournalLive`](crate::JournalLive): by
+/// When readers see an event depends on the backend's [`JournalLive`](crate::journal::JournalLive): by
 /// default once its flush has stored it (the flush announces it; readers read it from the
 /// table), so within `max_delay`; with `JournalLive::Payloads` (opt-in: the channel is open to
 /// every role that can connect) at once, before it is stored.
@@ -112,7 +112,7 @@ struct Inner<B: JournalStore> {
 ///
 /// ```no_run
 /// # async fn stream(backend: postbox_core::PgBackend) -> postbox_core::Result<()> {
-/// use postbox_core::{BatchedJournalWriter, WriterOptions};
+/// use postbox_core::journal::{BatchedJournalWriter, WriterOptions};
 ///
 /// let writer = BatchedJournalWriter::new(backend, "answer-42", WriterOptions::default());
 /// for (seq, token) in [(1, "Hel"), (2, "lo")] {

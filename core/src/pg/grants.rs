@@ -15,7 +15,7 @@
 //! | [`Access::Admin`] | ownership of every object (later migrations alter them) and `CREATE` on the schema; the only role that can redrive a queue's dead letters ([`Redrive`](crate::Redrive); a consumer can redrive a subscription's) |
 //!
 //! `NOTIFY` and `LISTEN` need no privilege (which is why the journal's live channel carries no
-//! events by default: see [`JournalLive`](crate::JournalLive)).
+//! events by default: see [`JournalLive`](crate::journal::JournalLive)).
 
 use sqlx::Row;
 

@@ -7,7 +7,7 @@ use crate::message::MessageId;
 use crate::outcome::Outcome;
 
 /// Something that happened in a subscriber, in order. Receive them with
-/// [`SubscriberHandle::events`](crate::SubscriberHandle::events): tests wait on them instead of
+/// [`SubscriberHandle::events`](crate::runtime::SubscriberHandle::events): tests wait on them instead of
 /// sleeping, and they make a cheap metrics hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -72,7 +72,7 @@ pub enum SubscriberEvent {
     Stopped,
 }
 
-/// Counters of a subscriber, read with [`SubscriberHandle::stats`](crate::SubscriberHandle::stats).
+/// Counters of a subscriber, read with [`SubscriberHandle::stats`](crate::runtime::SubscriberHandle::stats).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {

@@ -161,7 +161,7 @@ impl SubscriberOptions {
         self
     }
 
-    /// How long [`shutdown`](crate::SubscriberHandle::shutdown) waits for running handlers
+    /// How long [`shutdown`](crate::runtime::SubscriberHandle::shutdown) waits for running handlers
     /// before abandoning them (their messages stay leased and are redelivered after
     /// `lease_ttl`). Defaults to 30 s.
     #[must_use]

@@ -5,7 +5,7 @@ use std::io;
 
 /// A future that resolves when the process is asked to terminate: `SIGTERM` (what
 /// Kubernetes, systemd and `docker stop` send) or `SIGINT` (Ctrl-C) on Unix, Ctrl-C
-/// elsewhere. Pass it to [`SubscriberHandle::shutdown_on`](crate::SubscriberHandle::shutdown_on).
+/// elsewhere. Pass it to [`SubscriberHandle::shutdown_on`](crate::runtime::SubscriberHandle::shutdown_on).
 ///
 /// The signal handlers are installed when this is called, not when the future is first
 /// polled, so a signal arriving in between is not missed. From then on these signals no
@@ -20,7 +20,7 @@ use std::io;
 ///     Ok::<(), HandlerError>(())
 /// })?
 /// .spawn();
-/// let report = handle.shutdown_on(postbox_core::shutdown_signal()?).await?;
+/// let report = handle.shutdown_on(postbox_core::runtime::shutdown_signal()?).await?;
 /// println!("stopped: {report:?}");
 /// # Ok(()) }
 /// ```

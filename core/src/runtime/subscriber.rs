@@ -211,12 +211,12 @@ impl SubscriberHandle {
     /// Runs until `signal` resolves, then [shuts down](Self::shutdown); returns at once
     /// with the report if the subscriber stops by itself first (its backend closed).
     ///
-    /// `signal` is any future: [`shutdown_signal`](crate::shutdown_signal) for `SIGTERM` and
+    /// `signal` is any future: [`shutdown_signal`](crate::runtime::shutdown_signal) for `SIGTERM` and
     /// Ctrl-C, a `tokio_util` `CancellationToken`'s `cancelled_owned()` to stop several
     /// subscribers together, a channel. Its output is ignored.
     ///
     /// ```no_run
-    /// # async fn run(a: postbox_core::SubscriberHandle, b: postbox_core::SubscriberHandle) -> Result<(), postbox_core::Error> {
+    /// # async fn run(a: postbox_core::runtime::SubscriberHandle, b: postbox_core::runtime::SubscriberHandle) -> Result<(), postbox_core::Error> {
     /// use tokio_util::sync::CancellationToken;
     ///
     /// let stop = CancellationToken::new();

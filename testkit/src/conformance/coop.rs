@@ -3,10 +3,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use postbox_core::{
-    Backend, CoopReceive, Delivery, Error, Lease, Member, Message, MessageState, Registration,
-    RetryParams, Unregister,
-};
+use postbox_core::coop::{CoopReceive, Registration, Unregister};
+use postbox_core::{Backend, Delivery, Error, Lease, Member, Message, MessageState, RetryParams};
 
 use super::{Harness, ids, publish};
 use crate::time::TimeControl;

@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use postbox_core::{
-    Backend, BatchedJournalWriter, Error, EventPayload, JournalEvent, JournalLive, LiveEvent,
-    TailOptions, WriterOptions, record_event, snapshot_and_tail,
+use postbox_core::journal::{
+    BatchedJournalWriter, EventPayload, JournalEvent, JournalLive, LiveEvent, TailOptions,
+    WriterOptions, record_event, snapshot_and_tail,
 };
+use postbox_core::{Backend, Error};
 
 use super::Harness;
 use crate::live::JournalLiveControl;
@@ -181,7 +182,7 @@ pub async fn journal_writer_collision_falls_back_per_row<H: Harness>(h: &H) {
     assert_eq!((stats.written, stats.rewritten, stats.dropped), (6, 1, 0));
     assert_eq!(
         w.rewrites().await,
-        [postbox_core::Rewrite { from: 5, to: 9 }],
+        [postbox_core::journal::Rewrite { from: 5, to: 9 }],
         "which seq moved where"
     );
 }
@@ -262,7 +263,7 @@ pub async fn journal_payloads_go_live_before_they_are_stored<H: Harness>(h: &H) 
     assert_eq!(seqs(&p, "t").await, [1]);
 }
 
-async fn next(live: &mut postbox_core::LiveEvents) -> Option<LiveEvent> {
+async fn next(live: &mut postbox_core::journal::LiveEvents) -> Option<LiveEvent> {
     tokio::time::timeout(deadline(), live.recv())
         .await
         .expect("a live event in time")

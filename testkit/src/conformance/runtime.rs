@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
+use postbox_core::runtime::{HandlerFuture, SubscriberEvent};
 use postbox_core::{
-    Delivery, HandlerError, HandlerFuture, Message, MessageState, Outcome, RetryPolicy, Subscriber,
-    SubscriberEvent, SubscriberOptions,
+    Delivery, HandlerError, Message, MessageState, Outcome, RetryPolicy, Subscriber,
+    SubscriberOptions,
 };
 use tokio::sync::{mpsc, watch};
 

@@ -557,7 +557,7 @@ pub async fn topic_subscriber_retries_then_dead_letters_in_its_subscription<H: H
     crate::wait::wait_for_event(&mut events, "the dead letter in 'flaky'", |e| {
         matches!(
             e,
-            postbox_core::SubscriberEvent::Handled {
+            postbox_core::runtime::SubscriberEvent::Handled {
                 outcome: postbox_core::Outcome::DeadLettered { .. },
                 ..
             }

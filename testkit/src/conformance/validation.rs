@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
+use postbox_core::journal::{
+    BatchedJournalWriter, EventPayload, JournalEvent, JournalLive, LiveEvent, WriterOptions,
+};
 use postbox_core::{
-    BatchedJournalWriter, Error, EventPayload, HandlerError, JournalEvent, JournalLive, LiveEvent,
-    MAX_DELAY, Message, MessageState, RetryParams, RetryPolicy, WriterOptions,
+    Error, HandlerError, MAX_DELAY, Message, MessageState, RetryParams, RetryPolicy,
 };
 
 use super::{Harness, fetch, publish};

@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use postbox_core::coop::{CoopReceive, Unregister};
 use postbox_core::{
-    CoopReceive, Error, FetchParams, Lease, Member, Message, MessageId, MessageState, Published,
-    Receive, RetryParams, Settlement, Subscribed, Topics, Unregister, Unsubscribe,
+    Error, FetchParams, Lease, Member, Message, MessageId, MessageState, Published, Receive,
+    RetryParams, Settlement, Subscribed, Topics, Unsubscribe,
 };
 
 use super::GROUP;

@@ -303,7 +303,8 @@ impl Exec for Model {
                 }
                 // A receive refreshes a heartbeat older than `CoopReceive::heartbeat_refresh`.
                 let refresh_ms = (i64::from(config.dead_interval_s) * 250).min(
-                    i64::try_from(postbox_core::HEARTBEAT_REFRESH.as_millis()).unwrap_or(i64::MAX),
+                    i64::try_from(postbox_core::coop::HEARTBEAT_REFRESH.as_millis())
+                        .unwrap_or(i64::MAX),
                 );
                 let now_ms = self.now_ms;
                 let at = self.members.entry(member).or_insert(now_ms);
