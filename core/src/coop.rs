@@ -287,9 +287,11 @@ pub struct MemberInfo {
 }
 
 impl MemberInfo {
-    /// A member info with the given fields, for other backends. Not part of the stable API.
-    #[doc(hidden)]
-    pub fn __new(
+    /// A member's row as [`Coop::coop_members`] reports it: registered for `queues` at
+    /// `registered_at`, last heard from at `last_active`, holding `held` rows.
+    ///
+    /// For backends implementing [`Coop`] and for tests.
+    pub fn new(
         name: String,
         queues: Vec<String>,
         registered_at: DateTime<Utc>,

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::cancel::Cancellation;
+use crate::envelope::Envelope;
 use crate::error::Result;
 use crate::message::{Delivery, Headers, MessageId};
 
@@ -43,20 +44,17 @@ impl Delivery {
         let now = Utc::now();
         DeliveryBuilder {
             delivery: Delivery {
-                id: 1,
-                queue: queue.into(),
-                payload: payload.into(),
-                headers: None,
-                correlation_id: Uuid::new_v4(),
-                attempts: 0,
-                deliveries: 1,
+                envelope: Envelope {
+                    correlation_id: Uuid::new_v4(),
+                    deliveries: 1,
+                    ..Envelope::new(1, queue, payload)
+                },
                 created_at: now,
                 next_attempt_at: now,
                 first_attempt_at: now,
                 acquired_at: now,
                 token: Uuid::new_v4(),
                 acquired_by: None,
-                last_error: None,
                 cancel: Cancellation::default(),
             },
         }

@@ -29,9 +29,12 @@ pub struct QueueDepth {
 }
 
 impl QueueDepth {
-    /// An empty depth of `queue`, for other backends to fill in. Not part of the stable API.
-    #[doc(hidden)]
-    pub fn __new(queue: String) -> Self {
+    /// The depth of an empty `queue`: every count zero, no lag. Set the fields as they are
+    /// counted.
+    ///
+    /// For backends implementing [`Depth`] and for tests.
+    pub fn new(queue: impl Into<String>) -> Self {
+        let queue = queue.into();
         QueueDepth {
             queue,
             ready: 0,

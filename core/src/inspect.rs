@@ -3,10 +3,9 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
 
+use crate::envelope::Envelope;
 use crate::error::Result;
-use crate::message::{Headers, MessageId};
 use crate::store::Store;
 
 /// Reads what a store holds: the live messages and the dead letters.
@@ -55,61 +54,33 @@ pub enum MessageState {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct StoredMessage {
-    /// The id.
-    pub id: MessageId,
-    /// The queue.
-    pub queue: String,
-    /// The payload bytes.
-    pub payload: Vec<u8>,
-    /// The headers, if any.
-    pub headers: Option<Headers>,
-    /// The correlation id.
-    pub correlation_id: Uuid,
-    /// Handler outcomes recorded (retries).
-    pub attempts: i32,
-    /// Times leased.
-    pub deliveries: i32,
+    /// The message: id, queue, payload, headers, correlation id, attempts, deliveries, last
+    /// error. A `StoredMessage` dereferences to it.
+    pub envelope: Envelope,
     /// When it was published.
     pub created_at: DateTime<Utc>,
-    /// When it is (or was) eligible.
+    /// When it becomes (or became) eligible.
     pub next_attempt_at: DateTime<Utc>,
-    /// The error recorded by the last retry.
-    pub last_error: Option<String>,
-    /// The subconsumer holding it, if any.
+    /// The subconsumer holding it, when leased by one.
     pub acquired_by: Option<String>,
-    /// Its state now.
+    /// Where it stands now.
     pub state: MessageState,
 }
 
 impl StoredMessage {
-    /// A stored message with the given fields and every other at a neutral value, for other
-    /// backends (the fake) to fill in. Not part of the stable API.
-    #[doc(hidden)]
-    pub fn __new(id: MessageId, queue: String, payload: Vec<u8>, state: MessageState) -> Self {
+    /// A stored message: `envelope` in `state`, published and eligible at the Unix epoch,
+    /// held by no subconsumer. Set the other fields directly.
+    ///
+    /// For backends implementing [`Inspect`] and for tests.
+    pub fn new(envelope: Envelope, state: MessageState) -> Self {
         let epoch = DateTime::<Utc>::UNIX_EPOCH;
         StoredMessage {
-            id,
-            queue,
-            payload,
-            headers: None,
-            correlation_id: Uuid::nil(),
-            attempts: 0,
-            deliveries: 0,
+            envelope,
             created_at: epoch,
             next_attempt_at: epoch,
-            last_error: None,
             acquired_by: None,
             state,
         }
-    }
-
-    /// Deserializes the payload from JSON.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Json`](crate::Error::Json) if the payload is not valid JSON for `T`.
-    pub fn json<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
-        Ok(serde_json::from_slice(&self.payload)?)
     }
 }
 
@@ -117,22 +88,9 @@ impl StoredMessage {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct DeadLetter {
-    /// The id it had in the outbox table.
-    pub id: MessageId,
-    /// The queue.
-    pub queue: String,
-    /// The payload bytes.
-    pub payload: Vec<u8>,
-    /// The headers, if any.
-    pub headers: Option<Headers>,
-    /// The correlation id.
-    pub correlation_id: Uuid,
-    /// Handler outcomes recorded, the final one included.
-    pub attempts: i32,
-    /// Times leased.
-    pub deliveries: i32,
-    /// The error recorded by the last retry.
-    pub last_error: Option<String>,
+    /// The message as it was when dead-lettered (its id is the one it had in the outbox
+    /// table; `attempts` includes the final one). A `DeadLetter` dereferences to it.
+    pub envelope: Envelope,
     /// Why it was dead-lettered.
     pub reason: String,
     /// When.
@@ -140,26 +98,13 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// A dead letter with the given fields and every other at a neutral value, for other
-    /// backends (the fake) to fill in. Not part of the stable API.
-    #[doc(hidden)]
-    pub fn __new(
-        id: MessageId,
-        queue: String,
-        payload: Vec<u8>,
-        reason: String,
-        dead_at: DateTime<Utc>,
-    ) -> Self {
+    /// A dead letter: `envelope`, moved for `reason` at `dead_at`.
+    ///
+    /// For backends implementing [`Inspect`] and for tests.
+    pub fn new(envelope: Envelope, reason: impl Into<String>, dead_at: DateTime<Utc>) -> Self {
         DeadLetter {
-            id,
-            queue,
-            payload,
-            headers: None,
-            correlation_id: Uuid::nil(),
-            attempts: 0,
-            deliveries: 0,
-            last_error: None,
-            reason,
+            envelope,
+            reason: reason.into(),
             dead_at,
         }
     }

@@ -7,6 +7,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::cancel::Cancellation;
+use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 
 /// The id of a message: the outbox table's `bigserial` primary key.
@@ -250,20 +251,9 @@ pub struct Lease {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Delivery {
-    /// The message id.
-    pub id: MessageId,
-    /// The queue it was published to.
-    pub queue: String,
-    /// The payload bytes.
-    pub payload: Vec<u8>,
-    /// The headers, if any.
-    pub headers: Option<Headers>,
-    /// The correlation id (generated at publish time when none was given).
-    pub correlation_id: Uuid,
-    /// Handler outcomes recorded so far (retries); 0 on the first delivery.
-    pub attempts: i32,
-    /// Times this message has been leased, including this delivery.
-    pub deliveries: i32,
+    /// The message: id, queue, payload, headers, correlation id, attempts, deliveries, last
+    /// error. A `Delivery` dereferences to it, so `delivery.id` reads `delivery.envelope.id`.
+    pub envelope: Envelope,
     /// When it was published.
     pub created_at: DateTime<Utc>,
     /// When it became (or becomes) eligible.
@@ -276,8 +266,6 @@ pub struct Delivery {
     pub token: Uuid,
     /// The subconsumer holding it, when leased by one.
     pub acquired_by: Option<String>,
-    /// The error recorded by the last retry.
-    pub last_error: Option<String>,
     /// The subscriber's shutdown signal, set when a subscriber starts the handler.
     pub(crate) cancel: Cancellation,
 }
@@ -337,15 +325,6 @@ impl Delivery {
             id: self.id,
             token: self.token,
         }
-    }
-
-    /// Deserializes the payload from JSON.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Json`] if the payload is not valid JSON for `T`.
-    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        Ok(serde_json::from_slice(&self.payload)?)
     }
 }
 

@@ -238,7 +238,7 @@ mod tests {
     use super::*;
 
     fn dead(id: MessageId, queue: &str, reason: &str, dead_at: DateTime<Utc>) -> DeadLetter {
-        DeadLetter::__new(id, queue.into(), Vec::new(), reason.into(), dead_at)
+        DeadLetter::new(crate::Envelope::new(id, queue, Vec::new()), reason, dead_at)
     }
 
     #[test]

@@ -295,7 +295,7 @@ impl RetryPolicy {
     /// `elapsed` the time from the first attempt to this delivery's lease, both from the
     /// database.
     ///
-    /// [`Delivery::attempts`]: crate::Delivery::attempts
+    /// [`Delivery::attempts`]: crate::Envelope::attempts
     pub fn decide(&self, attempts: i32, elapsed: Duration, error: &HandlerError) -> RetryDecision {
         self.decide_with(attempts, elapsed, error, fastrand::f64())
     }

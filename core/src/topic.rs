@@ -113,8 +113,16 @@ pub struct SubscriptionInfo {
 }
 
 impl SubscriptionInfo {
-    #[doc(hidden)]
-    pub fn __new(name: String, topic: String, created_at: DateTime<Utc>) -> Self {
+    /// Subscription `name` of `topic`, created at `created_at`, with an empty backlog. Set the
+    /// counts as they are read.
+    ///
+    /// For backends implementing [`Topics`] and for tests.
+    pub fn new(
+        name: impl Into<String>,
+        topic: impl Into<String>,
+        created_at: DateTime<Utc>,
+    ) -> Self {
+        let (name, topic) = (name.into(), topic.into());
         SubscriptionInfo {
             name,
             topic,

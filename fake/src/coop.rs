@@ -145,7 +145,7 @@ impl FakeBroker {
                         r.lease.is_some() && r.acquired_by.as_deref() == Some(holder.as_str())
                     })
                     .count();
-                MemberInfo::__new(
+                MemberInfo::new(
                     n.clone(),
                     m.queues.clone(),
                     m.registered_at,

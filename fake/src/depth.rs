@@ -20,7 +20,7 @@ impl Depth for FakeBroker {
         fn entry<'a>(depths: &'a mut BTreeMap<String, QueueDepth>, q: &str) -> &'a mut QueueDepth {
             depths
                 .entry(q.to_owned())
-                .or_insert_with(|| QueueDepth::__new(q.to_owned()))
+                .or_insert_with(|| QueueDepth::new(q.to_owned()))
         }
         for row in state.rows.values().filter(|r| wanted(&r.queue)) {
             let depth = entry(&mut depths, &row.queue);

@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
-use postbox_core::{DeadLetter, Delivery, Headers, MessageId, MessageState, StoredMessage};
+use postbox_core::{
+    DeadLetter, Delivery, Envelope, Headers, MessageId, MessageState, StoredMessage,
+};
 use uuid::Uuid;
 
 use crate::faults::Faults;
@@ -57,28 +59,28 @@ impl Row {
         } else {
             MessageState::Ready
         };
-        let mut m = StoredMessage::__new(self.id, self.queue.clone(), self.payload.clone(), state);
-        m.headers = self.headers.clone();
-        m.correlation_id = self.correlation_id;
-        m.attempts = self.attempts;
-        m.deliveries = self.deliveries;
+        let mut m = StoredMessage::new(self.envelope(), state);
         m.created_at = self.created_at;
         m.next_attempt_at = self.next_attempt_at;
-        m.last_error = self.last_error.clone();
         m.acquired_by = self.acquired_by.clone();
         m
     }
 
+    /// What every row type shows of this message.
+    fn envelope(&self) -> Envelope {
+        let mut e = Envelope::new(self.id, self.queue.clone(), self.payload.clone());
+        e.headers = self.headers.clone();
+        e.correlation_id = self.correlation_id;
+        e.attempts = self.attempts;
+        e.deliveries = self.deliveries;
+        e.last_error = self.last_error.clone();
+        e
+    }
+
     /// The dead-letter row for this message.
     pub(crate) fn dead(self, reason: String, at: DateTime<Utc>) -> DeadRow {
-        let mut d = DeadLetter::__new(self.id, self.queue, self.payload, reason, at);
-        d.headers = self.headers;
-        d.correlation_id = self.correlation_id;
-        d.attempts = self.attempts;
-        d.deliveries = self.deliveries;
-        d.last_error = self.last_error;
         DeadRow {
-            letter: d,
+            letter: DeadLetter::new(self.envelope(), reason, at),
             created_at: self.created_at,
         }
     }
@@ -96,7 +98,7 @@ impl DeadRow {
     /// The message this dead letter becomes when requeued at `now`: ready, its history
     /// cleared.
     pub(crate) fn requeued(self, now: DateTime<Utc>) -> Row {
-        let d = self.letter;
+        let d = self.letter.envelope;
         Row {
             id: d.id,
             queue: d.queue,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use postbox_core::{
-    DeadLetter, Delivery, EXPIRED_BATCH_CHECK, Error, Headers, Lease, Message, MessageId,
+    DeadLetter, Delivery, EXPIRED_BATCH_CHECK, Envelope, Error, Headers, Lease, Message, MessageId,
     Published, Receive, Result, Settlement, Subscribed, SubscriptionInfo, Topics, Unsubscribe,
     validate_queue, validate_topic_message,
 };
@@ -73,19 +73,17 @@ impl Held {
     /// What a subscription's dead-letter listing shows of this message, if it is dead.
     fn dead_letter(&self) -> Option<DeadLetter> {
         let (at, reason) = self.dead.clone()?;
-        let mut d = DeadLetter::__new(
+        let mut e = Envelope::new(
             self.row.id,
             self.row.topic.clone(),
             self.row.payload.clone(),
-            reason,
-            at,
         );
-        d.headers = self.row.headers.clone();
-        d.correlation_id = self.row.correlation_id;
-        d.attempts = self.attempts;
-        d.deliveries = self.deliveries;
-        d.last_error = self.last_error.clone();
-        Some(d)
+        e.headers = self.row.headers.clone();
+        e.correlation_id = self.row.correlation_id;
+        e.attempts = self.attempts;
+        e.deliveries = self.deliveries;
+        e.last_error = self.last_error.clone();
+        Some(DeadLetter::new(e, reason, at))
     }
 
     /// A message of a batch leased at `leased_at` for `ttl` that leaves it for a row of its
@@ -293,7 +291,7 @@ impl TopicState {
             .values()
             .filter(|h| h.dead.is_none())
             .for_each(|h| note(&h.row));
-        let mut info = SubscriptionInfo::__new(name.to_owned(), sub.topic.clone(), sub.created_at);
+        let mut info = SubscriptionInfo::new(name.to_owned(), sub.topic.clone(), sub.created_at);
         info.backlog = backlog;
         info.oldest_unprocessed = oldest;
         info.dead_letters = sub.held.values().filter(|h| h.dead.is_some()).count() as i64;

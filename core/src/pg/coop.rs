@@ -254,7 +254,7 @@ impl PgBackend {
         session.done().await?;
         rows.iter()
             .map(|r| {
-                Ok(MemberInfo::__new(
+                Ok(MemberInfo::new(
                     r.try_get("member")?,
                     r.try_get("queues")?,
                     r.try_get("registered_at")?,

@@ -222,20 +222,13 @@ impl super::PgBackend {
 /// Decodes one leased row.
 pub(crate) fn delivery(row: &PgRow) -> Result<Delivery, sqlx::Error> {
     Ok(Delivery {
-        id: row.try_get("id")?,
-        queue: row.try_get("queue")?,
-        payload: row.try_get("payload")?,
-        headers: super::inspect::headers(row)?,
-        correlation_id: row.try_get("correlation_id")?,
-        attempts: row.try_get("attempts")?,
-        deliveries: row.try_get("deliveries")?,
+        envelope: super::inspect::envelope(row, "queue")?,
         created_at: row.try_get("created_at")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
         first_attempt_at: row.try_get("first_attempt_at")?,
         acquired_at: row.try_get("acquired_at")?,
         token: row.try_get("acquired_token")?,
         acquired_by: row.try_get("acquired_by")?,
-        last_error: row.try_get("last_error")?,
         cancel: Cancellation::default(),
     })
 }

@@ -5,6 +5,7 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 
 use super::PgBackend;
+use crate::envelope::Envelope;
 use crate::error::Result;
 use crate::inspect::{DeadLetter, MessageState, StoredMessage};
 
@@ -108,16 +109,9 @@ impl PgBackend {
                     _ => MessageState::Ready,
                 };
                 Ok(StoredMessage {
-                    id: row.try_get("id")?,
-                    queue: row.try_get("queue")?,
-                    payload: row.try_get("payload")?,
-                    headers: headers(row)?,
-                    correlation_id: row.try_get("correlation_id")?,
-                    attempts: row.try_get("attempts")?,
-                    deliveries: row.try_get("deliveries")?,
+                    envelope: envelope(row, "queue")?,
                     created_at: row.try_get("created_at")?,
                     next_attempt_at: row.try_get("next_attempt_at")?,
-                    last_error: row.try_get("last_error")?,
                     acquired_by: row.try_get("acquired_by")?,
                     state,
                 })
@@ -137,17 +131,25 @@ impl PgBackend {
     }
 }
 
-/// Decodes one dead-letter row (of `T_dead`, or a subscription's, its topic as `queue`).
-pub(crate) fn dead_letter(row: &PgRow) -> Result<DeadLetter, sqlx::Error> {
-    Ok(DeadLetter {
+/// Decodes the columns every row type shares; the queue from `queue_column` (`queue`, or
+/// `topic` for a subscription's rows).
+pub(crate) fn envelope(row: &PgRow, queue_column: &str) -> Result<Envelope, sqlx::Error> {
+    Ok(Envelope {
         id: row.try_get("id")?,
-        queue: row.try_get("queue")?,
+        queue: row.try_get(queue_column)?,
         payload: row.try_get("payload")?,
         headers: headers(row)?,
         correlation_id: row.try_get("correlation_id")?,
         attempts: row.try_get("attempts")?,
         deliveries: row.try_get("deliveries")?,
         last_error: row.try_get("last_error")?,
+    })
+}
+
+/// Decodes one dead-letter row (of `T_dead`, or a subscription's, its topic as `queue`).
+pub(crate) fn dead_letter(row: &PgRow) -> Result<DeadLetter, sqlx::Error> {
+    Ok(DeadLetter {
+        envelope: envelope(row, "queue")?,
         reason: row.try_get("reason")?,
         dead_at: row.try_get("dead_at")?,
     })

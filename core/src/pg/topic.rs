@@ -671,9 +671,9 @@ impl PgBackend {
             .await?;
         rows.iter()
             .map(|r| {
-                let mut info = SubscriptionInfo::__new(
-                    r.try_get("name")?,
-                    r.try_get("topic")?,
+                let mut info = SubscriptionInfo::new(
+                    r.try_get::<String, _>("name")?,
+                    r.try_get::<String, _>("topic")?,
                     r.try_get("created_at")?,
                 );
                 info.backlog = r.try_get("backlog")?;
@@ -889,20 +889,13 @@ impl Topics for PgBackend {
             .map(|r| {
                 let acquired_at = r.try_get("acquired_at")?;
                 Ok(Delivery {
-                    id: r.try_get("id")?,
-                    queue: r.try_get("topic")?,
-                    payload: r.try_get("payload")?,
-                    headers: super::inspect::headers(r)?,
-                    correlation_id: r.try_get("correlation_id")?,
-                    attempts: r.try_get("attempts")?,
-                    deliveries: r.try_get("deliveries")?,
+                    envelope: super::inspect::envelope(r, "topic")?,
                     created_at: r.try_get("created_at")?,
                     next_attempt_at: acquired_at,
                     first_attempt_at: r.try_get("first_attempt_at")?,
                     acquired_at,
                     token,
                     acquired_by: params.get_holder().map(str::to_owned),
-                    last_error: r.try_get("last_error")?,
                     cancel: Cancellation::default(),
                 })
             })
