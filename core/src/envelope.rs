@@ -1,10 +1,13 @@
 //! [`Envelope`]: what every stored form of a message carries.
 
-use std::ops::{Deref, DerefMut};
-
 use uuid::Uuid;
 
-use crate::message::{Headers, MessageId};
+/// The id of a message: the outbox table's `bigserial` primary key.
+pub type MessageId = i64;
+
+/// Header map of a message: always a JSON object, so "headers that are not an object" cannot be
+/// expressed.
+pub type Headers = serde_json::Map<String, serde_json::Value>;
 
 /// A message as stored: what was published (id, queue, payload, headers, correlation id)
 /// and what happened to it so far (attempts, deliveries, the last error).
@@ -74,27 +77,24 @@ impl Envelope {
     }
 }
 
-/// `Deref` and `DerefMut` to the `envelope` field, for the row types built around one.
+/// `Deref` and `DerefMut` to the `envelope` field, for the row types built around one (each
+/// invokes it beside its definition, so this module depends on none of them).
 macro_rules! derefs_to_envelope {
     ($($row:ty),+) => {$(
-        impl Deref for $row {
-            type Target = Envelope;
+        impl std::ops::Deref for $row {
+            type Target = $crate::envelope::Envelope;
 
-            fn deref(&self) -> &Envelope {
+            fn deref(&self) -> &$crate::envelope::Envelope {
                 &self.envelope
             }
         }
 
-        impl DerefMut for $row {
-            fn deref_mut(&mut self) -> &mut Envelope {
+        impl std::ops::DerefMut for $row {
+            fn deref_mut(&mut self) -> &mut $crate::envelope::Envelope {
                 &mut self.envelope
             }
         }
     )+};
 }
 
-derefs_to_envelope!(
-    crate::message::Delivery,
-    crate::inspect::StoredMessage,
-    crate::inspect::DeadLetter
-);
+pub(crate) use derefs_to_envelope;

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, derefs_to_envelope};
 use crate::error::Result;
 use crate::store::Store;
 
@@ -66,6 +66,8 @@ pub struct StoredMessage {
     /// Where it stands now.
     pub state: MessageState,
 }
+
+derefs_to_envelope!(StoredMessage, DeadLetter);
 
 impl StoredMessage {
     /// A stored message: `envelope` in `state`, published and eligible at the Unix epoch,

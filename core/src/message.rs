@@ -7,15 +7,9 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::cancel::Cancellation;
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, derefs_to_envelope};
+pub use crate::envelope::{Headers, MessageId};
 use crate::error::{Error, Result};
-
-/// The id of a message: the outbox table's `bigserial` primary key.
-pub type MessageId = i64;
-
-/// Header map of a message: always a JSON object, so "headers that are not an object" cannot be
-/// expressed.
-pub type Headers = serde_json::Map<String, serde_json::Value>;
 
 /// The longest queue name accepted, in bytes. The queue name travels as the NOTIFY payload,
 /// which Postgres caps at 8000 bytes; 255 leaves room and keeps indexes small.
@@ -269,6 +263,8 @@ pub struct Delivery {
     /// The subscriber's shutdown signal, set when a subscriber starts the handler.
     pub(crate) cancel: Cancellation,
 }
+
+derefs_to_envelope!(Delivery);
 
 impl Delivery {
     /// Resolves when the [`Subscriber`](crate::Subscriber) running this delivery's handler

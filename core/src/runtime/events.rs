@@ -1,4 +1,5 @@
-//! What a running subscriber reports: events to wait on, and counters to read.
+//! What a running subscriber reports: events to wait on, counters to read, and what its
+//! shutdown did.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -133,4 +134,20 @@ impl Counters {
             errors: get(&self.errors),
         }
     }
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Fetched messages that had not started, given back at once.
+    pub released: usize,
+    /// Handlers still running when they were asked to stop
+    /// ([`shutdown_grace`](crate::SubscriberOptions::shutdown_grace) before the timeout).
+    pub cancelled: usize,
+    /// Handlers still running at the shutdown timeout; their messages stay leased and are
+    /// delivered again after `lease_ttl`.
+    pub abandoned: usize,
+    /// The final counters.
+    pub stats: Stats,
 }

@@ -15,7 +15,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::MissedTickBehavior;
 
 use super::events::SubscriberEvent;
-use super::subscriber::Shared;
+use super::shared::Shared;
 use crate::consume::Consume;
 use crate::engine::WakeUps;
 

@@ -17,14 +17,15 @@ mod handler;
 mod listener;
 mod metrics;
 mod options;
+mod shared;
 mod signal;
 mod subscriber;
 mod supervisor;
 mod window;
 mod workers;
 
-pub use events::{Stats, SubscriberEvent};
+pub use events::{ShutdownReport, Stats, SubscriberEvent};
 pub use handler::{Handler, HandlerFuture};
 pub use options::SubscriberOptions;
 pub use signal::shutdown_signal;
-pub use subscriber::{ShutdownReport, Subscriber, SubscriberHandle};
+pub use subscriber::{Subscriber, SubscriberHandle};

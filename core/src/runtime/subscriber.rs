@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
-use super::events::{Counters, Stats, SubscriberEvent};
+use super::events::{Counters, ShutdownReport, Stats, SubscriberEvent};
 use super::handler::Handler;
 use super::options::SubscriberOptions;
+use super::shared::Shared;
 use super::supervisor::Supervisor;
 use crate::consume::Consume;
 use crate::coop::Coop;
@@ -20,26 +21,6 @@ use crate::topic::Topics;
 /// How many events a slow [`events`](SubscriberHandle::events) receiver may lag behind before
 /// it misses some (it then gets `RecvError::Lagged`).
 const EVENT_CAPACITY: usize = 4096;
-
-/// State shared by a running subscriber and its handle.
-pub(crate) struct Shared {
-    pub(crate) counters: Counters,
-    pub(crate) events: broadcast::Sender<SubscriberEvent>,
-    pub(crate) running: AtomicBool,
-    pub(crate) last_error: parking_lot::Mutex<Option<String>>,
-}
-
-impl Shared {
-    pub(crate) fn emit(&self, event: SubscriberEvent) {
-        // No receiver is fine: events are optional.
-        let _ = self.events.send(event);
-    }
-
-    pub(crate) fn record_error(&self, error: &Error) {
-        Counters::add(&self.counters.errors, 1);
-        *self.last_error.lock() = Some(error.to_string());
-    }
-}
 
 /// A consumer of one or more queues: fetches, runs a [`Handler`] per message on up to
 /// `max_workers` tasks, and records each outcome.
@@ -165,22 +146,6 @@ pub struct SubscriberHandle {
     task: Option<JoinHandle<ShutdownReport>>,
     shared: Arc<Shared>,
     first_events: parking_lot::Mutex<Option<broadcast::Receiver<SubscriberEvent>>>,
-}
-
-/// What a shutdown did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ShutdownReport {
-    /// Fetched messages that had not started, given back at once.
-    pub released: usize,
-    /// Handlers still running when they were asked to stop
-    /// ([`shutdown_grace`](crate::SubscriberOptions::shutdown_grace) before the timeout).
-    pub cancelled: usize,
-    /// Handlers still running at the shutdown timeout; their messages stay leased and are
-    /// delivered again after `lease_ttl`.
-    pub abandoned: usize,
-    /// The final counters.
-    pub stats: Stats,
 }
 
 impl SubscriberHandle {

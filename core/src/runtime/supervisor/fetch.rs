@@ -4,7 +4,7 @@ use tokio::time::Instant;
 
 use super::super::events::{Counters, SubscriberEvent};
 use super::super::options::SubscriberOptions;
-use super::super::subscriber::Shared;
+use super::super::shared::Shared;
 use super::Supervisor;
 use crate::consume::Consume;
 use crate::coop::{Coop, CoopReceive};

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::super::events::ShutdownReport;
 use super::super::events::{Counters, SubscriberEvent};
 use super::super::metrics::Counted;
-use super::super::subscriber::ShutdownReport;
 use super::Supervisor;
 use crate::consume::Consume;
 use crate::coop::Coop;
