@@ -20,8 +20,10 @@ mod coop;
 mod depth;
 mod faults;
 mod journal;
+mod publish;
 mod redrive;
 mod state;
+mod topic_state;
 mod topics;
 mod tx;
 

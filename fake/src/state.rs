@@ -162,7 +162,7 @@ pub(crate) struct State {
     pub(crate) faults: Faults,
     pub(crate) counters: FakeCounters,
     /// Topics, their logs and subscriptions.
-    pub(crate) topics: crate::topics::TopicState,
+    pub(crate) topics: crate::topic_state::TopicState,
 }
 
 impl State {

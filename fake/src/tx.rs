@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use crate::broker::FakeBroker;
 use crate::state::Row;
-use crate::topics::LogRow;
+use crate::topic_state::LogRow;
 
 /// What the fake publishes on (its [`Publish::Conn`](postbox_core::Publish::Conn)): the
 /// messages of one open transaction.
