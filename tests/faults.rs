@@ -341,8 +341,8 @@ async fn listen_connection_killed() {
     let opts = SubscriberOptions::new(["kill-listen"])
         .min_fetch_interval(Duration::from_secs(60))
         .max_fetch_interval(Duration::from_secs(60))
-        .listen_retry_interval(Duration::from_millis(100))
-        .listener_check_interval(Duration::from_millis(200));
+        .wake_up_retry_interval(Duration::from_millis(100))
+        .wake_up_check_interval(Duration::from_millis(200));
     let subs = spawn_subscribers(2, &backend, &opts, || recording(&tally, Duration::ZERO));
     let mut events: Vec<_> = subs.iter().map(|s| s.events()).collect();
     for ev in &mut events {

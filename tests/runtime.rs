@@ -165,7 +165,7 @@ async fn without_listen_it_delivers_by_polling_and_listen_recovers_later() -> Re
     let options = SubscriberOptions::new(["q"])
         .min_fetch_interval(Duration::from_millis(50))
         .max_fetch_interval(Duration::from_millis(200))
-        .listen_retry_interval(Duration::from_millis(200));
+        .wake_up_retry_interval(Duration::from_millis(200));
     let sub = Subscriber::new(backend.clone(), options, handler)?.spawn();
     let mut events = sub.events();
     until(&mut events, "LISTEN lost", |e| {
@@ -545,7 +545,7 @@ async fn with_listen_turned_off_it_polls_on_its_fetch_connection_only() -> Resul
     let backend = db.backend();
     let (handler, mut handled) = reporting();
     let options = SubscriberOptions::new(["q"])
-        .listen(false)
+        .wake_ups(false)
         .min_fetch_interval(Duration::from_millis(20))
         .max_fetch_interval(Duration::from_millis(50));
     let sub = Subscriber::new(backend.clone(), options, handler)?.spawn();

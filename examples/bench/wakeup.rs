@@ -27,7 +27,7 @@ pub(crate) async fn wakeup(ctx: &Ctx) -> anyhow::Result<Value> {
         ("listen", SubscriberOptions::new(["wake"]), ctx.rounds),
         (
             "polling_only",
-            SubscriberOptions::new(["wake"]).listen(false),
+            SubscriberOptions::new(["wake"]).wake_ups(false),
             ctx.rounds.min(10),
         ),
     ];

@@ -14,13 +14,13 @@
 mod escalation;
 mod events;
 mod handler;
-mod listener;
 mod metrics;
 mod options;
 mod shared;
 mod signal;
 mod subscriber;
 mod supervisor;
+mod wake_ups;
 mod window;
 mod workers;
 

@@ -42,9 +42,9 @@ pub struct SubscriberOptions {
     pub(crate) shutdown_grace: Duration,
     pub(crate) batch_acks: bool,
     pub(crate) ack_delay: Duration,
-    pub(crate) listen: bool,
-    pub(crate) listen_retry_interval: Duration,
-    pub(crate) listener_check_interval: Duration,
+    pub(crate) wake_ups: bool,
+    pub(crate) wake_up_retry_interval: Duration,
+    pub(crate) wake_up_check_interval: Duration,
     pub(crate) error_backoff_min: Duration,
     pub(crate) error_backoff_max: Duration,
     pub(crate) subconsumer: Option<Member>,
@@ -69,9 +69,9 @@ impl SubscriberOptions {
             shutdown_grace: Duration::from_secs(5),
             batch_acks: true,
             ack_delay: Duration::ZERO,
-            listen: true,
-            listen_retry_interval: Duration::from_secs(5),
-            listener_check_interval: Duration::from_secs(30),
+            wake_ups: true,
+            wake_up_retry_interval: Duration::from_secs(5),
+            wake_up_check_interval: Duration::from_secs(30),
             error_backoff_min: Duration::from_millis(100),
             error_backoff_max: Duration::from_secs(30),
             subconsumer: None,
@@ -199,29 +199,33 @@ impl SubscriberOptions {
         self
     }
 
-    /// Whether to LISTEN for wake-ups when the backend has an engine. Off, the subscriber
-    /// polls only and opens just its fetch connection. Behind a pooler in transaction mode
-    /// this is not enough (the fetch connection and prepared statements keep session state):
-    /// build the backend with `PgBackend::transaction_pooler`, which has no engine at all.
-    /// Defaults to `true`.
+    /// Whether to follow the engine's wake-ups (on Postgres, a LISTEN connection that hears
+    /// each commit), so a published message is fetched at once instead of at the next poll.
+    /// Off, the subscriber polls only and opens just its fetch connection. Defaults to `true`.
+    ///
+    /// This and the two settings below apply to backends with an
+    /// [engine](crate::Consume::engine); without one (the fake, or Postgres behind a pooler in
+    /// transaction mode, built with `PgBackend::transaction_pooler`) there are no wake-ups and
+    /// the subscriber always polls.
     #[must_use]
-    pub fn listen(mut self, listen: bool) -> Self {
-        self.listen = listen;
+    pub fn wake_ups(mut self, on: bool) -> Self {
+        self.wake_ups = on;
         self
     }
 
-    /// How often to retry LISTEN after it could not be set up. Defaults to 5 s.
+    /// How long to wait before opening the wake-up source again after it failed. Defaults to
+    /// 5 s. See [`wake_ups`](Self::wake_ups).
     #[must_use]
-    pub fn listen_retry_interval(mut self, interval: Duration) -> Self {
-        self.listen_retry_interval = interval;
+    pub fn wake_up_retry_interval(mut self, interval: Duration) -> Self {
+        self.wake_up_retry_interval = interval;
         self
     }
 
-    /// How often to check that an otherwise silent LISTEN connection is alive (a dead socket
-    /// can look like a quiet one). Defaults to 30 s.
+    /// How often to check that an otherwise silent wake-up source is alive (a dead socket can
+    /// look like a quiet one). Defaults to 30 s. See [`wake_ups`](Self::wake_ups).
     #[must_use]
-    pub fn listener_check_interval(mut self, interval: Duration) -> Self {
-        self.listener_check_interval = interval;
+    pub fn wake_up_check_interval(mut self, interval: Duration) -> Self {
+        self.wake_up_check_interval = interval;
         self
     }
 
@@ -335,8 +339,8 @@ impl SubscriberOptions {
         if self.dead_interval.is_some_and(|d| d.is_zero()) {
             return invalid("dead_interval must be positive".into());
         }
-        if self.listen_retry_interval.is_zero() || self.listener_check_interval.is_zero() {
-            return invalid("listener intervals must be positive".into());
+        if self.wake_up_retry_interval.is_zero() || self.wake_up_check_interval.is_zero() {
+            return invalid("wake-up intervals must be positive".into());
         }
         Ok(())
     }

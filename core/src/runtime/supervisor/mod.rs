@@ -32,10 +32,10 @@ use self::pending::PendingOutcomes;
 use super::events::ShutdownReport;
 use super::events::SubscriberEvent;
 use super::handler::Handler;
-use super::listener::ListenTask;
 use super::metrics::SubscriberMetrics;
 use super::options::SubscriberOptions;
 use super::shared::Shared;
+use super::wake_ups::WakeUpTask;
 use super::window::PrefetchWindow;
 use super::workers::Workers;
 use crate::consume::Consume;
@@ -117,19 +117,19 @@ impl<B: Consume + Coop + Topics> Supervisor<B> {
     }
 
     fn spawn_listener(&self, stop: watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
-        if !self.options.listen {
+        if !self.options.wake_ups {
             return None;
         }
         self.backend.engine()?;
-        let task = ListenTask {
+        let task = WakeUpTask {
             backend: Arc::clone(&self.backend),
             queues: self.options.queues.iter().cloned().collect::<HashSet<_>>(),
             wake: Arc::clone(&self.wake),
             reset: Arc::clone(&self.reset_listener),
             stop,
             shared: Arc::clone(&self.shared),
-            retry_interval: self.options.listen_retry_interval,
-            check_interval: self.options.listener_check_interval,
+            retry_interval: self.options.wake_up_retry_interval,
+            check_interval: self.options.wake_up_check_interval,
         };
         let span = tracing::info_span!("postbox.listen");
         Some(tokio::spawn(task.run().instrument(span)))

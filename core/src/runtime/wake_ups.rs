@@ -3,7 +3,7 @@
 //!
 //! It owns the engine's wake-up source ([`Engine::open_wake_ups`](crate::Engine::open_wake_ups); on Postgres the dedicated
 //! LISTEN connection) and never runs a fetch. When the source cannot be opened it warns once,
-//! lets the loop poll, and retries every `listen_retry_interval`. A source that fails (or
+//! lets the loop poll, and retries every `wake_up_retry_interval`. A source that fails (or
 //! stops answering the periodic health check) is replaced; after every (re)open the loop is
 //! woken at once, because wake-ups sent meanwhile are lost.
 
@@ -22,7 +22,7 @@ use crate::engine::WakeUps;
 /// How long the health query may take before the connection is declared dead.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(crate) struct ListenTask<B> {
+pub(crate) struct WakeUpTask<B> {
     /// The backend whose [`Engine`] this task listens through.
     pub(crate) backend: Arc<B>,
     pub(crate) queues: HashSet<String>,
@@ -40,7 +40,7 @@ enum Lost {
     Error(String),
 }
 
-impl<B: Consume> ListenTask<B> {
+impl<B: Consume> WakeUpTask<B> {
     pub(crate) async fn run(mut self) {
         let Some(engine) = self.backend.engine() else {
             return;
