@@ -15,7 +15,7 @@ TRAITS, METHODS, IMPLS = 9, 8, 3  # postbox: 9 backend traits, ~70 async methods
 
 
 def crate(native: bool) -> str:
-    out = ["#![allow(dead_code)]", "use std::future::Future;", "pub struct Row(pub i64, pub String);"]
+    out = ["#![allow(dead_code)]", "pub struct Row(pub i64, pub String);"] + (["use std::future::Future;"] if native else [])
     for t in range(TRAITS):
         if not native:
             out.append("#[async_trait::async_trait]")
