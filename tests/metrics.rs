@@ -121,7 +121,7 @@ fn handler(
 /// message whose lease is stolen (expired, fetched by another consumer) before its handler
 /// ends; `q.stuck` two stuck messages, one running and one waiting when the subscriber
 /// shuts down (released), the running one aborted at the timeout.
-async fn scenario<B: TimeControl + Topics + Clone>(backend: B) {
+async fn scenario<B: Backend + TimeControl + Topics + Clone>(backend: B) {
     publish(&backend, "q.a", &["ok", "flaky", "bad", "ok"]).await;
     let (open, gate) = watch::channel(false);
     let options = SubscriberOptions::new(["q.a", "q.slow", "q.stuck"])

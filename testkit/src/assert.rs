@@ -6,7 +6,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use postbox_core::{Backend, MessageState, StoredMessage};
+use postbox_core::{Inspect, MessageState, StoredMessage};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -194,7 +194,7 @@ fn describe(m: &StoredMessage) -> String {
 /// # Cancel safety
 ///
 /// Cancel safe: read-only; drop the call and make it again.
-pub async fn published<B: Backend>(backend: &B, queue: Option<&str>) -> Vec<StoredMessage> {
+pub async fn published<B: Inspect>(backend: &B, queue: Option<&str>) -> Vec<StoredMessage> {
     backend
         .messages(queue)
         .await
@@ -210,7 +210,7 @@ pub async fn published<B: Backend>(backend: &B, queue: Option<&str>) -> Vec<Stor
 /// # Cancel safety
 ///
 /// Cancel safe: read-only; drop the call and make it again.
-pub async fn try_assert_published_many<B: Backend>(
+pub async fn try_assert_published_many<B: Inspect>(
     backend: &B,
     expected: &Expect,
     n: usize,
@@ -269,7 +269,7 @@ fn one(all: Vec<StoredMessage>, expected: &Expect) -> Result<StoredMessage, Asse
 /// # Cancel safety
 ///
 /// Cancel safe: read-only; drop the call and make it again.
-pub async fn try_assert_published<B: Backend>(
+pub async fn try_assert_published<B: Inspect>(
     backend: &B,
     expected: &Expect,
 ) -> Result<StoredMessage, AssertError> {
@@ -286,7 +286,7 @@ pub async fn try_assert_published<B: Backend>(
 /// # Cancel safety
 ///
 /// Cancel safe: read-only; drop the call and make it again.
-pub async fn try_assert_not_published<B: Backend>(
+pub async fn try_assert_not_published<B: Inspect>(
     backend: &B,
     expected: &Expect,
 ) -> Result<(), AssertError> {
@@ -304,7 +304,7 @@ pub async fn try_assert_not_published<B: Backend>(
 /// # Cancel safety
 ///
 /// Cancel safe: read-only; drop the call and make it again.
-pub async fn assert_published<B: Backend>(backend: &B, expected: Expect) -> StoredMessage {
+pub async fn assert_published<B: Inspect>(backend: &B, expected: Expect) -> StoredMessage {
     try_assert_published(backend, &expected)
         .await
         .unwrap_or_else(|e| panic!("{e}"))
@@ -319,7 +319,7 @@ pub async fn assert_published<B: Backend>(backend: &B, expected: Expect) -> Stor
 /// # Cancel safety
 ///
 /// Cancel safe: read-only; drop the call and make it again.
-pub async fn assert_published_many<B: Backend>(
+pub async fn assert_published_many<B: Inspect>(
     backend: &B,
     expected: Expect,
     n: usize,
@@ -338,7 +338,7 @@ pub async fn assert_published_many<B: Backend>(
 /// # Cancel safety
 ///
 /// Cancel safe: read-only; drop the call and make it again.
-pub async fn assert_not_published<B: Backend>(backend: &B, expected: Expect) {
+pub async fn assert_not_published<B: Inspect>(backend: &B, expected: Expect) {
     try_assert_not_published(backend, &expected)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -435,7 +435,7 @@ pub async fn assert_not_published_in<B: TestBackend>(
 /// # Cancel safety
 ///
 /// Cancel safe: read-only; drop the call and make it again.
-pub async fn try_assert_published_as<T: DeserializeOwned, B: Backend>(
+pub async fn try_assert_published_as<T: DeserializeOwned, B: Inspect>(
     backend: &B,
     expected: &Expect,
 ) -> Result<T, AssertError> {
@@ -467,7 +467,7 @@ pub async fn try_assert_published_as<T: DeserializeOwned, B: Backend>(
 /// # Cancel safety
 ///
 /// Cancel safe: read-only; drop the call and make it again.
-pub async fn assert_published_as<T: DeserializeOwned, B: Backend>(
+pub async fn assert_published_as<T: DeserializeOwned, B: Inspect>(
     backend: &B,
     expected: Expect,
 ) -> T {
@@ -487,7 +487,7 @@ pub async fn assert_published_as<T: DeserializeOwned, B: Backend>(
 /// # Cancel safety
 ///
 /// Cancel safe: read-only; drop the call and make it again.
-pub async fn try_wait_published_within<B: Backend>(
+pub async fn try_wait_published_within<B: Inspect>(
     backend: &B,
     expected: &Expect,
     limit: Duration,
@@ -520,7 +520,7 @@ pub async fn try_wait_published_within<B: Backend>(
 /// # Cancel safety
 ///
 /// Cancel safe: read-only; drop the call and make it again.
-pub async fn wait_published<B: Backend>(backend: &B, expected: Expect) -> StoredMessage {
+pub async fn wait_published<B: Inspect>(backend: &B, expected: Expect) -> StoredMessage {
     wait_published_within(backend, expected, deadline()).await
 }
 
@@ -533,7 +533,7 @@ pub async fn wait_published<B: Backend>(backend: &B, expected: Expect) -> Stored
 /// # Cancel safety
 ///
 /// Cancel safe: read-only; drop the call and make it again.
-pub async fn wait_published_within<B: Backend>(
+pub async fn wait_published_within<B: Inspect>(
     backend: &B,
     expected: Expect,
     limit: Duration,

@@ -5,7 +5,8 @@
 //! retry policy. No polling, no background task: a test decides every step.
 
 use postbox_core::{
-    Backend, FetchParams, Handler, HandlerError, MessageState, Outcome, Result, RetryPolicy,
+    Backend, Consume, FetchParams, Handler, HandlerError, MessageState, Outcome, Result,
+    RetryPolicy,
 };
 
 use crate::time::TimeControl;
@@ -78,7 +79,7 @@ impl DrainOptions {
 ///
 /// Dropped while the handler runs, the message stays leased and is delivered again once its
 /// lease expires (the handler's own task runs to its end).
-pub async fn run_one<B: Backend>(
+pub async fn run_one<B: Consume>(
     backend: &B,
     queue: &str,
     handler: &impl Handler,

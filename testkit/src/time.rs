@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use postbox_core::{Backend, PgBackend, Result};
+use postbox_core::{PgBackend, Result, Store};
 use postbox_fake::FakeBroker;
 
 /// A backend whose clock a test can read and move forward: the fake's own clock, or the time
@@ -13,7 +13,7 @@ use postbox_fake::FakeBroker;
 /// After the first [`advance`](Self::advance) on Postgres the clock stays pinned (it no longer
 /// moves by itself), so a test decides exactly when leases expire and delays pass.
 #[async_trait]
-pub trait TimeControl: Backend {
+pub trait TimeControl: Store {
     /// The backend's current time.
     ///
     /// # Errors

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use postbox_core::coop::{CoopReceive, Registration, Unregister};
-use postbox_core::{Backend, Delivery, Error, Lease, Member, Message, MessageState, RetryParams};
+use postbox_core::{Delivery, Error, Lease, Member, Message, MessageState, RetryParams};
 
 use super::{Harness, ids, publish};
 use crate::time::TimeControl;
@@ -16,7 +16,7 @@ fn member(name: &str) -> Member {
     Member::new("billing", name).expect("valid member")
 }
 
-async fn receive<B: Backend>(b: &B, name: &str, max: u32) -> Vec<Delivery> {
+async fn receive<B: Coop>(b: &B, name: &str, max: u32) -> Vec<Delivery> {
     b.coop_receive(&CoopReceive::new(member(name), ["q"], max).dead_interval(DEAD))
         .await
         .expect("coop receive")

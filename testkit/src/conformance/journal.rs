@@ -19,7 +19,7 @@ fn payload(n: i64) -> EventPayload {
     map
 }
 
-async fn seqs<B: Backend>(b: &B, stream: &str) -> Vec<i64> {
+async fn seqs<B: JournalStore>(b: &B, stream: &str) -> Vec<i64> {
     b.journal_read_after(stream, 0, 1000)
         .await
         .expect("read")

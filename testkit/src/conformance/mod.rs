@@ -33,7 +33,7 @@ mod tx;
 mod validation;
 
 use async_trait::async_trait;
-use postbox_core::{Backend, Delivery, FetchParams, Message, MessageId, PgBackend};
+use postbox_core::{Consume, Delivery, FetchParams, Message, MessageId, PgBackend, Publish};
 use postbox_fake::FakeBroker;
 
 pub use coop::*;
@@ -129,7 +129,7 @@ impl Harness for PgHarness {
 }
 
 /// Publishes `messages` in one committed transaction; returns their ids.
-pub(crate) async fn publish<B: Backend>(b: &B, messages: Vec<Message>) -> Vec<MessageId> {
+pub(crate) async fn publish<B: Publish>(b: &B, messages: Vec<Message>) -> Vec<MessageId> {
     let mut tx = b.begin().await.expect("begin");
     let ids = b.publish_batch(&mut tx, messages).await.expect("publish");
     b.commit(tx).await.expect("commit");
@@ -137,7 +137,7 @@ pub(crate) async fn publish<B: Backend>(b: &B, messages: Vec<Message>) -> Vec<Me
 }
 
 /// Fetches up to `limit` messages of `queue` with the default 30 s lease.
-pub(crate) async fn fetch<B: Backend>(b: &B, queue: &str, limit: u32) -> Vec<Delivery> {
+pub(crate) async fn fetch<B: Consume>(b: &B, queue: &str, limit: u32) -> Vec<Delivery> {
     b.fetch(&FetchParams::new([queue], limit))
         .await
         .expect("fetch")

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use postbox_core::coop::{CoopReceive, Unregister};
 use postbox_core::{
-    Error, FetchParams, Lease, Member, Message, MessageId, MessageState, Published, Receive,
-    RetryParams, Settlement, Subscribed, Topics, Unsubscribe,
+    Backend, Error, FetchParams, Lease, Member, Message, MessageId, MessageState, Published,
+    Receive, RetryParams, Settlement, Subscribed, Topics, Unsubscribe,
 };
 
 use super::GROUP;
@@ -117,7 +117,7 @@ pub async fn run(exec: &mut dyn Exec, schedule: &Schedule) -> Result<Trace, Stri
 /// Runs schedules on a real backend: labels travel as payloads, the backend's clock is
 /// pinned and moved only by `Advance` steps (Postgres: the `test-util` clock every statement
 /// reads, so no test waits for real time to pass).
-pub struct BackendExec<B: TimeControl + Topics> {
+pub struct BackendExec<B: Backend + TimeControl + Topics> {
     backend: B,
     config: ScheduleConfig,
     start: DateTime<Utc>,
@@ -134,7 +134,7 @@ pub struct BackendExec<B: TimeControl + Topics> {
     topic_labels: HashMap<MessageId, Label>,
 }
 
-impl<B: TimeControl + Topics> BackendExec<B> {
+impl<B: Backend + TimeControl + Topics> BackendExec<B> {
     /// Pins `backend`'s clock and starts a run on it. The backend should be empty (a fresh
     /// fixture database, or a new `FakeBroker` on a paused tokio runtime: the fake's clock
     /// otherwise moves with real time between steps).
@@ -235,7 +235,7 @@ impl<B: TimeControl + Topics> BackendExec<B> {
     }
 }
 
-impl<B: TimeControl + Topics> BackendExec<B> {
+impl<B: Backend + TimeControl + Topics> BackendExec<B> {
     async fn publish_topic(
         &mut self,
         topic: u8,
@@ -449,7 +449,7 @@ fn describe(error: Error) -> String {
 }
 
 #[async_trait]
-impl<B: TimeControl + Topics> Exec for BackendExec<B> {
+impl<B: Backend + TimeControl + Topics> Exec for BackendExec<B> {
     async fn apply(&mut self, op: &Op) -> Result<Seen, String> {
         let config = self.config.clone();
         match *op {
