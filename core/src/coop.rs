@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
-use crate::message::{Delivery, validate_queue};
+use crate::message::Delivery;
 use crate::store::Store;
 
 /// Cooperative subconsumers: members of a group that share queues with no duplicate delivery.
@@ -258,14 +258,9 @@ impl CoopReceive {
     ///
     /// [`Error::InvalidArgument`] or [`Error::InvalidQueue`].
     pub fn validate(&self) -> Result<()> {
-        crate::FetchParams::new(self.queues.iter().cloned(), self.max_messages).validate()?;
-        self.queues.iter().try_for_each(|q| validate_queue(q))?;
-        if self.max_deliveries == Some(0) {
-            return Err(Error::InvalidArgument(
-                "max_deliveries must be at least 1".into(),
-            ));
-        }
-        Ok(())
+        crate::fetch::check_queues("a cooperative receive", &self.queues)?;
+        crate::fetch::check_limit("max_messages", self.max_messages)?;
+        crate::fetch::check_max_deliveries(self.max_deliveries)
     }
 }
 

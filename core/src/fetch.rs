@@ -96,24 +96,44 @@ impl FetchParams {
     /// [`Error::InvalidArgument`] for an empty queue list or a limit of 0 or above
     /// [`MAX_FETCH_LIMIT`]; [`Error::InvalidQueue`] for a bad queue name.
     pub fn validate(&self) -> Result<()> {
-        if self.queues.is_empty() {
-            return Err(Error::InvalidArgument(
-                "fetch needs at least one queue".into(),
-            ));
-        }
-        if self.limit == 0 || self.limit > MAX_FETCH_LIMIT {
-            return Err(Error::InvalidArgument(format!(
-                "fetch limit must be between 1 and {MAX_FETCH_LIMIT}, got {}",
-                self.limit
-            )));
-        }
-        if self.max_deliveries == Some(0) {
-            return Err(Error::InvalidArgument(
-                "max_deliveries must be at least 1".into(),
-            ));
-        }
-        self.queues.iter().try_for_each(|q| validate_queue(q))
+        check_queues("fetch", &self.queues)?;
+        check_limit("fetch limit", self.limit)?;
+        check_max_deliveries(self.max_deliveries)
     }
+}
+
+// The checks every fetch-like parameter type shares (`FetchParams`, `CoopReceive`, `Receive`,
+// `SubscriberOptions`), so they refuse the same input with the same words.
+
+/// Refuses an empty list of queues, or a bad queue name in it; `who` names the caller
+/// ("fetch", "a subscriber").
+pub(crate) fn check_queues(who: &str, queues: &[String]) -> Result<()> {
+    if queues.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{who} needs at least one queue"
+        )));
+    }
+    queues.iter().try_for_each(|q| validate_queue(q))
+}
+
+/// Refuses a row limit outside `1..=MAX_FETCH_LIMIT`; `what` names it ("fetch limit").
+pub(crate) fn check_limit(what: &str, limit: u32) -> Result<()> {
+    if limit == 0 || limit > MAX_FETCH_LIMIT {
+        return Err(Error::InvalidArgument(format!(
+            "{what} must be between 1 and {MAX_FETCH_LIMIT}, got {limit}"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a delivery limit of 0 (a message could never be delivered).
+pub(crate) fn check_max_deliveries(max: Option<u32>) -> Result<()> {
+    if max == Some(0) {
+        return Err(Error::InvalidArgument(
+            "max_deliveries must be at least 1".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ use chrono::{DateTime, Utc};
 
 use crate::consume::RetryParams;
 use crate::error::{Error, Result};
-use crate::fetch::{DEFAULT_LEASE_TTL, MAX_FETCH_LIMIT};
+use crate::fetch::DEFAULT_LEASE_TTL;
 use crate::inspect::DeadLetter;
 use crate::message::{Delivery, Lease, Message, MessageId, validate_queue};
 use crate::outcome::Outcome;
@@ -219,23 +219,13 @@ impl Receive {
     /// zero or too large limit, a zero lease, or a zero delivery limit.
     pub fn validate(&self) -> Result<()> {
         validate_queue(&self.subscription)?;
-        if self.limit == 0 || self.limit > MAX_FETCH_LIMIT {
-            return Err(Error::InvalidArgument(format!(
-                "receive limit must be 1..={MAX_FETCH_LIMIT}, got {}",
-                self.limit
-            )));
-        }
+        crate::fetch::check_limit("receive limit", self.limit)?;
         if self.lease_ttl.is_zero() {
             return Err(Error::InvalidArgument(
                 "lease_ttl must be positive".to_owned(),
             ));
         }
-        if self.max_deliveries == Some(0) {
-            return Err(Error::InvalidArgument(
-                "max_deliveries must be at least 1".to_owned(),
-            ));
-        }
-        Ok(())
+        crate::fetch::check_max_deliveries(self.max_deliveries)
     }
 }
 

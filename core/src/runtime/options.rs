@@ -293,10 +293,7 @@ impl SubscriberOptions {
     /// Checks every field and the relations between them.
     pub(crate) fn validate(&self) -> Result<()> {
         let invalid = |msg: String| Err(Error::InvalidArgument(msg));
-        if self.queues.is_empty() {
-            return invalid("a subscriber needs at least one queue".into());
-        }
-        self.queues.iter().try_for_each(|q| validate_queue(q))?;
+        crate::fetch::check_queues("a subscriber", &self.queues)?;
         if self.max_workers == 0 {
             return invalid("max_workers must be at least 1".into());
         }
@@ -320,9 +317,7 @@ impl SubscriberOptions {
         if self.error_backoff_min.is_zero() || self.error_backoff_min > self.error_backoff_max {
             return invalid("need 0 < error backoff min <= max".into());
         }
-        if self.max_deliveries == Some(0) {
-            return invalid("max_deliveries must be at least 1".into());
-        }
+        crate::fetch::check_max_deliveries(self.max_deliveries)?;
         if self.dead_interval.is_some() && self.subconsumer.is_none() {
             return invalid(
                 "dead_interval needs a subconsumer (SubscriberOptions::subconsumer)".into(),
