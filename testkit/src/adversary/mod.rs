@@ -73,16 +73,14 @@ mod schedule;
 mod world;
 
 use std::fmt;
-use std::future::Future;
 
-use postbox_core::{Backend, Handler, Message, RetryPolicy};
+use postbox_core::{Message, RetryPolicy};
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
-use crate::time::TimeControl;
 use run::Run;
 
 pub use schedule::{Fault, Schedule, fault, schedules};
-pub use world::World;
+pub use world::{MakeWorld, World};
 
 /// Why a check failed.
 #[derive(Debug)]
@@ -180,42 +178,28 @@ impl std::error::Error for AdversaryError {
 /// # Cancel safety
 ///
 /// Cancel safe: each call builds its own worlds; a dropped check leaves them to be dropped.
-pub async fn check_schedule<B, H, S, F, Fut>(
-    make_world: F,
+pub async fn check_schedule(
+    make_world: impl MakeWorld,
     messages: &[Message],
     schedule: &Schedule,
-) -> Result<(), AdversaryError>
-where
-    B: Backend + TimeControl,
-    H: Handler,
-    S: PartialEq + fmt::Debug,
-    F: Fn() -> Fut,
-    Fut: Future<Output = World<B, H, S>>,
-{
+) -> Result<(), AdversaryError> {
     check_with(&make_world, messages, schedule, &RetryPolicy::default()).await
 }
 
-async fn check_with<B, H, S, F, Fut>(
-    make_world: &F,
+async fn check_with(
+    make_world: &impl MakeWorld,
     messages: &[Message],
     schedule: &Schedule,
     policy: &RetryPolicy,
-) -> Result<(), AdversaryError>
-where
-    B: Backend + TimeControl,
-    H: Handler,
-    S: PartialEq + fmt::Debug,
-    F: Fn() -> Fut,
-    Fut: Future<Output = World<B, H, S>>,
-{
-    let world = make_world().await;
+) -> Result<(), AdversaryError> {
+    let world = make_world.make().await;
     let mut once = Run::start(&world, messages, policy.clone()).await?;
     once.play(&Schedule::default()).await?;
     let expected = once.observe().await;
     drop(once);
     drop(world);
 
-    let world = make_world().await;
+    let world = make_world.make().await;
     let mut attacked = Run::start(&world, messages, policy.clone()).await?;
     attacked.play(schedule).await?;
     let actual = attacked.observe().await;
@@ -286,14 +270,7 @@ impl Adversary {
     ///
     /// [`AdversaryError::NotIdempotent`] for the minimal schedule, [`AdversaryError::Stuck`],
     /// [`AdversaryError::Backend`], or [`AdversaryError::Setup`] when called inside a runtime.
-    pub fn check<B, H, S, F, Fut>(&self, make_world: F) -> Result<(), AdversaryError>
-    where
-        B: Backend + TimeControl,
-        H: Handler,
-        S: PartialEq + fmt::Debug,
-        F: Fn() -> Fut,
-        Fut: Future<Output = World<B, H, S>>,
-    {
+    pub fn check(&self, make_world: impl MakeWorld) -> Result<(), AdversaryError> {
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(AdversaryError::Setup(
                 "Adversary::check builds its own runtime: call it from a plain #[test], or use \
@@ -355,14 +332,7 @@ impl Adversary {
     /// # Panics
     ///
     /// When the check fails.
-    pub fn assert<B, H, S, F, Fut>(&self, make_world: F)
-    where
-        B: Backend + TimeControl,
-        H: Handler,
-        S: PartialEq + fmt::Debug,
-        F: Fn() -> Fut,
-        Fut: Future<Output = World<B, H, S>>,
-    {
+    pub fn assert(&self, make_world: impl MakeWorld) {
         if let Err(e) = self.check(make_world) {
             panic!("{e}");
         }

@@ -11,6 +11,42 @@ use crate::time::TimeControl;
 
 type Observe<S> = Box<dyn Fn() -> Pin<Box<dyn Future<Output = S> + Send>> + Send + Sync>;
 
+/// What builds a fresh [`World`] for each run: any `Fn() -> impl Future<Output = World<..>>`
+/// (an async closure, or a function returning one), through the blanket implementation.
+///
+/// It names the world's three types once, so [`Adversary::check`](super::Adversary::check),
+/// [`Adversary::assert`](super::Adversary::assert) and
+/// [`check_schedule`](super::check_schedule) take `impl MakeWorld` instead of repeating five
+/// bounds each.
+pub trait MakeWorld {
+    /// The backend the world runs on.
+    type Backend: Backend + TimeControl;
+    /// The handler under test.
+    type Handler: Handler;
+    /// What the world's observer reads back (compared between runs).
+    type State: PartialEq + fmt::Debug;
+
+    /// Builds a fresh world.
+    fn make(&self) -> impl Future<Output = World<Self::Backend, Self::Handler, Self::State>>;
+}
+
+impl<B, H, S, F, Fut> MakeWorld for F
+where
+    B: Backend + TimeControl,
+    H: Handler,
+    S: PartialEq + fmt::Debug,
+    F: Fn() -> Fut,
+    Fut: Future<Output = World<B, H, S>>,
+{
+    type Backend = B;
+    type Handler = H;
+    type State = S;
+
+    fn make(&self) -> impl Future<Output = World<B, H, S>> {
+        self()
+    }
+}
+
 /// One fresh copy of the system under test: a backend, the handler, and a way to read the
 /// state the handler changes (your tables, an in-memory store, calls recorded by a mock).
 ///
