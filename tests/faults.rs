@@ -18,7 +18,7 @@ use postbox::prelude::*;
 use postbox::runtime::{Stats, SubscriberEvent, SubscriberHandle};
 use postbox::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use postbox::sqlx::{self, PgPool};
-use postbox::testkit::postgres::LocalServer;
+use postbox::testkit::LocalServer;
 use postbox::testkit::{TimeControl, within};
 use postbox::{
     Delivery, Error, FetchParams, HandlerError, Message, PgBackend, RetryPolicy, Subscriber,

@@ -265,7 +265,7 @@ fn helper_start_a_cluster_and_wait_to_be_killed() {
     if std::env::var_os("POSTBOX_KILL_HELPER").is_none() {
         return;
     }
-    let server = postbox::testkit::postgres::LocalServer::start().expect("a local cluster");
+    let server = postbox::testkit::LocalServer::start().expect("a local cluster");
     println!("CLUSTER_URL={}", server.url("postgres"));
     loop {
         std::thread::park();

@@ -39,7 +39,7 @@ mod context;
 mod drain;
 mod error;
 mod live;
-pub mod postgres;
+mod postgres;
 pub mod props;
 mod runner;
 mod time;
@@ -56,7 +56,9 @@ pub use context::{TestBackend, TestContext};
 pub use drain::{DrainOptions, DrainReport, drain, run_one};
 pub use error::TestkitError;
 pub use live::JournalLiveControl;
-pub use postgres::{PgFixture, Provider, postgres};
+#[cfg(unix)]
+pub use postgres::LocalServer;
+pub use postgres::{DEFAULT_IMAGE, PgFixture, Provider, current_provider, postgres};
 pub use time::TimeControl;
 pub use wait::{deadline, until_within, wait_for_event, wait_for_event_within, within};
 

@@ -14,7 +14,7 @@ use crate::error::TestkitError;
 ///
 /// ```no_run
 /// # async fn t() -> Result<(), Box<dyn std::error::Error>> {
-/// use postbox_testkit::postgres::LocalServer;
+/// use postbox_testkit::LocalServer;
 ///
 /// let server = tokio::task::spawn_blocking(LocalServer::start).await??;
 /// let pool = sqlx::PgPool::connect(&server.url("postgres")).await?;
