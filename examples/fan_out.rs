@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use anyhow::bail;
 use postbox::prelude::*;
+use postbox::topic::Published;
 use postbox::{
-    Delivery, HandlerError, Message, MessageId, PgBackend, Published, Subscriber,
-    SubscriberOptions, Topics,
+    Delivery, HandlerError, Message, MessageId, PgBackend, Subscriber, SubscriberOptions, Topics,
 };
 
 const EVENTS: usize = 1_000;

@@ -141,7 +141,8 @@ async fn each_access_does_its_work_and_nothing_else() -> Result<()> {
 
     // Topics: the consumer subscribes, the publisher publishes, the consumer receives and
     // settles; neither can do the other's part.
-    use postbox::{Receive, Settlement, Topics};
+    use postbox::Topics;
+    use postbox::topic::{Receive, Settlement};
     c.subscribe("events", "svc").await?;
     let mut tx = publisher.pool.begin().await?;
     let published = p
@@ -236,7 +237,7 @@ async fn each_access_does_its_work_and_nothing_else() -> Result<()> {
     assert_eq!(i.subscriptions(None).await?[0].backlog, 0);
     denied(
         "inspector receive",
-        i.receive(&postbox::Receive::new("svc", 1)).await,
+        i.receive(&postbox::topic::Receive::new("svc", 1)).await,
     );
     denied(
         "inspector fetch",

@@ -8,9 +8,8 @@ use std::collections::BTreeSet;
 
 use anyhow::Result;
 use postbox::prelude::*;
-use postbox::{
-    Message, MessageId, PgBackend, Published, Receive, Settlement, Subscribed, Topics, Unsubscribe,
-};
+use postbox::topic::{Published, Receive, Settlement, Subscribed, Unsubscribe};
+use postbox::{Message, MessageId, PgBackend, Topics};
 
 async fn publish(backend: &PgBackend, topic: &str, n: usize) -> Result<Vec<MessageId>> {
     let mut tx = backend.begin().await?;

@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use postbox_core::{Depth, PgBackend, QueueDepth, SubscriptionInfo, Topics};
+use postbox_core::topic::SubscriptionInfo;
+use postbox_core::{Depth, PgBackend, QueueDepth, Topics};
 use serde_json::{Value, json};
 
 use crate::output;

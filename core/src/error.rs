@@ -147,7 +147,7 @@ pub enum Error {
         existing: String,
     },
 
-    /// [`Unsubscribe::IfDrained`](crate::Unsubscribe::IfDrained) found messages the
+    /// [`Unsubscribe::IfDrained`](crate::topic::Unsubscribe::IfDrained) found messages the
     /// subscription has not processed.
     #[error(
         "subscription {subscription:?} still has {backlog} unprocessed message(s); drain it, or unsubscribe with Unsubscribe::Discard"

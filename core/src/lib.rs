@@ -12,7 +12,7 @@
 //!   transaction), [`Consume`] (fetch, and fenced outcomes: ack, retry, dead-letter, renew,
 //!   release), [`Inspect`], [`Coop`], [`JournalStore`]; [`prelude`] imports them all.
 //! - [`PgBackend`]: the Postgres implementation; [`pg::PgEngine`]: its dedicated connections, the
-//!   [`Engine`] the subscriber runtime drives.
+//!   [`engine::Engine`] the subscriber runtime drives.
 //! - [`RetryPolicy`] and [`HandlerError`]: how failures become delays or dead letters.
 //! - [`Redrive`] and [`DeadFilter`]: dead letters requeued or purged, by ids or by a filter.
 //! - [`Depth`]: each queue's messages counted by state, and its lag.
@@ -41,7 +41,7 @@ pub mod coop;
 #[cfg(feature = "test-util")]
 mod delivery_builder;
 mod depth;
-mod engine;
+pub mod engine;
 mod envelope;
 mod error;
 mod fetch;
@@ -68,7 +68,6 @@ pub use coop::{Coop, Member};
 #[cfg(feature = "test-util")]
 pub use delivery_builder::DeliveryBuilder;
 pub use depth::{Depth, QueueDepth};
-pub use engine::{Engine, FetchSession, PermitWait, WakeUps};
 pub use envelope::Envelope;
 pub use error::{Error, Result, SchemaProblems};
 pub use fetch::{DEFAULT_LEASE_TTL, FetchParams, MAX_FETCH_LIMIT};
@@ -89,10 +88,7 @@ pub use retry::{
 pub use runtime::{Handler, Subscriber, SubscriberOptions};
 pub use store::Store;
 pub use table::{GENERATIONS, MAX_IDENTIFIER_LEN, TableName};
-pub use topic::{
-    EXPIRED_BATCH_CHECK, Published, Receive, Settlement, Subscribed, SubscriptionInfo, Topics,
-    Unsubscribe, validate_topic_message,
-};
+pub use topic::Topics;
 pub use validate::MAX_DELAY;
 
 /// Re-export of the sqlx version postbox is built on, so that connection types match.

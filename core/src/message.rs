@@ -103,7 +103,7 @@ impl Message {
     /// ([`Topics::publish_to_topics`](crate::Topics::publish_to_topics)): while the key is
     /// remembered (see [`Rotation::key_retention`](crate::pg::Rotation::key_retention), 24 hours by
     /// default), publishing it again to the same topic writes nothing and returns the first
-    /// message's id as [`Published::Duplicate`](crate::Published::Duplicate). Once the
+    /// message's id as [`Published::Duplicate`](crate::topic::Published::Duplicate). Once the
     /// retention has passed since that message was published, the key is free again and the
     /// next publish of it writes a new message. Queues refuse keyed messages.
     #[must_use]

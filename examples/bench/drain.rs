@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use postbox::topic::{Receive, Settlement};
 use postbox::{
-    Delivery, FetchParams, HandlerError, PgBackend, Receive, Settlement, Subscriber,
-    SubscriberOptions, Topics,
+    Delivery, FetchParams, HandlerError, PgBackend, Subscriber, SubscriberOptions, Topics,
 };
 use serde_json::{Value, json};
 

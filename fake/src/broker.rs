@@ -8,9 +8,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use postbox_core::coop::{CoopReceive, MemberInfo, Registration, Unregister};
+use postbox_core::engine::Engine;
 use postbox_core::journal::{JournalEvent, JournalLive, LiveEvents};
 use postbox_core::{
-    Consume, Coop, DeadLetter, Delivery, Engine, FetchParams, Inspect, JournalStore, Lease, Member,
+    Consume, Coop, DeadLetter, Delivery, FetchParams, Inspect, JournalStore, Lease, Member,
     MessageId, Result, RetryParams, Store, StoredMessage, TableName, validate_reason,
 };
 use uuid::Uuid;

@@ -6,9 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use postbox_core::{
-    DeadLetter, Delivery, Envelope, Error, Headers, MessageId, Result, Settlement, SubscriptionInfo,
-};
+use postbox_core::topic::{Settlement, SubscriptionInfo};
+use postbox_core::{DeadLetter, Delivery, Envelope, Error, Headers, MessageId, Result};
 use uuid::Uuid;
 
 use crate::clock::plus;

@@ -4,10 +4,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use postbox_core::{
-    DeadLetter, Delivery, EXPIRED_BATCH_CHECK, Error, Lease, Message, MessageId, Published,
-    Receive, Result, Settlement, Subscribed, SubscriptionInfo, Topics, Unsubscribe, validate_queue,
+use postbox_core::topic::{
+    EXPIRED_BATCH_CHECK, Published, Receive, Settlement, Subscribed, SubscriptionInfo, Unsubscribe,
     validate_topic_message,
+};
+use postbox_core::{
+    DeadLetter, Delivery, Error, Lease, Message, MessageId, Result, Topics, validate_queue,
 };
 use uuid::Uuid;
 

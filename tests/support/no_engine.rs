@@ -1,11 +1,11 @@
 //! A backend wrapper that hides the engine: the runtime must take its polling-only path.
 
 use postbox::coop::{CoopReceive, MemberInfo, Registration, Unregister};
+use postbox::engine::Engine;
 use postbox::prelude::*;
 use postbox::sqlx::{PgConnection, Postgres, Transaction};
 use postbox::{
-    Delivery, Engine, FetchParams, Lease, Member, Message, MessageId, PgBackend, RetryParams,
-    TableName,
+    Delivery, FetchParams, Lease, Member, Message, MessageId, PgBackend, RetryParams, TableName,
 };
 
 /// `PgBackend` without an engine: the capabilities the subscriber runtime bounds on
@@ -93,36 +93,40 @@ impl Coop for NoEngine {
 
 #[async_trait::async_trait]
 impl postbox::Topics for NoEngine {
-    async fn subscribe(&self, topic: &str, name: &str) -> postbox::Result<postbox::Subscribed> {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        name: &str,
+    ) -> postbox::Result<postbox::topic::Subscribed> {
         self.0.subscribe(topic, name).await
     }
     async fn unsubscribe(
         &self,
         name: &str,
-        pending: postbox::Unsubscribe,
+        pending: postbox::topic::Unsubscribe,
     ) -> postbox::Result<bool> {
         self.0.unsubscribe(name, pending).await
     }
     async fn subscriptions(
         &self,
         topic: Option<&str>,
-    ) -> postbox::Result<Vec<postbox::SubscriptionInfo>> {
+    ) -> postbox::Result<Vec<postbox::topic::SubscriptionInfo>> {
         self.0.subscriptions(topic).await
     }
     async fn publish_to_topics(
         &self,
         conn: &mut PgConnection,
         m: Vec<Message>,
-    ) -> postbox::Result<Vec<postbox::Published>> {
+    ) -> postbox::Result<Vec<postbox::topic::Published>> {
         self.0.publish_to_topics(conn, m).await
     }
-    async fn receive(&self, params: &postbox::Receive) -> postbox::Result<Vec<Delivery>> {
+    async fn receive(&self, params: &postbox::topic::Receive) -> postbox::Result<Vec<Delivery>> {
         self.0.receive(params).await
     }
     async fn settle(
         &self,
         leases: &[Lease],
-        settlement: postbox::Settlement,
+        settlement: postbox::topic::Settlement,
     ) -> postbox::Result<Vec<MessageId>> {
         self.0.settle(leases, settlement).await
     }

@@ -1,4 +1,4 @@
-//! The Postgres [`Engine`](crate::Engine): dedicated connections for fetching and for LISTEN.
+//! The Postgres [`Engine`](crate::engine::Engine): dedicated connections for fetching and for LISTEN.
 
 use std::fmt;
 use std::sync::Arc;

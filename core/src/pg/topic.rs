@@ -10,7 +10,7 @@
 //!   (one index range): an open transaction anywhere in the database never widens the scan.
 //! - **Receive** (`T_receive`, schema v8 in `topic_batches.rs`) locks the subscription row
 //!   (never updating it), reads the cursor from the newest batch, takes back expired batches
-//!   (once per [`EXPIRED_BATCH_CHECK`](crate::EXPIRED_BATCH_CHECK)), hands out due held
+//!   (once per [`EXPIRED_BATCH_CHECK`](crate::topic::EXPIRED_BATCH_CHECK)), hands out due held
 //!   messages, then the next messages of the range and, while its limit is not reached, of a
 //!   new range ending now; appends them as one batch row carrying the cursor after it.
 //! - **Settle** (`T_settle`) acts on held messages by `(id, token)` and on batches by token:

@@ -7,7 +7,7 @@
 //! every receive walked, and the look for expired batches walked every deleted one. Here a
 //! receive appends one batch row that also records the cursor after it, the subscription row
 //! is only locked, settling marks the batch done (a HOT update), and the look for expired
-//! batches runs once per [`EXPIRED_BATCH_CHECK`](crate::EXPIRED_BATCH_CHECK). Rotation
+//! batches runs once per [`EXPIRED_BATCH_CHECK`](crate::topic::EXPIRED_BATCH_CHECK). Rotation
 //! truncates a generation of batches once none of them is unsettled, carrying the cursor of a
 //! subscription whose newest batch is there into its row (`rotate/log.rs`).
 

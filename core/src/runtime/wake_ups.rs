@@ -1,7 +1,7 @@
 //! The wake-up task: turns the engine's wake-ups for subscribed queues into wake-ups of the
 //! fetch loop.
 //!
-//! It owns the engine's wake-up source ([`Engine::open_wake_ups`](crate::Engine::open_wake_ups); on Postgres the dedicated
+//! It owns the engine's wake-up source ([`Engine::open_wake_ups`](crate::engine::Engine::open_wake_ups); on Postgres the dedicated
 //! LISTEN connection) and never runs a fetch. When the source cannot be opened it warns once,
 //! lets the loop poll, and retries every `wake_up_retry_interval`. A source that fails (or
 //! stops answering the periodic health check) is replaced; after every (re)open the loop is

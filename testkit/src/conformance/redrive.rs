@@ -3,9 +3,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use postbox_core::topic::Settlement;
 use postbox_core::{
-    Backend, DeadFilter, Error, Message, MessageId, MessageState, Redrive, RetryParams, Settlement,
-    Topics,
+    Backend, DeadFilter, Error, Message, MessageId, MessageState, Redrive, RetryParams, Topics,
 };
 
 use super::topics::{leases, publish_to, receive};

@@ -4,10 +4,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use postbox_core::{
-    Delivery, EXPIRED_BATCH_CHECK, Error, FetchParams, Lease, Message, MessageId, Published,
-    Receive, RetryParams, Settlement, Subscribed, Topics, Unsubscribe,
+use postbox_core::topic::{
+    EXPIRED_BATCH_CHECK, Published, Receive, Settlement, Subscribed, Unsubscribe,
 };
+use postbox_core::{Delivery, Error, FetchParams, Lease, Message, MessageId, RetryParams, Topics};
 
 use super::{Harness, ids};
 use crate::time::TimeControl;

@@ -6,9 +6,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use postbox_core::coop::{CoopReceive, Unregister};
+use postbox_core::topic::{Published, Receive, Settlement, Subscribed, Unsubscribe};
 use postbox_core::{
-    Backend, Error, FetchParams, Lease, Member, Message, MessageId, MessageState, Published,
-    Receive, RetryParams, Settlement, Subscribed, Topics, Unsubscribe,
+    Backend, Error, FetchParams, Lease, Member, Message, MessageId, MessageState, RetryParams,
+    Topics,
 };
 
 use super::GROUP;

@@ -203,7 +203,8 @@ impl TopicModel {
         self.next_token += 1;
         let ttl_ms = i64::from(config.lease_ttl_s) * 1000;
         let max = i32::try_from(config.max_deliveries).unwrap_or(i32::MAX);
-        let check_ms = i64::try_from(postbox_core::EXPIRED_BATCH_CHECK.as_millis()).unwrap_or(0);
+        let check_ms =
+            i64::try_from(postbox_core::topic::EXPIRED_BATCH_CHECK.as_millis()).unwrap_or(0);
         let checked = match s.checked_ms {
             Some(at) if at + check_ms > now_ms => Some(at),
             _ => {
