@@ -155,30 +155,59 @@ pub trait Consume: Store {
         error: &HandlerError,
         policy: &RetryPolicy,
     ) -> Result<Outcome> {
-        let elapsed = (delivery.acquired_at - delivery.first_attempt_at)
-            .to_std()
-            .unwrap_or_default();
-        match policy.decide(delivery.attempts, elapsed, error) {
-            RetryDecision::Retry { delay } => {
-                // A handler's message is stored as given, but for NUL characters (which
-                // Postgres cannot store) and a policy delay beyond what it can add.
-                let params = RetryParams::new(delay.min(crate::MAX_DELAY))
-                    .error(crate::validate::storable(error.message()));
-                Ok(if self.retry(delivery.lease(), params).await? {
+        Ok(match failure_verdict(delivery, error, policy) {
+            FailureVerdict::Retry { params, delay } => {
+                if self.retry(delivery.lease(), params).await? {
                     Outcome::Retried { delay }
                 } else {
                     Outcome::LeaseLost
-                })
+                }
             }
-            RetryDecision::DeadLetter { reason } => {
-                let reason = crate::validate::storable(&reason).into_owned();
-                Ok(if self.dead_letter(delivery.lease(), &reason).await? {
+            FailureVerdict::DeadLetter { reason } => {
+                if self.dead_letter(delivery.lease(), &reason).await? {
                     Outcome::DeadLettered { reason }
                 } else {
                     Outcome::LeaseLost
-                })
+                }
             }
-        }
+        })
+    }
+}
+
+/// What a failed delivery becomes under a retry policy, ready to store: the decision of
+/// [`RetryPolicy::decide`] with its texts made storable. Shared by [`Consume::fail`] and
+/// [`Topics::fail_received`](crate::Topics::fail_received), which only differ in how they
+/// apply it.
+pub(crate) enum FailureVerdict {
+    /// Retry with `params`; `delay` is the policy's, reported in the outcome.
+    Retry {
+        params: RetryParams,
+        delay: Duration,
+    },
+    /// Dead-letter with `reason`.
+    DeadLetter { reason: String },
+}
+
+/// Decides what `delivery`, failed with `error`, becomes under `policy`.
+pub(crate) fn failure_verdict(
+    delivery: &Delivery,
+    error: &HandlerError,
+    policy: &RetryPolicy,
+) -> FailureVerdict {
+    let elapsed = (delivery.acquired_at - delivery.first_attempt_at)
+        .to_std()
+        .unwrap_or_default();
+    match policy.decide(delivery.attempts, elapsed, error) {
+        // A handler's message is stored as given, but for NUL characters (which Postgres
+        // cannot store) and a policy delay beyond what it can add.
+        RetryDecision::Retry { delay } => FailureVerdict::Retry {
+            params: RetryParams::new(delay.min(crate::MAX_DELAY))
+                .error(crate::validate::storable(error.message())),
+            delay,
+        },
+        RetryDecision::DeadLetter { reason } => FailureVerdict::DeadLetter {
+            reason: crate::validate::storable(&reason).into_owned(),
+        },
     }
 }
 

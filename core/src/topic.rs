@@ -41,14 +41,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::consume::RetryParams;
+use crate::consume::{FailureVerdict, RetryParams, failure_verdict};
 use crate::error::{Error, Result};
 use crate::fetch::DEFAULT_LEASE_TTL;
 use crate::inspect::DeadLetter;
 use crate::message::{Delivery, Lease, Message, MessageId, validate_queue};
 use crate::outcome::Outcome;
 use crate::publish::Publish;
-use crate::retry::{HandlerError, RetryDecision, RetryPolicy};
+use crate::retry::{HandlerError, RetryPolicy};
 
 /// What [`Topics::subscribe`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -420,32 +420,26 @@ pub trait Topics: Publish {
         error: &HandlerError,
         policy: &RetryPolicy,
     ) -> Result<Outcome> {
-        let elapsed = (delivery.acquired_at - delivery.first_attempt_at)
-            .to_std()
-            .unwrap_or_default();
         let lease = [delivery.lease()];
-        match policy.decide(delivery.attempts, elapsed, error) {
-            RetryDecision::Retry { delay } => {
-                let params = RetryParams::new(delay.min(crate::MAX_DELAY))
-                    .error(crate::validate::storable(error.message()));
+        Ok(match failure_verdict(delivery, error, policy) {
+            FailureVerdict::Retry { params, delay } => {
                 let done = self.settle(&lease, Settlement::Retry(params)).await?;
-                Ok(if done.is_empty() {
+                if done.is_empty() {
                     Outcome::LeaseLost
                 } else {
                     Outcome::Retried { delay }
-                })
+                }
             }
-            RetryDecision::DeadLetter { reason } => {
-                let reason = crate::validate::storable(&reason).into_owned();
+            FailureVerdict::DeadLetter { reason } => {
                 let done = self
                     .settle(&lease, Settlement::DeadLetter(reason.clone()))
                     .await?;
-                Ok(if done.is_empty() {
+                if done.is_empty() {
                     Outcome::LeaseLost
                 } else {
                     Outcome::DeadLettered { reason }
-                })
+                }
             }
-        }
+        })
     }
 }
